@@ -1,0 +1,47 @@
+"""Shared fixtures: real databases on both backends (see ``databases.py``), never mocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from databases import BACKENDS, postgres_state, postgres_url, provisioned_database
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh migrated database for one test, on each backend."""
+    with provisioned_database(backend, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def database_factory(tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """Extra databases inside one test: ``factory(backend) -> url``."""
+    counter = iter(range(1000))
+    with ExitStack() as stack:
+
+        def make(kind: str) -> str:
+            folder = tmp_path / f"db{next(counter)}"
+            folder.mkdir()
+            return stack.enter_context(provisioned_database(kind, folder))
+
+        yield make
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = postgres_state.skipped
+    if skipped:
+        terminalreporter.write_line(
+            f"NOTICE: {skipped} Postgres test(s) were SKIPPED: no Postgres at {postgres_url()} "
+            f"({postgres_state.error}). Set ANIMALID_TEST_POSTGRES_URL to run them; with CI set they fail.",
+            yellow=True,
+            bold=True,
+        )
