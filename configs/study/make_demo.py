@@ -1,0 +1,56 @@
+"""Build the bundled demo from the study's dog model: fp16 weights and a small DogFaceNet sample.
+
+    python configs/study/make_demo.py [runs/study/dogs-arcface/artifacts/dog]
+
+The sample dogs are test individuals of the model's own split (never seen in training): for each,
+all photos but one become the enrolled gallery and the last one a query. Files are copied byte for
+byte (DogFaceNet, CC BY 4.0, attribution in service/demo/ATTRIBUTION.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from training.artifact import export_artifact, load_artifact
+from training.config import build_config
+from training.data import load_dataset, split_individuals
+
+DEMO = Path("service/demo")
+DOGS = 8
+
+
+def main(artifact: Path) -> None:
+    loaded = load_artifact(artifact)
+    config = build_config(
+        {k: v for k, v in loaded.card.training_config.items() if k not in ("epochs_trained", "run_dir")}
+    )
+    (dataset_cfg,) = config.datasets
+    dataset = load_dataset(dataset_cfg.source, species=dataset_cfg.species)
+    split = split_individuals(
+        dataset, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+    )
+    by_dog: dict[str, list[Path]] = {}
+    for sample in dataset.samples:
+        if sample.individual in split.test and sample.path.read_bytes()[:3] == b"\xff\xd8\xff":  # JPEG only
+            by_dog.setdefault(sample.individual, []).append(sample.path)
+    chosen = sorted((d for d, paths in by_dog.items() if len(paths) >= 4), key=int)[:DOGS]
+    for sub in ("gallery", "queries", "models"):
+        shutil.rmtree(DEMO / sub, ignore_errors=True)
+    for dog in chosen:
+        paths = sorted(by_dog[dog])
+        (DEMO / "gallery" / dog).mkdir(parents=True)
+        for path in paths[:-1]:
+            shutil.copyfile(path, DEMO / "gallery" / dog / path.name)
+        (DEMO / "queries").mkdir(exist_ok=True)
+        shutil.copyfile(paths[-1], DEMO / "queries" / f"{dog}.jpg")
+    card = loaded.card
+    card.training_config = {k: v for k, v in card.training_config.items() if k != "run_dir"}
+    export_artifact(loaded.model, card, DEMO / "models" / card.species, fp16=True)
+    size = (DEMO / "models" / card.species / "model.safetensors").stat().st_size
+    print(f"demo: {len(chosen)} dogs {chosen}, weights {size / 2**20:.1f} MiB (fp16)")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/study/dogs-arcface/artifacts/dog"))

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the study's trainings in dependency order (transfer runs need the dog and cattle models),
+# recording each run's wall time and device next to its outputs. Usage, from the repository root:
+#   bash configs/study/run_all.sh [NAME ...]     (default: every run below, skipping finished ones)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+runs=("$@")
+if [ ${#runs[@]} -eq 0 ]; then
+  runs=(dogs-arcface cattle-scratch humans-scratch cattle-from-dogs humans-from-dogs humans-from-cattle
+        joint-cattle-humans humans-study-preset dogs-cosface dogs-triplet joint-dogs-cattle-humans)
+fi
+python=${PYTHON:-.venv/bin/python}
+mkdir -p runs/study
+for name in "${runs[@]}"; do
+  out=runs/study/$name
+  if [ -f "$out/artifacts/done" ]; then echo "skip $name (done)"; continue; fi
+  start=$(date +%s)
+  "$python" -m training.cli train --resume --config "configs/study/$name.yaml" >> "runs/study/$name.out" 2>&1
+  rc=$?
+  end=$(date +%s)
+  device=$("$python" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU, %d threads" % torch.get_num_threads())')
+  printf '{"run": "%s", "rc": %d, "wall_s": %d, "device": "%s"}\n' "$name" "$rc" "$((end - start))" "$device" \
+    | tee -a runs/study/times.jsonl
+  [ $rc -eq 0 ] && touch "$out/artifacts/done"
+done

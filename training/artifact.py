@@ -1,0 +1,194 @@
+"""The model artifact: ``model.safetensors`` plus ``model_card.json`` in one directory.
+
+Loading reads safetensors and JSON only; nothing is ever unpickled. The card pins the weights'
+SHA-256, so a truncated or swapped weights file is refused rather than served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training import __version__
+from training.model import ARCHITECTURE, EmbeddingNet
+from training.preprocess import PreprocessSpec
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model_card.json"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(Exception):
+    """An artifact directory is missing, incomplete, corrupt or of an unknown format."""
+
+
+@dataclass
+class ModelCard:
+    species: str
+    embedding_dim: int
+    preprocess: PreprocessSpec
+    threshold: float | None = None  # cosine similarity; None until calibrated
+    threshold_far: float | None = None  # the false-accept rate it was chosen for (validation)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_config: dict[str, Any] = field(default_factory=dict)
+    dataset_fingerprint: str = ""
+    architecture: str = ARCHITECTURE
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    code_version: str = field(default_factory=lambda: code_version())
+    weights_sha256: str = ""
+    weights_dtype: str = "float32"
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def model_version(self) -> str:
+        """Identifies the weights: embeddings from different versions are never compared."""
+        return f"{self.species}-{self.weights_sha256[:12]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "species": self.species,
+            "model_version": self.model_version,
+            "architecture": self.architecture,
+            "embedding_dim": self.embedding_dim,
+            "input_size": list(self.preprocess.input_size),
+            "normalization": {"mean": list(self.preprocess.mean), "std": list(self.preprocess.std)},
+            "preprocessing_version": self.preprocess.version,
+            "threshold": self.threshold,
+            "threshold_far": self.threshold_far,
+            "metrics": self.metrics,
+            "training_config": self.training_config,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "created_at": self.created_at,
+            "code_version": self.code_version,
+            "weights_sha256": self.weights_sha256,
+            "weights_dtype": self.weights_dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        try:
+            if int(data["format_version"]) != FORMAT_VERSION:
+                raise ArtifactError(f"unsupported model card format_version {data['format_version']}")
+            spec = PreprocessSpec(
+                input_size=(int(data["input_size"][0]), int(data["input_size"][1])),
+                mean=tuple(float(v) for v in data["normalization"]["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in data["normalization"]["std"]),  # type: ignore[arg-type]
+                version=str(data["preprocessing_version"]),
+            )
+            return cls(
+                species=str(data["species"]),
+                embedding_dim=int(data["embedding_dim"]),
+                preprocess=spec,
+                threshold=None if data.get("threshold") is None else float(data["threshold"]),
+                threshold_far=None if data.get("threshold_far") is None else float(data["threshold_far"]),
+                metrics=dict(data.get("metrics") or {}),
+                training_config=dict(data.get("training_config") or {}),
+                dataset_fingerprint=str(data.get("dataset_fingerprint", "")),
+                architecture=str(data["architecture"]),
+                created_at=str(data["created_at"]),
+                code_version=str(data.get("code_version", "")),
+                weights_sha256=str(data["weights_sha256"]),
+                weights_dtype=str(data.get("weights_dtype", "float32")),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ArtifactError(f"invalid model card: {exc!r}") from exc
+
+
+@dataclass
+class LoadedModel:
+    model: EmbeddingNet
+    card: ModelCard
+    path: Path
+
+
+def code_version() -> str:
+    """The git commit this code runs from when known, else the package version."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    sha = out.stdout.strip()
+    return f"{__version__}+g{sha}" if out.returncode == 0 and sha else __version__
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_artifact(model: EmbeddingNet, card: ModelCard, out_dir: str | Path, fp16: bool = False) -> Path:
+    """Write weights (fp16 when asked: half the size, same embeddings to ~1e-3) and the card."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if fp16 else torch.float32
+    state = {
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    weights = out / WEIGHTS_FILE
+    save_file(state, str(weights), metadata={"species": card.species, "architecture": card.architecture})
+    card.weights_sha256 = sha256_file(weights)
+    card.weights_dtype = "float16" if fp16 else "float32"
+    card.embedding_dim = model.embedding_dim
+    (out / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
+    return out
+
+
+def read_card(path: str | Path) -> ModelCard:
+    card_path = Path(path) / CARD_FILE
+    if not card_path.is_file():
+        raise ArtifactError(f"{card_path} is missing")
+    try:
+        data = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{card_path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{card_path} must hold a JSON object")
+    return ModelCard.from_dict(data)
+
+
+def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an exported model for inference (eval mode, float32) after checking its checksum."""
+    root = Path(path)
+    card = read_card(root)
+    if card.architecture != ARCHITECTURE:
+        raise ArtifactError(f"unknown architecture {card.architecture!r} (this code has {ARCHITECTURE!r})")
+    weights = root / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"{weights} is missing")
+    actual = sha256_file(weights)
+    if actual != card.weights_sha256:
+        raise ArtifactError(
+            f"{weights} has sha256 {actual[:12]}..., the card pins {card.weights_sha256[:12]}..."
+        )
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises several types for a corrupt header
+        raise ArtifactError(f"{weights} is not a readable safetensors file: {exc}") from exc
+    model = EmbeddingNet(embedding_dim=card.embedding_dim)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{weights} does not match {card.architecture}: {exc}") from exc
+    model.eval().to(device)
+    return LoadedModel(model=model, card=card, path=root)

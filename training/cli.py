@@ -1,0 +1,134 @@
+"""``animalid train | evaluate | export | gradcam``: the training package's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from training.config import DatasetConfig, add_config_arguments, config_from_args
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="train a model (one species, or several jointly) and export its artifacts",
+        description="Train ResNet18 with a margin head. Every option can also be set in the YAML file given "
+        "with --config; command-line options override it. The run writes OUT_DIR/NAME/{config.yaml,log.jsonl,"
+        "checkpoint.pt} and, unless --no-export, one evaluated artifact per species in "
+        "OUT_DIR/NAME/artifacts/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(train)
+    train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/NAME/checkpoint.pt")
+    train.add_argument(
+        "--no-export", action="store_true", help="skip exporting and evaluating after training"
+    )
+    train.set_defaults(func=_train)
+
+    export = subparsers.add_parser(
+        "export",
+        help="export a run's checkpoint as per-species artifacts (calibrated, evaluated, with report)",
+    )
+    export.add_argument("run_dir", type=Path, help="run folder holding checkpoint.pt")
+    export.add_argument(
+        "--out", type=Path, help="output folder (default RUN_DIR/artifacts); one sub-folder per species"
+    )
+    export.add_argument("--species", action="append", help="export only this species (repeatable)")
+    export.add_argument("--fp16", action="store_true", default=None, help="store weights in float16")
+    export.set_defaults(func=_export)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="evaluate an artifact on individuals never seen in training and write a report",
+        description="By default the test individuals of the split the model was trained with are used "
+        "(the split is recomputed from the model card's training configuration).",
+    )
+    evaluate.add_argument("artifact", type=Path, help="artifact folder (model.safetensors + model_card.json)")
+    evaluate.add_argument("--out", type=Path, required=True, help="report folder")
+    evaluate.add_argument(
+        "--dataset", action="append", metavar="SOURCE[:SPECIES]", help="evaluate on this data instead"
+    )
+    evaluate.add_argument(
+        "--strangers", metavar="SOURCE[:SPECIES]", help="never-seen animals as open-set queries"
+    )
+    evaluate.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="inference device"
+    )
+    evaluate.set_defaults(func=_evaluate)
+
+    gradcam = subparsers.add_parser(
+        "gradcam", help="Grad-CAM heatmap of an image's similarity to a reference image, as PNG"
+    )
+    gradcam.add_argument("artifact", type=Path, help="artifact folder")
+    gradcam.add_argument("image", type=Path, help="image to explain")
+    gradcam.add_argument("reference", type=Path, help="reference image (e.g. the enrolled photo)")
+    gradcam.add_argument("--out", type=Path, required=True, help="PNG to write")
+    gradcam.set_defaults(func=_gradcam)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.pipeline import export_run
+    from training.train import fit
+
+    config = config_from_args(args)
+    run_dir = fit(config, resume=args.resume)
+    if not args.no_export:
+        for path in export_run(run_dir):
+            print(json.dumps({"artifact": str(path)}))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.pipeline import export_run
+
+    for path in export_run(args.run_dir, args.out, args.species, args.fp16):
+        print(json.dumps({"artifact": str(path)}))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.pipeline import evaluate_artifact
+
+    datasets = [DatasetConfig.parse(d) for d in args.dataset] if args.dataset else None
+    strangers = DatasetConfig.parse(args.strangers) if args.strangers else None
+    result = evaluate_artifact(args.artifact, args.out, datasets, strangers, args.device)
+    print(json.dumps({"report": str(result.report), "threshold": result.threshold, **result.metrics()}))
+    return 0
+
+
+def _gradcam(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.artifact import load_artifact
+    from training.gradcam import gradcam_map, overlay
+    from training.preprocess import open_image, preprocess
+
+    loaded = load_artifact(args.artifact)
+    spec = loaded.card.preprocess
+    image, reference = open_image(args.image), open_image(args.reference)
+    batch = torch.stack([preprocess(image, spec), preprocess(reference, spec)])
+    emb = loaded.model.embed(batch)
+    cam = gradcam_map(loaded.model, batch[0], emb[1])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    overlay(image.resize((spec.input_size[1], spec.input_size[0])), cam).save(args.out)
+    similarity = float(emb[0] @ emb[1])
+    print(json.dumps({"png": str(args.out), "similarity": round(similarity, 4)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m training.cli``); the console script is ``animalid``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="animalid-train")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""From a training run to served artifacts: calibrate, evaluate on test individuals, export, report.
+
+``export_run`` turns a run's checkpoint into one artifact per species (a joint run gives several);
+``evaluate_artifact`` re-evaluates an exported artifact on the test individuals of the split it
+was trained with (or on another dataset) and writes a report.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.artifact import ModelCard, export_artifact, load_artifact
+from training.config import DatasetConfig, TrainConfig, build_config
+from training.data import Shard, cached_shard, enrol_query_split, load_dataset
+from training.evaluate import (
+    EvaluationResult,
+    accuracy_threshold,
+    calibrate_threshold,
+    embed_pixels,
+    evaluate_embeddings,
+    one_shot_identification,
+    pair_verification_accuracy,
+)
+from training.gradcam import gradcam_grid, gradcam_map, overlay
+from training.model import EmbeddingNet
+from training.preprocess import PreprocessSpec, normalize
+from training.report import write_report
+from training.train import CHECKPOINT_FILE, SpeciesData, load_checkpoint, prepare_data, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeciesEvaluation:
+    species: str
+    threshold: float
+    result: EvaluationResult
+    report: Path
+    paper: dict[str, float]  # the DogFaceNet paper's protocols
+
+    def metrics(self) -> dict[str, Any]:
+        """What the model card records."""
+        return self.result.summary() | self.paper
+
+
+def load_strangers(config: TrainConfig, spec: PreprocessSpec) -> Shard | None:
+    if config.strangers is None:
+        return None
+    s = config.strangers
+    dataset = load_dataset(
+        s.source, species=s.species, group_pattern=s.group_pattern, exclude_individuals=s.exclude_individuals
+    )
+    return cached_shard(dataset, spec, config.cache_dir or None)
+
+
+def gradcam_examples(model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, seed: int, count: int = 4):
+    """(title, [query overlay, enrolled reference overlay]) rows for a few test individuals."""
+    rng = random.Random(seed)
+    enrol, query = enrol_query_split(shard.individuals, shard.groups, rng)
+    device = next(model.parameters()).device
+    rows = []
+    chosen = sorted(set(shard.individuals))[:count]
+    for individual in chosen:
+        q = next(i for i in query if shard.individuals[i] == individual)
+        e = next(i for i in enrol if shard.individuals[i] == individual)
+        images = [normalize(shard.pixels[i], spec).to(device) for i in (q, e)]
+        emb = model.embed(torch.stack(images))
+        cams = [gradcam_map(model, images[0], emb[1]), gradcam_map(model, images[1], emb[0])]
+        pictures = [Image.fromarray(shard.pixels[i].permute(1, 2, 0).numpy()) for i in (q, e)]
+        rows.append(
+            (f"{shard.species} {individual}", [overlay(p, c) for p, c in zip(pictures, cams, strict=True)])
+        )
+    return rows
+
+
+def evaluate_species(
+    model: EmbeddingNet,
+    spec: PreprocessSpec,
+    config: TrainConfig,
+    val: Shard,
+    test: Shard,
+    strangers: Shard | None,
+    out_dir: Path,
+    title: str,
+    card_info: dict[str, Any],
+) -> SpeciesEvaluation:
+    """Calibrate the threshold on validation individuals, evaluate on test ones, write the report."""
+    device = next(model.parameters()).device
+    val_emb = embed_pixels(model, val.pixels, spec, device)
+    threshold = calibrate_threshold(val_emb, np.array(val.individuals), config.target_far)
+    test_emb = embed_pixels(model, test.pixels, spec, device)
+    kwargs: dict[str, Any] = {}
+    if strangers is not None:
+        kwargs["strangers_emb"] = embed_pixels(model, strangers.pixels, spec, device)
+        kwargs["strangers_individuals"] = np.array(strangers.individuals)
+    result = evaluate_embeddings(
+        test_emb,
+        np.array(test.individuals),
+        np.array(test.groups),
+        threshold=threshold,
+        n_repeats=config.eval_repeats,
+        unknown_fraction=config.unknown_fraction,
+        seed=config.seed,
+        **kwargs,
+    )
+    grid = gradcam_grid(gradcam_examples(model, test, spec, config.seed), ["query", "enrolled reference"])
+    report = write_report(result, out_dir, title=title, card_info=card_info, gradcam_grid=grid)
+    extra = paper_protocols(val_emb, np.array(val.individuals), test_emb, np.array(test.individuals), config)
+    with report.open("a") as fh:
+        fh.write(
+            "\n## DogFaceNet paper protocols (Mougeot et al. 2019)\n\n"
+            "| protocol | value |\n|---|---|\n"
+            f"| verification accuracy, balanced test pairs, threshold {extra['pair_threshold']:.3f} "
+            f"(best accuracy on validation pairs) | {extra['pair_verification_accuracy']:.4f} |\n"
+            f"| one-shot identification rank-1 (one enrolled image per individual) | "
+            f"{extra['one_shot_rank1']:.4f} ± {extra['one_shot_rank1_std']:.4f} |\n"
+            f"| one-shot identification rank-5 | "
+            f"{extra['one_shot_rank5']:.4f} ± {extra['one_shot_rank5_std']:.4f} |\n"
+        )
+    return SpeciesEvaluation(test.species, threshold, result, report, extra)
+
+
+def paper_protocols(
+    val_emb: np.ndarray,
+    val_individuals: np.ndarray,
+    test_emb: np.ndarray,
+    test_individuals: np.ndarray,
+    config: TrainConfig,
+) -> dict[str, float]:
+    """The DogFaceNet paper's verification accuracy and one-shot identification, on test individuals."""
+    pair_threshold = accuracy_threshold(val_emb, val_individuals, config.seed)
+    one_shot = one_shot_identification(test_emb, test_individuals, config.seed, config.eval_repeats)
+    return {
+        "pair_threshold": round(pair_threshold, 4),
+        "pair_verification_accuracy": round(
+            pair_verification_accuracy(test_emb, test_individuals, pair_threshold, config.seed), 4
+        ),
+        "one_shot_rank1": round(one_shot["rank1"]["mean"], 4),
+        "one_shot_rank1_std": round(one_shot["rank1"]["std"], 4),
+        "one_shot_rank5": round(one_shot["rank5"]["mean"], 4),
+        "one_shot_rank5_std": round(one_shot["rank5"]["std"], 4),
+    }
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    species: list[str] | None = None,
+    fp16: bool | None = None,
+) -> list[Path]:
+    """Export one artifact per species of a finished run: ``<out_dir>/<species>/``."""
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    config = build_config(state["config"])
+    out_root = Path(out_dir) if out_dir else run_dir / "artifacts"
+    device = resolve_device(config.device)
+    spec = PreprocessSpec(input_size=(config.input_size, config.input_size))
+    model = EmbeddingNet(embedding_dim=config.embedding_dim)
+    model.load_state_dict(state["model"])
+    model.eval().to(device)
+    data = prepare_data(config, spec)
+    strangers = load_strangers(config, spec)
+    written = []
+    for d in data:
+        if species and d.species not in species:
+            continue
+        target = out_root / d.species
+        card = _card(d, spec, config, state, run_dir)
+        evaluation = evaluate_species(
+            model,
+            spec,
+            config,
+            d.val,
+            d.test,
+            strangers if strangers is not None and strangers.species == d.species else None,
+            target / "report",
+            f"{config.name}: {d.species}",
+            card.to_dict() | {"weights_sha256": "(see card)"},
+        )
+        card.threshold = evaluation.threshold
+        card.threshold_far = config.target_far
+        card.metrics = evaluation.metrics()
+        export_artifact(model, card, target, fp16=config.fp16_export if fp16 is None else fp16)
+        log.info("exported %s to %s", d.species, target)
+        written.append(target)
+    return written
+
+
+def _card(d: SpeciesData, spec: PreprocessSpec, config: TrainConfig, state: dict, run_dir: Path) -> ModelCard:
+    return ModelCard(
+        species=d.species,
+        embedding_dim=config.embedding_dim,
+        preprocess=spec,
+        training_config=config.to_dict()
+        | {"epochs_trained": int(state["epoch"]) + 1, "run_dir": str(run_dir)},
+        dataset_fingerprint=d.fingerprint,
+    )
+
+
+def evaluate_artifact(
+    artifact: str | Path,
+    out_dir: str | Path,
+    datasets: list[DatasetConfig] | None = None,
+    strangers: DatasetConfig | None = None,
+    device: str = "auto",
+) -> SpeciesEvaluation:
+    """Evaluate an exported model on the test individuals of its training split (or given data)."""
+    loaded = load_artifact(artifact, resolve_device(device))
+    card = loaded.card
+    values = {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir")}
+    config = build_config(values)
+    if datasets:
+        config = replace(config, datasets=tuple(datasets))
+    if strangers:
+        config = replace(config, strangers=strangers)
+    config = replace(config, datasets=tuple(d for d in config.datasets if d.species in (None, card.species)))
+    data = [d for d in prepare_data(config, card.preprocess) if d.species == card.species]
+    if not data:
+        raise ValueError(f"no dataset of species {card.species!r} in the evaluation configuration")
+    strangers_shard = load_strangers(config, card.preprocess)
+    return evaluate_species(
+        loaded.model,
+        card.preprocess,
+        config,
+        data[0].val,
+        data[0].test,
+        strangers_shard,
+        Path(out_dir),
+        f"{card.model_version}",
+        card.to_dict(),
+    )

@@ -1,0 +1,96 @@
+"""The one preprocessing path shared by training (evaluation transform) and serving.
+
+Images are opened by content (never by file name), converted to RGB, resized to the model's input
+size and normalised. Training caches the uint8 output of :func:`to_uint8_tensor` and applies its
+augmentations on top, so training and serving see the same pixels for the same photo.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+PREPROCESS_VERSION = "1"
+# Decoders the product accepts; anything else is rejected before pixel data is read.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# PGM is accepted by the training package only: the ORL human control set ships as PGM.
+TRAINING_FORMATS = (*ALLOWED_FORMATS, "PPM")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How pixels become a model input. Stored in every model card."""
+
+    input_size: tuple[int, int] = (112, 112)  # (height, width)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    version: str = PREPROCESS_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessSpec:
+        return cls(
+            input_size=(int(data["input_size"][0]), int(data["input_size"][1])),
+            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            version=str(data["version"]),
+        )
+
+
+def open_image(
+    source: str | Path | bytes | BinaryIO, formats: tuple[str, ...] = TRAINING_FORMATS
+) -> Image.Image:
+    """Decode an image by its content and return it as RGB.
+
+    ``formats`` restricts which decoders Pillow may try. Greyscale, palette, CMYK and alpha images
+    become 3-channel RGB (alpha is composited on black). EXIF orientation is applied.
+    """
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    with Image.open(source, formats=list(formats)) as opened:
+        opened.load()
+        img: Image.Image = ImageOps.exif_transpose(opened)
+        if img.mode == "RGB":
+            return img.copy()
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGB", rgba.size)
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            top = arr.max() or 1.0
+            img = Image.fromarray((arr * (255.0 / top)).astype(np.uint8), mode="L")
+        return img.convert("RGB")
+
+
+def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    """Resize an RGB image to the input size: a (3, H, W) uint8 tensor."""
+    height, width = spec.input_size
+    resized = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 pixels (3, H, W) or (N, 3, H, W) on any device -> normalised float32."""
+    mean = torch.tensor(spec.mean, device=pixels.device, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, device=pixels.device, dtype=torch.float32).view(-1, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def preprocess(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    """The evaluation transform: RGB image -> normalised (3, H, W) float32 tensor."""
+    return normalize(to_uint8_tensor(image, spec), spec)

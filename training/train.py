@@ -1,0 +1,416 @@
+"""Training: one shared backbone, one head per species, seeded, resumable, optionally distributed.
+
+``fit(config)`` runs a whole training; ``train_one_epoch`` one pass. Launched under ``torchrun``
+(``WORLD_SIZE`` > 1) it uses DistributedDataParallel: every optimiser step's batch is divided
+between the processes, so the result does not depend on how many there are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from training.artifact import load_artifact
+from training.config import TrainConfig
+from training.data import Shard, cached_shard, enrol_query_split, load_dataset, split_individuals
+from training.evaluate import embed_pixels
+from training.losses import build_loss
+from training.metrics import identification_ranks, similarity, topk_accuracy
+from training.model import STAGES, EmbeddingNet, freeze_stages, set_frozen_eval
+from training.preprocess import PreprocessSpec, normalize
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but CUDA is not available")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+@dataclass
+class SpeciesData:
+    """One species' pixels and the individual-disjoint split of a run."""
+
+    species: str
+    train: Shard
+    val: Shard
+    test: Shard
+    classes: list[str]  # training individuals, in label order
+    labels: torch.Tensor  # (len(train),) int64 class index
+    weight: float
+    fingerprint: str
+
+
+def prepare_data(config: TrainConfig, spec: PreprocessSpec) -> list[SpeciesData]:
+    if not config.datasets:
+        raise ValueError("no datasets configured (give --dataset or 'datasets:' in the YAML file)")
+    out: list[SpeciesData] = []
+    for ds_cfg in config.datasets:
+        dataset = load_dataset(
+            ds_cfg.source,
+            species=ds_cfg.species,
+            group_pattern=ds_cfg.group_pattern,
+            exclude_individuals=ds_cfg.exclude_individuals,
+            skip_bad=config.skip_bad,
+        )
+        split = split_individuals(
+            dataset, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+        )
+        shard = cached_shard(dataset, spec, config.cache_dir or None)
+        train = shard.subset(set(split.train))
+        index = {name: i for i, name in enumerate(split.train)}
+        labels = torch.tensor([index[i] for i in train.individuals], dtype=torch.int64)
+        out.append(
+            SpeciesData(
+                species=shard.species,
+                train=train,
+                val=shard.subset(set(split.val)),
+                test=shard.subset(set(split.test)),
+                classes=list(split.train),
+                labels=labels,
+                weight=ds_cfg.weight,
+                fingerprint=shard.fingerprint,
+            )
+        )
+    names = [d.species for d in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each species may appear once in a run, got {names}")
+    return out
+
+
+class TrainModule(nn.Module):
+    """The embedding network plus one criterion (head) per species; returns the batch loss."""
+
+    def __init__(self, model: EmbeddingNet, criteria: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.criteria = nn.ModuleDict(criteria)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        embeddings = self.model(images)
+        total = embeddings.new_zeros(())
+        for i, name in enumerate(self.criteria):
+            mask = species == i
+            count = int(mask.sum())
+            if count:
+                total = total + self.criteria[name](embeddings[mask], labels[mask]) * (count / len(labels))
+        return total
+
+
+def build_train_module(config: TrainConfig, data: list[SpeciesData]) -> tuple[TrainModule, list[str]]:
+    model = EmbeddingNet(embedding_dim=config.embedding_dim, dropout=config.dropout)
+    if config.init_from:
+        source = load_artifact(config.init_from).model
+        model.load_state_dict(source.state_dict())
+        log.info("initialised backbone and neck from %s", config.init_from)
+    frozen = freeze_stages(model, config.freeze_stages)
+    criteria = {
+        d.species: build_loss(config.loss, config.embedding_dim, len(d.classes), config.scale, config.margin)
+        for d in data
+    }
+    return TrainModule(model, criteria), frozen
+
+
+def epoch_batches(data: list[SpeciesData], config: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """The epoch's batches as arrays of (species index, sample index) rows; seeded by (seed, epoch).
+
+    One species: a shuffle (or P x K batches when ``samples_per_individual`` is set). Several
+    species: every batch holds each species in proportion to its weight (smaller species cycle
+    through their images more often), so a large species cannot crowd out a small one; an epoch
+    is as many steps as all species' images fill.
+    """
+    rng = np.random.default_rng([config.seed, epoch])
+    per_species = [_species_order(d, config, rng) for d in data]
+    if len(data) == 1:
+        order = per_species[0]
+        steps = max(1, len(order) // config.batch_size)
+        return [
+            np.stack([np.zeros(config.batch_size, np.int64), chunk], 1)
+            for chunk in np.split(order[: steps * config.batch_size], steps)
+        ]
+    weights = np.array([d.weight for d in data], dtype=np.float64)
+    if (weights <= 0).any():
+        raise ValueError("dataset weights must be positive")
+    shares = _integer_shares(weights / weights.sum(), config.batch_size)
+    steps = max(1, sum(len(d.labels) for d in data) // config.batch_size)
+    batches = []
+    cursors = [0] * len(data)
+    for _ in range(steps):
+        rows = []
+        for s, (order, share) in enumerate(zip(per_species, shares, strict=True)):
+            take = np.take(order, np.arange(cursors[s], cursors[s] + share), mode="wrap")
+            cursors[s] += share
+            rows.append(np.stack([np.full(share, s, np.int64), take], 1))
+        batches.append(np.concatenate(rows))
+    return batches
+
+
+def _integer_shares(fractions: np.ndarray, total: int) -> list[int]:
+    raw = fractions * total
+    shares = np.floor(raw).astype(int)
+    for i in np.argsort(raw - shares)[::-1][: total - shares.sum()]:
+        shares[i] += 1
+    return [max(int(s), 2) for s in shares]
+
+
+def _species_order(d: SpeciesData, config: TrainConfig, rng: np.random.Generator) -> np.ndarray:
+    k = config.samples_per_individual
+    if k < 2:
+        return rng.permutation(len(d.labels))
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(d.labels.tolist()):
+        by_class[label].append(i)
+    chunks = []
+    for idx in by_class.values():
+        idx = list(rng.permutation(idx))
+        if len(idx) < k:
+            idx = list(rng.choice(idx, size=k, replace=True))
+        for start in range(0, len(idx) - k + 1, k):
+            chunks.append(idx[start : start + k])
+    order = rng.permutation(len(chunks))
+    return np.array([i for c in order for i in chunks[c]], dtype=np.int64)
+
+
+def augment(pixels: torch.Tensor, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    """Random shifts (reflect-padded crops), flips and brightness/contrast jitter on uint8 pixels."""
+    n, _, h, w = pixels.shape
+    out = pixels
+    if config.augment:
+        pad = max(1, round(0.08 * h))
+        padded = torch.nn.functional.pad(pixels.float(), (pad, pad, pad, pad), mode="reflect")
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+        contrast = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=generator)
+        brightness = (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 40.0
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = ((out - mean) * contrast + mean + brightness).clamp(0, 255)
+    if config.hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
+    return out.round().to(torch.uint8)
+
+
+def lr_factor(config: TrainConfig, epoch: int) -> float:
+    """Multiplier of the peak learning rate during ``epoch`` (0-based)."""
+    if epoch < config.warmup_epochs:
+        return (epoch + 1) / (config.warmup_epochs + 1)
+    if config.schedule == "step":
+        return config.gamma ** (epoch // config.step_size)
+    span = max(1, config.epochs - config.warmup_epochs)
+    progress = (epoch - config.warmup_epochs) / span
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(config: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def train_one_epoch(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: list[SpeciesData],
+    config: TrainConfig,
+    spec: PreprocessSpec,
+    epoch: int,
+    device: torch.device,
+    dist_info: DistInfo,
+) -> dict[str, float]:
+    """One pass; returns mean loss and training throughput (images/s over all processes)."""
+    module.train()
+    inner = module.module if isinstance(module, DistributedDataParallel) else module
+    assert isinstance(inner, TrainModule)
+    set_frozen_eval(inner.model, list(STAGES[: config.freeze_stages]))
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    torch.manual_seed(config.seed * 1_000_003 + epoch + dist_info.rank)
+    batches = epoch_batches(data, config, epoch)
+    use_amp = config.amp and device.type == "cuda"
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(
+        batches,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not dist_info.is_main
+        or not sys.stderr.isatty()
+        and os.environ.get("ANIMALID_PROGRESS") != "1",
+    )
+    for batch in bar:
+        # Every process draws the whole batch's augmentation (same generator), then keeps its slice.
+        pixels = torch.cat([data[s].train.pixels[i : i + 1] for s, i in batch.tolist()])
+        pixels = augment(pixels, generator, config)
+        part = slice(dist_info.rank, None, dist_info.world)
+        species = torch.from_numpy(batch[part, 0]).to(device)
+        labels = torch.stack([data[s].labels[i] for s, i in batch[part].tolist()]).to(device)
+        images = normalize(pixels[part].to(device, non_blocking=True), spec).contiguous(
+            memory_format=memory_format
+        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = module(images, labels, species)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(labels)
+        seen += len(labels)
+        bar.set_postfix(
+            loss=f"{float(loss.detach()):.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
+        )
+    elapsed = time.perf_counter() - start
+    if dist_info.world > 1:  # mean loss and image count over all processes
+        totals = torch.tensor([total_loss, float(seen)], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        total_loss, seen = float(totals[0]), int(totals[1])
+    return {"loss": total_loss / max(seen, 1), "images_per_s": seen / elapsed, "time_s": elapsed}
+
+
+def validation_top1(
+    model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, device: torch.device, seed: int
+) -> float:
+    """Top-1 of the enrol-half / query-half protocol on validation individuals (one seeded split)."""
+
+    if len(set(shard.individuals)) < 2:
+        return float("nan")
+    emb = embed_pixels(model, shard.pixels, spec, device)
+    enrol, query = enrol_query_split(shard.individuals, shard.groups, random.Random(seed))
+    labels = np.array(shard.individuals)
+    ranks = identification_ranks(similarity(emb[query], emb[enrol]), labels[query], labels[enrol])
+    return topk_accuracy(ranks, 1)
+
+
+def save_checkpoint(
+    path: Path,
+    module: TrainModule,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    config: TrainConfig,
+    data: list[SpeciesData],
+) -> None:
+    state = {
+        "model": module.model.state_dict(),
+        "criteria": module.criteria.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "config": config.to_dict(),
+        "classes": {d.species: d.classes for d in data},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fit(config: TrainConfig, resume: bool = False) -> Path:
+    """Train per ``config``; returns the run directory holding ``checkpoint.pt`` and ``log.jsonl``."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    dist_info = init_distributed(device)
+    if config.batch_size % dist_info.world:
+        raise ValueError(f"batch_size {config.batch_size} must divide among {dist_info.world} processes")
+    torch.manual_seed(config.seed)
+    spec = PreprocessSpec(input_size=(config.input_size, config.input_size))
+    data = prepare_data(config, spec)
+    module, _ = build_train_module(config, data)
+    run_dir = config.run_dir
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    optimizer = build_optimizer(config, module)
+    start_epoch = 0
+    if resume and checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path)
+        module.model.load_state_dict(state["model"])
+        module.criteria.load_state_dict(state["criteria"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+        log.info("resumed %s at epoch %d", checkpoint_path, start_epoch + 1)
+    module.to(device)
+    if config.channels_last:
+        module.to(memory_format=torch.channels_last)
+    train_module: nn.Module = module
+    if dist_info.world > 1:
+        train_module = DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=len(data) > 1,
+        )
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+    for epoch in range(start_epoch, config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(config, epoch)
+        stats = train_one_epoch(train_module, optimizer, data, config, spec, epoch, device, dist_info)
+        if not dist_info.is_main:
+            continue
+        record = {"epoch": epoch + 1, "loss": round(stats["loss"], 5), "lr": optimizer.param_groups[0]["lr"]}
+        for d in data:
+            record[f"val_top1_{d.species}"] = round(
+                validation_top1(module.model, d.val, spec, device, config.seed), 4
+            )
+        record["images_per_s"] = round(stats["images_per_s"], 1)
+        record["time_s"] = round(stats["time_s"], 1)
+        line = json.dumps(record)
+        print(line, flush=True)
+        with (run_dir / "log.jsonl").open("a") as fh:
+            fh.write(line + "\n")
+        save_checkpoint(checkpoint_path, module, optimizer, epoch, config, data)
+    if dist_info.world > 1:
+        _check_replicas_in_sync(module.model, device)
+        dist.barrier()
+    return run_dir
+
+
+def _check_replicas_in_sync(model: nn.Module, device: torch.device) -> None:
+    """Every process must hold the same weights after DDP training (else gradients were not shared)."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+    gathered = [torch.empty_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    if not all(torch.allclose(g, gathered[0], rtol=0, atol=1e-6) for g in gathered):
+        raise RuntimeError("distributed replicas diverged: parameters differ between processes")
