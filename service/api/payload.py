@@ -1,0 +1,102 @@
+"""Request bodies that carry images: ``multipart/form-data`` (files) or JSON (base64 strings).
+
+Routes declare a dependency that turns either form into the same typed input, so the services
+never see the transport. Both forms are documented in OpenAPI by :mod:`service.api.openapi`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from service.errors import InvalidRequest, MalformedBody, UnsupportedMediaType
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_FORM_FIELDS = 32
+
+
+@dataclass
+class Payload:
+    kind: Literal["json", "multipart"]
+    fields: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, list[bytes]] = field(default_factory=dict)
+
+
+async def read_payload(request: Request, max_files: int) -> Payload:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _read_multipart(request, max_files)
+    if content_type == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MalformedBody("the body is not valid JSON") from exc
+        if not isinstance(body, dict):
+            raise InvalidRequest("the JSON body must be an object")
+        return Payload(kind="json", fields=body)
+    raise UnsupportedMediaType(
+        "send multipart/form-data or application/json", content_type=content_type or None
+    )
+
+
+async def _read_multipart(request: Request, max_files: int) -> Payload:
+    payload = Payload(kind="multipart")
+    try:
+        form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+    except HTTPException as exc:  # Starlette's answer to a malformed form or too many parts
+        raise MalformedBody(f"malformed multipart body: {exc.detail}") from exc
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                payload.files.setdefault(name, []).append(await value.read())
+            elif name in payload.fields:
+                raise InvalidRequest(f"field {name!r} is given more than once", field=name)
+            else:
+                payload.fields[name] = value
+    finally:
+        await form.close()
+    return payload
+
+
+def validate(model: type[M], data: dict[str, Any]) -> M:
+    """Validate like FastAPI would, so the error body is the usual ``validation_error``."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+
+
+def json_field(payload: Payload, name: str) -> None:
+    """Multipart carries JSON objects (e.g. metadata) as strings: parse one in place."""
+    raw = payload.fields.get(name)
+    if isinstance(raw, str):
+        try:
+            payload.fields[name] = json.loads(raw) if raw.strip() else None
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"field {name!r} must be a JSON object", field=name) from exc
+
+
+def files(payload: Payload, name: str, required: bool = True, single: bool = True) -> list[bytes]:
+    """The uploaded files of one multipart field."""
+    if name in payload.fields:
+        raise InvalidRequest(f"field {name!r} must be a file upload", field=name)
+    found = payload.files.get(name, [])
+    if required and not found:
+        raise InvalidRequest(f"file field {name!r} is required", field=name)
+    if single and len(found) > 1:
+        raise InvalidRequest(f"send one file in {name!r}", field=name)
+    return found
+
+
+def reject_unknown_files(payload: Payload, allowed: set[str]) -> None:
+    unknown = sorted(set(payload.files) - allowed)
+    if unknown:
+        raise InvalidRequest(f"unexpected file fields {unknown}", allowed=sorted(allowed))

@@ -1,0 +1,115 @@
+"""``create_app(settings)``: the FastAPI application. Models and indexes load in its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import anyio
+from fastapi import FastAPI
+
+from service import __version__
+from service.api.routes import enroll, explain, health, identify, individuals, species, verify
+from service.api.upload_limit import UploadLimitMiddleware
+from service.errors import ConfigurationError, install_error_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.runtime import Runtime, build_runtime
+from service.security import KeyringError
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Recognise individual animals from photos of their faces.
+
+* **Enroll** photos of an individual (multipart files or base64 JSON); no retraining needed.
+* **Identify** a photo: individuals ranked by similarity, each once, and a `match` / `unknown` decision
+  from the model card's calibrated threshold.
+* **Verify** a photo against an individual (all its photos) or another photo.
+* **Explain** a match with a Grad-CAM heatmap.
+
+Authentication: an API key in the `x-api-key` header. The read scope covers identify, verify, explain
+and listing; the admin scope also covers enroll, update, delete and merge. Every error is a JSON body
+`{"code", "message", "details"}` with a stable `code`.
+"""
+
+TAGS = [
+    {"name": "enroll", "description": "Add photos of individuals"},
+    {"name": "identify", "description": "1:N search with an open-set decision"},
+    {"name": "verify", "description": "1:1 comparison"},
+    {"name": "explain", "description": "Grad-CAM heatmaps"},
+    {"name": "individuals", "description": "Individuals and their images"},
+    {"name": "species", "description": "Loaded models, thresholds and evaluation metrics"},
+    {"name": "operations", "description": "Health, readiness and metrics"},
+]
+
+StartupHook = Callable[[Runtime], None]
+
+
+def _check(settings: Settings) -> None:
+    try:
+        keys = len(settings.keyring)
+    except KeyringError as exc:
+        raise ConfigurationError(f"ANIMALID_API_KEYS: {exc}") from exc
+    if not settings.auth_disabled and keys == 0:
+        raise ConfigurationError(
+            "no API keys configured: set ANIMALID_API_KEYS (e.g. 'KEY1:read,KEY2:admin'), or turn "
+            "authentication "
+            "off explicitly with ANIMALID_AUTH_DISABLED=true"
+        )
+    if settings.auth_disabled:
+        log.warning(
+            "authentication is DISABLED (ANIMALID_AUTH_DISABLED=true): every caller has the admin scope"
+        )
+
+
+def create_app(settings: Settings | None = None, on_startup: StartupHook | None = None) -> FastAPI:
+    """Build the app. Nothing is loaded until the lifespan starts (``TestClient`` as a context manager,
+    or a server). ``on_startup`` runs in a worker thread once models and indexes are ready."""
+    settings = settings if settings is not None else Settings()
+    _check(settings)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await anyio.to_thread.run_sync(partial(build_runtime, settings, metrics))
+        app.state.runtime = runtime
+        try:
+            if on_startup is not None:
+                await anyio.to_thread.run_sync(on_startup, runtime)
+            yield
+        finally:
+            await anyio.to_thread.run_sync(runtime.close)
+
+    app = FastAPI(
+        title="AnimalID",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    def index_sizes() -> dict[str, int]:
+        runtime: Runtime | None = getattr(app.state, "runtime", None)
+        return runtime.registry.index_sizes() if runtime is not None else {}
+
+    metrics.watch_index_sizes(index_sizes)
+    install_error_handlers(app)
+    for router in (
+        enroll.router,
+        identify.router,
+        verify.router,
+        explain.router,
+        individuals.router,
+        species.router,
+        health.router,
+    ):
+        app.include_router(router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # Added last, so it is the outermost of ours: oversized bodies never reach the routes.
+    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    return app

@@ -1,0 +1,1 @@
+"""Relational storage: the source of truth for individuals, images and embeddings."""

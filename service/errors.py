@@ -1,0 +1,174 @@
+"""Domain exceptions and the one place that maps them to HTTP: a JSON body with a stable ``code``.
+
+Services raise these; routes never build error responses themselves. Every error the API returns,
+including validation errors, unknown routes and unexpected failures, has the body
+``{"code": "...", "message": "...", "details": {...}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ConfigurationError(RuntimeError):
+    """The settings cannot work (raised at start-up, never mapped to a response)."""
+
+
+class ServiceError(Exception):
+    status_code: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class MalformedBody(ServiceError):
+    status_code = 400
+    code = "malformed_body"
+
+
+class InvalidRequest(ServiceError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class SpeciesNotFound(ServiceError):
+    status_code = 404
+    code = "species_not_found"
+
+
+class SpeciesUnavailable(ServiceError):
+    """The species is known but has no serving model (corrupt artifact, or first index being built)."""
+
+    status_code = 503
+    code = "species_unavailable"
+
+
+class IndividualNotFound(ServiceError):
+    status_code = 404
+    code = "individual_not_found"
+
+
+class ImageNotFound(ServiceError):
+    status_code = 404
+    code = "image_not_found"
+
+
+class SpeciesMismatch(ServiceError):
+    status_code = 409
+    code = "species_mismatch"
+
+
+class ExternalIdConflict(ServiceError):
+    status_code = 409
+    code = "external_id_conflict"
+
+
+class ImageRejected(ServiceError):
+    """Base of every refusal of an uploaded image."""
+
+    status_code = 422
+    code = "image_rejected"
+
+
+class UnsupportedMediaType(ImageRejected):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class ImageUnreadable(ImageRejected):
+    status_code = 422
+    code = "image_unreadable"
+
+
+class ImageTooLarge(ImageRejected):
+    """Too many pixels (decompression-bomb guard)."""
+
+    status_code = 413
+    code = "image_too_large"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+    code = "forbidden"
+
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+}
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"code": code, "message": message, "details": jsonable_encoder(details or {})}
+
+
+def error_response(
+    status: int, code: str, message: str, details: dict[str, Any] | None = None
+) -> JSONResponse:
+    headers = {"WWW-Authenticate": "ApiKey"} if status == 401 else None
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc.status_code, exc.code, exc.message, exc.details)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+        for err in exc.errors()
+    ]
+    return error_response(422, "validation_error", "the request is not valid", {"errors": errors})
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    response = error_response(exc.status_code, code, str(exc.detail))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

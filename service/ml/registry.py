@@ -1,0 +1,106 @@
+"""The typed registry the lifespan fills: one slot per species, each with what is serving now.
+
+A slot's ``serving`` is an immutable (model, gallery, model version) triple. Replacing it is one
+attribute assignment, so a new model and its index take over atomically: a request that already
+holds the old triple finishes on it, the next one gets the new one.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+from service.errors import SpeciesNotFound, SpeciesUnavailable
+from service.ml.embedder import Embedder
+from service.ml.gallery import Gallery
+
+
+class SpeciesStatus(StrEnum):
+    READY = "ready"  # serving
+    REINDEXING = "reindexing"  # serving the old model while a new one re-embeds the gallery
+    BUILDING = "building"  # a new model is re-embedding the gallery and nothing older can serve
+    DISABLED = "disabled"  # no usable artifact; see reason
+
+
+@dataclass(frozen=True)
+class Serving:
+    embedder: Embedder
+    gallery: Gallery
+    model_version_id: int
+
+    @property
+    def model_version(self) -> str:
+        return self.embedder.model_version
+
+
+@dataclass
+class Pending:
+    embedder: Embedder
+    model_version_id: int
+    done: int = 0
+    total: int = 0
+    error: str | None = None
+
+
+@dataclass
+class SpeciesSlot:
+    name: str
+    artifact_path: Path | None = None
+    serving: Serving | None = None
+    pending: Pending | None = None
+    disabled_reason: str | None = None
+    # Serialises writes to this species' database rows and index (enroll, delete, merge, swap).
+    write_lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def status(self) -> SpeciesStatus:
+        if self.serving is not None:
+            return SpeciesStatus.REINDEXING if self.pending is not None else SpeciesStatus.READY
+        if self.pending is not None:
+            return SpeciesStatus.BUILDING
+        return SpeciesStatus.DISABLED
+
+    @property
+    def reason(self) -> str | None:
+        if self.pending is not None and self.pending.error:
+            return f"re-embedding failed: {self.pending.error}"
+        if self.serving is None and self.pending is not None:
+            return "re-embedding stored images with a new model; nothing older can serve"
+        return self.disabled_reason
+
+    def require_serving(self) -> Serving:
+        serving = self.serving
+        if serving is None:
+            raise SpeciesUnavailable(
+                f"species {self.name!r} is not serving: {self.reason or 'no model'}",
+                species=self.name,
+                status=self.status.value,
+            )
+        return serving
+
+
+@dataclass
+class Registry:
+    device: torch.device
+    use_gpu_index: bool
+    slots: dict[str, SpeciesSlot] = field(default_factory=dict)
+
+    def slot(self, species: str) -> SpeciesSlot:
+        try:
+            return self.slots[species]
+        except KeyError:
+            raise SpeciesNotFound(
+                f"unknown species {species!r}", species=species, known=sorted(self.slots)
+            ) from None
+
+    def serving(self, species: str) -> Serving:
+        return self.slot(species).require_serving()
+
+    def index_sizes(self) -> dict[str, int]:
+        return {
+            name: len(slot.serving.gallery) for name, slot in self.slots.items() if slot.serving is not None
+        }

@@ -1,0 +1,483 @@
+"""Pydantic schemas of the REST API: what comes in and what goes out. ORM models live apart."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SpeciesName = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", examples=["dog"])
+]
+ExternalId = Annotated[str, Field(min_length=1, max_length=255, examples=["farm-42/cow-0017"])]
+Threshold = Annotated[
+    float,
+    Field(
+        ge=-1.0,
+        le=1.0,
+        description="Cosine-similarity cut-off for a match; defaults to the model card's calibrated value",
+        examples=[0.42],
+    ),
+]
+Decision = Literal["match", "unknown"]
+ThresholdSource = Literal["request", "model_card", "default"]
+
+EXAMPLE_UUID = "0b6f5a3e-8a55-4c44-9d1d-0e9a5f3c2b71"
+EXAMPLE_IMAGE_UUID = "5d2c1b7e-3f4a-4e8b-a1c9-7b6d5e4f3a21"
+EXAMPLE_TS = "2026-11-23T10:15:00Z"
+B64_EXAMPLE = "/9j/4AAQSkZJRgABAQAAAQABAAD..."
+
+
+def _examples(*examples: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
+
+class ErrorBody(BaseModel):
+    model_config = _examples(
+        {"code": "species_not_found", "message": "unknown species 'wolf'", "details": {"species": "wolf"}}
+    )
+    code: str = Field(description="Stable machine-readable error code")
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    embed_ms: float
+    search_ms: float = 0.0
+    total_ms: float
+
+
+# Individuals and images --------------------------------------------------------------------------
+
+
+INDIVIDUAL_EXAMPLE = {
+    "id": EXAMPLE_UUID,
+    "species": "dog",
+    "external_id": "kennel-7/rex",
+    "name": "Rex",
+    "metadata": {"breed": "beagle"},
+    "image_count": 4,
+    "created_at": EXAMPLE_TS,
+    "updated_at": EXAMPLE_TS,
+}
+
+
+class IndividualPublic(BaseModel):
+    model_config = _examples(INDIVIDUAL_EXAMPLE)
+    id: uuid.UUID
+    species: str
+    external_id: str | None
+    name: str | None
+    metadata: dict[str, Any]
+    image_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class IndividualsPublic(BaseModel):
+    data: list[IndividualPublic]
+    count: int = Field(description="Individuals matching the filters, all pages together")
+    offset: int
+    limit: int
+
+
+class IndividualUpdate(BaseModel):
+    """Fields present in the body are set; absent ones are left alone. ``metadata`` is replaced whole."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"name": "Rex", "metadata": {"breed": "beagle"}}]}
+    )
+    name: str | None = Field(default=None, max_length=255)
+    metadata: dict[str, Any] | None = None
+
+
+class MergeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"source_id": EXAMPLE_UUID}]})
+    source_id: uuid.UUID = Field(description="The individual merged into the one in the path, then deleted")
+
+
+class MergeResult(BaseModel):
+    individual: IndividualPublic
+    source_id: uuid.UUID
+    moved_images: int
+    duplicate_images_dropped: int
+
+
+class DeleteResult(BaseModel):
+    model_config = _examples({"id": EXAMPLE_UUID, "deleted_images": 4})
+    id: uuid.UUID
+    deleted_images: int
+
+
+class ImagePublic(BaseModel):
+    model_config = _examples(
+        {
+            "id": EXAMPLE_IMAGE_UUID,
+            "individual_id": EXAMPLE_UUID,
+            "sha256": "9f2b" + "0" * 60,
+            "size_bytes": 18234,
+            "width": 224,
+            "height": 224,
+            "format": "JPEG",
+            "created_at": EXAMPLE_TS,
+        }
+    )
+    id: uuid.UUID
+    individual_id: uuid.UUID
+    sha256: str
+    size_bytes: int
+    width: int
+    height: int
+    format: str
+    created_at: datetime
+
+
+class ImagesPublic(BaseModel):
+    data: list[ImagePublic]
+    count: int
+    offset: int
+    limit: int
+
+
+# Enroll --------------------------------------------------------------------------------------------
+
+
+class EnrollFields(BaseModel):
+    """Who the images show. Give ``individual_id`` (existing) or ``external_id`` (found or created)."""
+
+    model_config = ConfigDict(extra="forbid")
+    species: SpeciesName
+    individual_id: uuid.UUID | None = Field(default=None, description="An existing individual")
+    external_id: ExternalId | None = Field(
+        default=None, description="Your id; the individual is created on first use (unique within a species)"
+    )
+    name: str | None = Field(default=None, max_length=255, description="Used when the individual is created")
+    metadata: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON object stored when the individual is created (multipart: a JSON string)",
+    )
+
+
+class EnrollJSON(EnrollFields):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"species": "dog", "external_id": "kennel-7/rex", "name": "Rex", "images": [B64_EXAMPLE]}
+            ]
+        },
+    )
+    images: list[str] = Field(min_length=1, description="Base64 images (or data: URLs)")
+
+
+class EnrolledImage(BaseModel):
+    image_id: uuid.UUID
+    sha256: str
+    created: bool = Field(description="False when this individual already had this exact image (idempotent)")
+    width: int
+    height: int
+
+
+class EnrollResult(BaseModel):
+    model_config = _examples(
+        {
+            "individual": INDIVIDUAL_EXAMPLE,
+            "individual_created": True,
+            "images": [
+                {
+                    "image_id": EXAMPLE_IMAGE_UUID,
+                    "sha256": "9f2b" + "0" * 60,
+                    "created": True,
+                    "width": 224,
+                    "height": 224,
+                }
+            ],
+            "model_version": "dog-3f6c2a9d81b0",
+        }
+    )
+    individual: IndividualPublic
+    individual_created: bool
+    images: list[EnrolledImage]
+    model_version: str
+
+
+# Identify ------------------------------------------------------------------------------------------
+
+
+class IdentifyFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    species: SpeciesName
+    top_k: int | None = Field(
+        default=None, ge=1, description="Individuals to return, each once (default: ANIMALID_DEFAULT_TOP_K)"
+    )
+    threshold: Threshold | None = None
+    include_timings: bool = False
+
+
+class IdentifyJSON(IdentifyFields):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"species": "dog", "image": B64_EXAMPLE, "top_k": 5}]},
+    )
+    image: str = Field(description="Base64 image (or a data: URL)")
+
+
+class CandidatePublic(BaseModel):
+    individual_id: uuid.UUID
+    external_id: str | None
+    name: str | None
+    similarity: float = Field(description="Cosine similarity of the best-matching image of this individual")
+    image_id: uuid.UUID = Field(description="That best-matching enrolled image")
+
+
+class IdentifyResult(BaseModel):
+    model_config = _examples(
+        {
+            "species": "dog",
+            "model_version": "dog-3f6c2a9d81b0",
+            "decision": "match",
+            "threshold": 0.42,
+            "threshold_source": "model_card",
+            "best": {
+                "individual_id": EXAMPLE_UUID,
+                "external_id": "kennel-7/rex",
+                "name": "Rex",
+                "similarity": 0.81,
+                "image_id": EXAMPLE_IMAGE_UUID,
+            },
+            "candidates": [
+                {
+                    "individual_id": EXAMPLE_UUID,
+                    "external_id": "kennel-7/rex",
+                    "name": "Rex",
+                    "similarity": 0.81,
+                    "image_id": EXAMPLE_IMAGE_UUID,
+                }
+            ],
+            "gallery_size": 1250,
+            "timings": None,
+        }
+    )
+    species: str
+    model_version: str
+    decision: Decision = Field(
+        description="match when the best candidate reaches the threshold, else unknown"
+    )
+    threshold: float
+    threshold_source: ThresholdSource
+    best: CandidatePublic | None = Field(
+        description="The matched individual; null when the decision is unknown"
+    )
+    candidates: list[CandidatePublic] = Field(description="Up to top_k individuals, best first, no repeats")
+    gallery_size: int = Field(description="Enrolled images searched")
+    timings: Timings | None = None
+
+
+# Verify --------------------------------------------------------------------------------------------
+
+
+class VerifyFields(BaseModel):
+    """Compare ``image`` with an enrolled individual (all its images) or with ``reference_image``."""
+
+    model_config = ConfigDict(extra="forbid")
+    species: SpeciesName
+    individual_id: uuid.UUID | None = None
+    threshold: Threshold | None = None
+    include_timings: bool = False
+
+
+class VerifyJSON(VerifyFields):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"species": "dog", "image": B64_EXAMPLE, "individual_id": EXAMPLE_UUID}]
+        },
+    )
+    image: str = Field(description="Base64 image")
+    reference_image: str | None = Field(default=None, description="Base64 image to compare with")
+
+
+class VerifyResult(BaseModel):
+    model_config = _examples(
+        {
+            "species": "dog",
+            "model_version": "dog-3f6c2a9d81b0",
+            "similarity": 0.77,
+            "decision": "match",
+            "threshold": 0.42,
+            "threshold_source": "model_card",
+            "individual_id": EXAMPLE_UUID,
+            "best_image_id": EXAMPLE_IMAGE_UUID,
+            "compared_images": 4,
+            "timings": None,
+        }
+    )
+    species: str
+    model_version: str
+    similarity: float = Field(description="Against an individual: the maximum over its images")
+    decision: Decision
+    threshold: float
+    threshold_source: ThresholdSource
+    individual_id: uuid.UUID | None = None
+    best_image_id: uuid.UUID | None = None
+    compared_images: int
+    timings: Timings | None = None
+
+
+# Explain -------------------------------------------------------------------------------------------
+
+
+class ExplainFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    species: SpeciesName
+    individual_id: uuid.UUID | None = Field(
+        default=None, description="Explain the match with this individual's best-matching image"
+    )
+
+
+class ExplainJSON(ExplainFields):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"species": "dog", "image": B64_EXAMPLE, "individual_id": EXAMPLE_UUID}]
+        },
+    )
+    image: str = Field(description="Base64 image")
+    reference_image: str | None = Field(default=None, description="Base64 image to compare with")
+
+
+class ExplainResult(BaseModel):
+    model_config = _examples(
+        {
+            "species": "dog",
+            "model_version": "dog-3f6c2a9d81b0",
+            "similarity": 0.77,
+            "individual_id": EXAMPLE_UUID,
+            "reference_image_id": EXAMPLE_IMAGE_UUID,
+            "height": 2,
+            "width": 2,
+            "heatmap": [[0.0, 0.4], [0.9, 1.0]],
+            "overlay_png": "iVBORw0KGgo...",
+        }
+    )
+    species: str
+    model_version: str
+    similarity: float
+    individual_id: uuid.UUID | None
+    reference_image_id: uuid.UUID | None
+    height: int = Field(description="Rows of the heatmap (the model's input height)")
+    width: int
+    heatmap: list[list[float]] = Field(
+        description="Grad-CAM map in [0, 1], row-major, model input resolution"
+    )
+    overlay_png: str = Field(description="Base64 PNG: the heatmap over the query image")
+
+
+# Species, health -----------------------------------------------------------------------------------
+
+
+class SpeciesPublic(BaseModel):
+    model_config = _examples(
+        {
+            "name": "dog",
+            "status": "ready",
+            "reason": None,
+            "model_version": "dog-3f6c2a9d81b0",
+            "pending_model_version": None,
+            "reembedding": None,
+            "embedding_dim": 512,
+            "input_size": [112, 112],
+            "preprocessing_version": "1",
+            "threshold": 0.42,
+            "threshold_source": "model_card",
+            "threshold_far": 0.01,
+            "metrics": {"top1": 0.91},
+            "device": "cpu",
+            "index_on_gpu": False,
+            "index_size": 1250,
+            "individuals": 310,
+            "images": 1250,
+        }
+    )
+    name: str
+    status: Literal["ready", "reindexing", "building", "disabled"]
+    reason: str | None = Field(description="Why the species is not fully ready")
+    model_version: str | None
+    pending_model_version: str | None = Field(
+        description="A new model re-embedding the gallery in the background"
+    )
+    reembedding: dict[str, int] | None = Field(description="Progress of that re-embedding: done, total")
+    embedding_dim: int | None
+    input_size: list[int] | None
+    preprocessing_version: str | None
+    threshold: float | None
+    threshold_source: ThresholdSource | None
+    threshold_far: float | None
+    metrics: dict[str, Any] = Field(description="Evaluation metrics from the model card")
+    device: str | None
+    index_on_gpu: bool | None
+    index_size: int | None
+    individuals: int
+    images: int
+
+
+class SpeciesList(BaseModel):
+    data: list[SpeciesPublic]
+
+
+class ReloadResult(BaseModel):
+    model_config = _examples(
+        {
+            "species": "dog",
+            "status": "reindexing",
+            "model_version": "dog-3f6c2a9d81b0",
+            "pending_model_version": "dog-77a1e0c4d2f9",
+            "message": "re-embedding 1250 images in the background; the current model serves meanwhile",
+        }
+    )
+    species: str
+    status: str
+    model_version: str | None
+    pending_model_version: str | None
+    message: str
+
+
+class HealthResult(BaseModel):
+    model_config = _examples({"status": "ok"})
+    status: Literal["ok"]
+
+
+class SpeciesReadiness(BaseModel):
+    name: str
+    status: str
+    reason: str | None
+    index_size: int | None
+    database_embeddings: int | None
+    database_images: int | None
+    consistent: bool
+
+
+class ReadyResult(BaseModel):
+    model_config = _examples(
+        {
+            "ready": True,
+            "database": {"ok": True, "error": None},
+            "species": [
+                {
+                    "name": "dog",
+                    "status": "ready",
+                    "reason": None,
+                    "index_size": 1250,
+                    "database_embeddings": 1250,
+                    "database_images": 1250,
+                    "consistent": True,
+                }
+            ],
+        }
+    )
+    ready: bool
+    database: dict[str, Any]
+    species: list[SpeciesReadiness]

@@ -1,0 +1,97 @@
+"""Grad-CAM explanations: which parts of the query image drive its similarity to a reference."""
+
+from __future__ import annotations
+
+import base64
+import io
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from sqlalchemy.orm import Session
+
+from service.errors import InvalidRequest
+from service.metrics import Metrics
+from service.ml.images import decode_image
+from service.ml.registry import Registry
+from service.schemas import ExplainResult
+from service.services.identification import individual_references
+from training.gradcam import overlay
+
+
+@dataclass(frozen=True)
+class Explanation:
+    species: str
+    model_version: str
+    similarity: float
+    individual_id: uuid.UUID | None
+    reference_image_id: uuid.UUID | None
+    heatmap: np.ndarray  # (H, W) float32 in [0, 1]
+    overlay_png: bytes
+
+    def to_result(self) -> ExplainResult:
+        return ExplainResult(
+            species=self.species,
+            model_version=self.model_version,
+            similarity=self.similarity,
+            individual_id=self.individual_id,
+            reference_image_id=self.reference_image_id,
+            height=int(self.heatmap.shape[0]),
+            width=int(self.heatmap.shape[1]),
+            heatmap=np.round(self.heatmap.astype(np.float64), 4).tolist(),
+            overlay_png=base64.b64encode(self.overlay_png).decode("ascii"),
+        )
+
+
+def _fit(image: Image.Image, max_side: int) -> Image.Image:
+    """The query image scaled down so its longest side is at most ``max_side`` (never up)."""
+    scale = max_side / max(image.size)
+    if scale >= 1.0:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+
+
+def explain(
+    session: Session,
+    registry: Registry,
+    metrics: Metrics,
+    max_pixels: int,
+    max_side: int,
+    species: str,
+    image: bytes,
+    individual_id: uuid.UUID | None,
+    reference_image: bytes | None,
+) -> Explanation:
+    if (individual_id is None) == (reference_image is None):
+        raise InvalidRequest("give exactly one of individual_id and reference_image")
+    decoded = decode_image(image, max_pixels)
+    reference_image_id: uuid.UUID | None = None
+    if reference_image is not None:
+        serving = registry.serving(species)
+        other = decode_image(reference_image, max_pixels, field="reference_image")
+        with metrics.time_inference(species, "embed"):
+            pair = serving.embedder.embed([decoded.image, other.image])
+        query, reference = pair[0], pair[1]
+    else:
+        assert individual_id is not None
+        serving, references = individual_references(session, registry, species, individual_id)
+        with metrics.time_inference(species, "embed"):
+            query = serving.embedder.embed([decoded.image])[0]
+        scores = np.stack([vector for _, _, vector in references]) @ query
+        best = int(np.argmax(scores))
+        reference, reference_image_id = references[best][2], references[best][1]
+    with metrics.time_inference(species, "gradcam"):
+        cam = serving.embedder.gradcam(decoded.image, reference)
+    picture = overlay(_fit(decoded.image, max_side), cam)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return Explanation(
+        species=species,
+        model_version=serving.model_version,
+        similarity=float(np.dot(query, reference)),
+        individual_id=individual_id,
+        reference_image_id=reference_image_id,
+        heatmap=np.asarray(cam, dtype=np.float32),
+        overlay_png=buffer.getvalue(),
+    )

@@ -1,0 +1,194 @@
+"""1:N identification and 1:1 verification, with the open-set decision made server-side."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from service.db.repository import Repository
+from service.errors import IndividualNotFound, InvalidRequest, SpeciesMismatch
+from service.metrics import Metrics
+from service.ml.images import DecodedImage, decode_image
+from service.ml.registry import Registry, Serving
+from service.schemas import CandidatePublic, IdentifyResult, ThresholdSource, Timings, VerifyResult
+from training.artifact import ModelCard
+
+
+def effective_threshold(
+    card: ModelCard | None, default: float, requested: float | None
+) -> tuple[float, ThresholdSource]:
+    """The request's threshold, else the model card's calibrated one, else the configured default."""
+    if requested is not None:
+        return float(requested), "request"
+    if card is not None and card.threshold is not None:
+        return float(card.threshold), "model_card"
+    return float(default), "default"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int
+    default_threshold: float
+    default_top_k: int
+    max_top_k: int
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = (now - self.mark) * 1000.0
+        self.mark = now
+
+    def timings(self) -> Timings:
+        return Timings(
+            decode_ms=self.laps.get("decode", 0.0),
+            embed_ms=self.laps.get("embed", 0.0),
+            search_ms=self.laps.get("search", 0.0),
+            total_ms=(time.perf_counter() - self.start) * 1000.0,
+        )
+
+
+def embed_one(serving: Serving, metrics: Metrics, species: str, decoded: DecodedImage) -> np.ndarray:
+    with metrics.time_inference(species, "embed"):
+        return serving.embedder.embed([decoded.image])[0]
+
+
+def identify(
+    session: Session,
+    registry: Registry,
+    metrics: Metrics,
+    limits: Limits,
+    species: str,
+    image: bytes,
+    top_k: int | None,
+    threshold: float | None,
+    include_timings: bool,
+) -> IdentifyResult:
+    top_k = limits.default_top_k if top_k is None else top_k
+    if top_k > limits.max_top_k:
+        raise InvalidRequest(f"top_k must be at most {limits.max_top_k}", max_top_k=limits.max_top_k)
+    serving = registry.serving(species)
+    clock = Stopwatch()
+    decoded = decode_image(image, limits.max_pixels)
+    clock.lap("decode")
+    query = embed_one(serving, metrics, species, decoded)
+    clock.lap("embed")
+    with metrics.search.labels(species).time():
+        found = serving.gallery.search_individuals(query, top_k)
+        gallery_size = len(serving.gallery)
+    clock.lap("search")
+    labels = Repository(session).individual_labels(c.individual_id for c in found)
+    session.rollback()  # end the read now: the connection goes back to the pool before serialisation
+    candidates = [
+        CandidatePublic(
+            individual_id=c.individual_id,
+            external_id=labels[c.individual_id][0],
+            name=labels[c.individual_id][1],
+            similarity=c.similarity,
+            image_id=c.image_id,
+        )
+        for c in found
+        if c.individual_id in labels  # deleted between the search and this read
+    ]
+    cut, source = effective_threshold(serving.embedder.card, limits.default_threshold, threshold)
+    matched = bool(candidates) and candidates[0].similarity >= cut
+    return IdentifyResult(
+        species=species,
+        model_version=serving.model_version,
+        decision="match" if matched else "unknown",
+        threshold=cut,
+        threshold_source=source,
+        best=candidates[0] if matched else None,
+        candidates=candidates,
+        gallery_size=gallery_size,
+        timings=clock.timings() if include_timings else None,
+    )
+
+
+def verify(
+    session: Session,
+    registry: Registry,
+    metrics: Metrics,
+    limits: Limits,
+    species: str,
+    image: bytes,
+    individual_id: uuid.UUID | None,
+    reference_image: bytes | None,
+    threshold: float | None,
+    include_timings: bool,
+) -> VerifyResult:
+    if (individual_id is None) == (reference_image is None):
+        raise InvalidRequest("give exactly one of individual_id and reference_image")
+    clock = Stopwatch()
+    decoded = decode_image(image, limits.max_pixels)
+    if reference_image is not None:
+        serving = registry.serving(species)
+        reference = decode_image(reference_image, limits.max_pixels, field="reference_image")
+        clock.lap("decode")
+        with metrics.time_inference(species, "embed"):
+            pair = serving.embedder.embed([decoded.image, reference.image])
+        clock.lap("embed")
+        similarity, best_image, compared = float(pair[0] @ pair[1]), None, 1
+    else:
+        assert individual_id is not None
+        clock.lap("decode")
+        serving, references = individual_references(session, registry, species, individual_id)
+        query = embed_one(serving, metrics, species, decoded)
+        clock.lap("embed")
+        scores = np.stack([vector for _, _, vector in references]) @ query
+        best = int(np.argmax(scores))
+        similarity, best_image, compared = float(scores[best]), references[best][1], len(references)
+        clock.lap("search")
+    cut, source = effective_threshold(serving.embedder.card, limits.default_threshold, threshold)
+    return VerifyResult(
+        species=species,
+        model_version=serving.model_version,
+        similarity=similarity,
+        decision="match" if similarity >= cut else "unknown",
+        threshold=cut,
+        threshold_source=source,
+        individual_id=individual_id,
+        best_image_id=best_image,
+        compared_images=compared,
+        timings=clock.timings() if include_timings else None,
+    )
+
+
+def individual_references(
+    session: Session, registry: Registry, species: str, individual_id: uuid.UUID
+) -> tuple[Serving, list[tuple[int, uuid.UUID, np.ndarray]]]:
+    """The serving pair and the individual's vectors from its model: (embedding id, image id, vector).
+
+    The query must be embedded with the returned pair's model, so both sides come from one version
+    even when a re-embedded model is swapped in meanwhile.
+    """
+    repo = Repository(session)
+    individual = repo.get_individual(individual_id)
+    if individual is None:
+        raise IndividualNotFound(f"no individual {individual_id}", individual_id=str(individual_id))
+    owner = repo.species_by_id(individual.species_id)
+    if owner is None or owner.name != species:
+        raise SpeciesMismatch(
+            f"individual {individual_id} is a {owner.name if owner else '?'}, not a {species}",
+            individual_id=str(individual_id),
+        )
+    for _ in range(2):
+        serving = registry.serving(species)
+        references = repo.individual_embeddings(individual_id, serving.model_version_id)
+        if references or not repo.images_of(individual_id):
+            break
+        session.rollback()  # a swap retired that version a moment ago: read again
+    if not references:
+        raise InvalidRequest(
+            f"individual {individual_id} has no enrolled images to compare with",
+            individual_id=str(individual_id),
+        )
+    return serving, references

@@ -1,0 +1,158 @@
+"""Background re-embedding after a species' model version changes.
+
+The job embeds every stored image with the new model in batches, committing each batch, so a
+restart resumes where it stopped. Meanwhile the old (model, index) pair keeps serving and enrolls
+keep landing in it. Under the species write lock the job then embeds whatever was enrolled in the
+meantime, builds the new index from the database, activates the new version (which drops the old
+version's vectors) in one transaction, and swaps the serving pair in one assignment.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.repository import Repository
+from service.errors import ImageRejected
+from service.image_store import ImageStore, ImageStoreError
+from service.metrics import Metrics
+from service.ml.images import decode_image
+from service.ml.registry import Pending, Serving, SpeciesSlot
+from service.services.galleries import build_gallery
+
+log = logging.getLogger(__name__)
+
+MAX_CONFLICTS = 5
+
+
+@dataclass(frozen=True)
+class ReembedConfig:
+    batch_size: int
+    max_pixels: int
+    use_gpu_index: bool | None
+
+
+class Reembedder:
+    def __init__(
+        self, sessions: sessionmaker[Session], store: ImageStore, metrics: Metrics, config: ReembedConfig
+    ) -> None:
+        self._sessions = sessions
+        self._store = store
+        self._metrics = metrics
+        self._config = config
+        self._stop = threading.Event()
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    def start(self, slot: SpeciesSlot, pending: Pending) -> None:
+        """Run ``pending`` for ``slot`` in a background thread. A newer job supersedes an older one."""
+        with self._lock:
+            slot.pending = pending
+            thread = threading.Thread(
+                target=self._run, args=(slot, pending), name=f"reembed-{slot.name}", daemon=True
+            )
+            self._threads[slot.name] = thread
+            thread.start()
+
+    def wait(self, species: str, timeout: float | None = None) -> bool:
+        """Wait for the species' job to end; True if it ended (used by tests and the CLI)."""
+        with self._lock:
+            thread = self._threads.get(species)
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        with self._lock:
+            threads = list(self._threads.values())
+        for thread in threads:
+            thread.join(timeout)
+
+    def _run(self, slot: SpeciesSlot, pending: Pending) -> None:
+        try:
+            with self._sessions() as session:
+                repo = Repository(session)
+                species = repo.species_by_name(slot.name)
+                if species is None:
+                    raise RuntimeError(f"species {slot.name!r} vanished from the database")
+                species_id = species.id
+                pending.total = repo.count_images(species_id)
+            skipped: set[uuid.UUID] = set()
+            if not self._catch_up(slot, pending, species_id, skipped):
+                return
+            with slot.write_lock:
+                if slot.pending is not pending or not self._catch_up(slot, pending, species_id, skipped):
+                    return
+                gallery = build_gallery(
+                    self._sessions, pending.model_version_id, pending.embedder.dim, self._config.use_gpu_index
+                )
+                with self._sessions() as session:
+                    dropped = Repository(session).activate_version(species_id, pending.model_version_id)
+                    session.commit()
+                slot.serving = Serving(pending.embedder, gallery, pending.model_version_id)
+                slot.pending = None
+                slot.disabled_reason = None
+            log.info(
+                "species %s now serves %s (%d vectors, %d old vectors dropped, %d images unreadable)",
+                slot.name,
+                pending.embedder.model_version,
+                len(gallery),
+                dropped,
+                len(skipped),
+            )
+        except Exception as exc:
+            log.exception("re-embedding species %s failed", slot.name)
+            pending.error = f"{type(exc).__name__}: {exc}"
+
+    def _catch_up(
+        self, slot: SpeciesSlot, pending: Pending, species_id: int, skipped: set[uuid.UUID]
+    ) -> bool:
+        """Embed every image lacking a vector from the pending version. False when asked to stop."""
+        embedder = pending.embedder
+        conflicts = 0
+        while True:
+            if self._stop.is_set() or slot.pending is not pending:
+                return False
+            with self._sessions() as session:
+                repo = Repository(session)
+                batch = [
+                    image
+                    for image in repo.images_missing_version(
+                        species_id, pending.model_version_id, self._config.batch_size + len(skipped)
+                    )
+                    if image.id not in skipped
+                ][: self._config.batch_size]
+                if not batch:
+                    return True
+                readable, pictures = [], []
+                for image in batch:
+                    try:
+                        decoded = decode_image(self._store.read(image.storage_path), self._config.max_pixels)
+                    except (ImageStoreError, ImageRejected) as exc:
+                        log.error("cannot re-embed image %s of %s: %s", image.id, slot.name, exc)
+                        skipped.add(image.id)
+                        continue
+                    readable.append(image)
+                    pictures.append(decoded.image)
+                with self._metrics.time_inference(slot.name, "reembed"):
+                    vectors = embedder.embed(pictures)
+                try:
+                    for image, vector in zip(readable, vectors, strict=True):
+                        repo.add_embedding(image.id, pending.model_version_id, vector)
+                    session.commit()
+                except IntegrityError:
+                    # An image was deleted or merged away meanwhile: drop the batch, query again.
+                    session.rollback()
+                    conflicts += 1
+                    if conflicts > MAX_CONFLICTS:
+                        raise
+                    continue
+                conflicts = 0
+                pending.done += len(readable)

@@ -1,0 +1,238 @@
+"""Species lifecycle (start-up, reload after a model change), descriptions and readiness."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.repository import Repository
+from service.errors import SpeciesNotFound
+from service.ml.embedder import Embedder
+from service.ml.registry import Pending, Registry, Serving, SpeciesSlot, SpeciesStatus
+from service.schemas import ReadyResult, ReloadResult, SpeciesPublic, SpeciesReadiness
+from service.services.galleries import build_gallery, discover_artifacts, load_embedder
+from service.services.identification import effective_threshold
+from service.services.reembedding import Reembedder
+from training.artifact import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """What loading and swapping species needs."""
+
+    sessions: sessionmaker[Session]
+    registry: Registry
+    reembedder: Reembedder
+    models_dir: Path
+    warmup: bool
+    default_threshold: float
+
+
+def load_all(life: Lifecycle) -> None:
+    """Start-up: every artifact in the models folder, plus species known only to the database."""
+    for name, path in discover_artifacts(life.models_dir).items():
+        slot = life.registry.slots.setdefault(name, SpeciesSlot(name=name))
+        slot.artifact_path = path
+        _load_slot(life, slot)
+    with life.sessions() as session:
+        for species in Repository(session).all_species():
+            if species.name not in life.registry.slots:
+                life.registry.slots[species.name] = SpeciesSlot(
+                    name=species.name,
+                    disabled_reason=f"no model artifact at {life.models_dir / species.name}",
+                )
+
+
+def _load_slot(life: Lifecycle, slot: SpeciesSlot) -> str:
+    assert slot.artifact_path is not None
+    try:
+        embedder = load_embedder(slot.name, slot.artifact_path, life.registry.device, life.warmup)
+    except (ArtifactError, OSError) as exc:
+        log.error("species %s disabled: %s", slot.name, exc)
+        if slot.serving is None:
+            slot.disabled_reason = str(exc)
+            return f"not loaded: {exc}"
+        return f"not loaded, the current model keeps serving: {exc}"
+    return _activate(life, slot, embedder)
+
+
+def _activate(life: Lifecycle, slot: SpeciesSlot, embedder: Embedder) -> str:
+    """Serve ``embedder`` now when the database already holds its vectors, else re-embed first."""
+    card = embedder.card
+    with life.sessions() as session:
+        repo = Repository(session)
+        species = repo.ensure_species(slot.name)
+        version = repo.ensure_model_version(
+            species.id,
+            embedder.model_version,
+            embedder.dim,
+            card.preprocess.version,
+            card.threshold,
+            card.to_dict(),
+        )
+        active = repo.active_version(species.id)
+        if active is None and repo.count_images(species.id) == 0:
+            repo.activate_version(species.id, version.id)
+            active = version
+        session.commit()
+        version_id, active_id, images = (
+            version.id,
+            (active.id if active else None),
+            repo.count_images(species.id),
+        )
+    if active_id == version_id:
+        # Built under the write lock: an enroll committing meanwhile must land in this index.
+        with slot.write_lock:
+            gallery = build_gallery(life.sessions, version_id, embedder.dim, life.registry.use_gpu_index)
+            slot.serving = Serving(embedder, gallery, version_id)
+            slot.pending = None
+            slot.disabled_reason = None
+        log.info("species %s serves %s with %d vectors", slot.name, embedder.model_version, len(gallery))
+        return f"serving {embedder.model_version} with {len(gallery)} vectors"
+    life.reembedder.start(slot, Pending(embedder=embedder, model_version_id=version_id, total=images))
+    if slot.serving is None:
+        log.warning(
+            "species %s: model %s needs %d stored images re-embedded and no older model is loaded to serve "
+            "meanwhile",
+            slot.name,
+            embedder.model_version,
+            images,
+        )
+        return f"re-embedding {images} images; the species serves once that is done"
+    return f"re-embedding {images} images in the background; the current model serves meanwhile"
+
+
+def reload_species(life: Lifecycle, name: str) -> ReloadResult:
+    """Re-read ``<models_dir>/<name>/``; a new model version is re-embedded and swapped in."""
+    slot = life.registry.slots.get(name)
+    path = life.models_dir / name
+    if slot is None:
+        if not path.is_dir():
+            raise SpeciesNotFound(f"unknown species {name!r}", species=name)
+        slot = life.registry.slots.setdefault(name, SpeciesSlot(name=name))
+    slot.artifact_path = path
+    serving = slot.serving
+    pending = slot.pending
+    if not path.is_dir():
+        message = f"no artifact at {path}; nothing changed"
+    else:
+        try:
+            embedder = load_embedder(name, path, life.registry.device, life.warmup)
+        except (ArtifactError, OSError) as exc:
+            log.error("species %s: reload failed: %s", name, exc)
+            if serving is None:
+                slot.disabled_reason = str(exc)
+            message = f"not loaded: {exc}"
+        else:
+            if serving is not None and serving.model_version == embedder.model_version and pending is None:
+                message = f"{embedder.model_version} is already serving"
+            elif pending is not None and pending.embedder.model_version == embedder.model_version:
+                message = f"{embedder.model_version} is already being re-embedded"
+            else:
+                message = _activate(life, slot, embedder)
+    return ReloadResult(
+        species=name,
+        status=slot.status.value,
+        model_version=slot.serving.model_version if slot.serving else None,
+        pending_model_version=slot.pending.embedder.model_version if slot.pending else None,
+        message=message,
+    )
+
+
+def describe(session: Session, registry: Registry, default_threshold: float) -> list[SpeciesPublic]:
+    repo = Repository(session)
+    known = {species.name: species for species in repo.all_species()}
+    result = []
+    for name in sorted(registry.slots):
+        slot = registry.slots[name]
+        serving = slot.serving
+        embedder = serving.embedder if serving else (slot.pending.embedder if slot.pending else None)
+        card = embedder.card if embedder else None
+        threshold, source = effective_threshold(card, default_threshold, None) if card else (None, None)
+        species = known.get(name)
+        pending = slot.pending
+        result.append(
+            SpeciesPublic(
+                name=name,
+                status=slot.status.value,
+                reason=slot.reason,
+                model_version=serving.model_version if serving else None,
+                pending_model_version=pending.embedder.model_version if pending else None,
+                reembedding={"done": pending.done, "total": pending.total} if pending else None,
+                embedding_dim=card.embedding_dim if card else None,
+                input_size=list(card.preprocess.input_size) if card else None,
+                preprocessing_version=card.preprocess.version if card else None,
+                threshold=threshold,
+                threshold_source=source,
+                threshold_far=card.threshold_far if card else None,
+                metrics=dict(card.metrics) if card else {},
+                device=str(embedder.device) if embedder else None,
+                index_on_gpu=serving.gallery.on_gpu if serving else None,
+                index_size=len(serving.gallery) if serving else None,
+                individuals=repo.count_individuals(species.id) if species else 0,
+                images=repo.count_images(species.id) if species else 0,
+            )
+        )
+    return result
+
+
+def describe_one(session: Session, registry: Registry, default_threshold: float, name: str) -> SpeciesPublic:
+    registry.slot(name)
+    return next(item for item in describe(session, registry, default_threshold) if item.name == name)
+
+
+def readiness(sessions: sessionmaker[Session], registry: Registry) -> ReadyResult:
+    """Ready when the database answers, some species serves, and every serving index matches the database."""
+    try:
+        with sessions() as session:
+            session.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the database means "not ready"
+        return ReadyResult(
+            ready=False,
+            database={"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]},
+            species=[
+                SpeciesReadiness(
+                    name=name,
+                    status=slot.status.value,
+                    reason=slot.reason,
+                    index_size=None,
+                    database_embeddings=None,
+                    database_images=None,
+                    consistent=False,
+                )
+                for name, slot in sorted(registry.slots.items())
+            ],
+        )
+    items = []
+    with sessions() as session:
+        repo = Repository(session)
+        for name, slot in sorted(registry.slots.items()):
+            species = repo.species_by_name(name)
+            # The write lock keeps an enroll from committing between the two counts.
+            with slot.write_lock:
+                serving = slot.serving
+                index_size = len(serving.gallery) if serving else None
+                embeddings = repo.count_embeddings(serving.model_version_id) if serving else None
+                images = repo.count_images(species.id) if species else 0
+                session.rollback()  # end the read transaction; the next species reads fresh
+            items.append(
+                SpeciesReadiness(
+                    name=name,
+                    status=slot.status.value,
+                    reason=slot.reason,
+                    index_size=index_size,
+                    database_embeddings=embeddings,
+                    database_images=images,
+                    consistent=serving is not None and index_size == embeddings,
+                )
+            )
+    serving_items = [item for item in items if item.status in (SpeciesStatus.READY, SpeciesStatus.REINDEXING)]
+    waiting = [item for item in items if item.status == SpeciesStatus.BUILDING]
+    ready = bool(serving_items) and not waiting and all(item.consistent for item in serving_items)
+    return ReadyResult(ready=ready, database={"ok": True, "error": None}, species=items)

@@ -1,0 +1,100 @@
+"""How the service tests build apps: tiny model artifacts, models folders, settings and API keys."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.app import create_app
+from service.settings import Settings
+from training.artifact import ModelCard, export_artifact
+from training.model import EmbeddingNet
+from training.preprocess import PreprocessSpec
+
+with warnings.catch_warnings():
+    # Starlette 1.x says its TestClient will move from httpx to httpx2; nothing to do here yet.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from fastapi.testclient import TestClient
+
+READ_KEY = "read-key-0001"
+ADMIN_KEY = "admin-key-0001"
+READ = {"x-api-key": READ_KEY}
+ADMIN = {"x-api-key": ADMIN_KEY}
+DOG_THRESHOLD = 0.8
+
+
+def build_artifact(out: Path, species: str, seed: int = 0, threshold: float | None = DOG_THRESHOLD) -> Path:
+    """A random ResNet18 at 64x64 whose BatchNorm statistics come from random inputs.
+
+    Without that calibration every photo embeds to nearly the same vector; with it, different
+    synthetic individuals are far apart, so match and unknown decisions are meaningful.
+    """
+    torch.manual_seed(seed)
+    net = EmbeddingNet(embedding_dim=512)
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None
+            module.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        for _ in range(4):
+            net(torch.randn(16, 3, 64, 64))
+    net.eval()
+    card = ModelCard(
+        species=species,
+        embedding_dim=512,
+        preprocess=PreprocessSpec(input_size=(64, 64)),
+        threshold=threshold,
+        threshold_far=0.01 if threshold is not None else None,
+        metrics={"top1": 0.5, "note": f"random test model, seed {seed}"},
+    )
+    return export_artifact(net, card, out)
+
+
+def make_models_dir(root: Path, artifacts: dict[str, Path], **species: str) -> Path:
+    """``root/models/<species>`` links to artifacts, e.g. ``make_models_dir(p, a, dog="dog_v2")``."""
+    models = root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    for name, key in species.items():
+        link = models / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(artifacts[key], target_is_directory=True)
+    return models
+
+
+def make_settings(database_url: str, root: Path, models_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "models_dir": models_dir,
+        "image_store_dir": root / "images",
+        "api_keys": f"{READ_KEY}:read,{ADMIN_KEY}:admin",
+        "cpu_threads": 1,  # the test box has 2 shared cores; more threads only thrash
+        "_env_file": None,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class AppRunner:
+    """Apps started and stopped inside one test (restarts); whatever is left runs until teardown."""
+
+    def __init__(self) -> None:
+        self.running: list[TestClient] = []
+
+    def start(self, settings: Settings, **kwargs: Any) -> TestClient:
+        client = TestClient(create_app(settings, **kwargs), headers=ADMIN)
+        client.__enter__()
+        self.running.append(client)
+        return client
+
+    def stop(self, client: TestClient) -> None:
+        self.running.remove(client)
+        client.__exit__(None, None, None)
+
+    def stop_all(self) -> None:
+        for client in reversed(list(self.running)):
+            self.stop(client)

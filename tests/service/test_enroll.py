@@ -1,0 +1,225 @@
+"""POST /enroll: multipart and base64 JSON, idempotent re-sends, and every refusal."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+from apps import READ
+from fastapi.testclient import TestClient
+from imagegen import encode, jpeg, photo
+
+from service.db.repository import Repository
+
+
+def new_id() -> str:
+    return f"ext-{uuid.uuid4().hex[:12]}"
+
+
+def multipart(*images: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (f"photo{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+
+
+def enroll(client: TestClient, ext: str, *images: bytes, species: str = "dog", **fields: str):  # noqa: ANN201
+    return client.post(
+        "/enroll", data={"species": species, "external_id": ext, **fields}, files=multipart(*images)
+    )
+
+
+def index_size(client: TestClient, species: str = "dog") -> int:
+    return client.app.state.runtime.registry.serving(species).gallery.__len__()
+
+
+def test_multipart_enroll_creates_the_individual_and_it_is_identifiable_at_once(
+    shared_client: TestClient,
+) -> None:
+    ext = new_id()
+    before = index_size(shared_client)
+    response = shared_client.post(
+        "/enroll",
+        data={
+            "species": "dog",
+            "external_id": ext,
+            "name": "Rex",
+            "metadata": json.dumps({"breed": "beagle"}),
+        },
+        files=multipart(jpeg(101, 0), jpeg(101, 1)),
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["individual_created"] is True
+    assert body["individual"]["external_id"] == ext
+    assert body["individual"]["name"] == "Rex"
+    assert body["individual"]["metadata"] == {"breed": "beagle"}
+    assert body["individual"]["image_count"] == 2
+    assert [image["created"] for image in body["images"]] == [True, True]
+    assert body["model_version"].startswith("dog-")
+    assert index_size(shared_client) == before + 2
+
+    found = shared_client.post("/identify", data={"species": "dog"}, files={"image": ("q.jpg", jpeg(101, 2))})
+    assert found.status_code == 200
+    assert found.json()["decision"] == "match"
+    assert found.json()["best"]["individual_id"] == body["individual"]["id"]
+
+
+def test_base64_json_enroll_accepts_plain_base64_and_data_urls(shared_client: TestClient) -> None:
+    ext = new_id()
+    plain = base64.b64encode(jpeg(102, 0)).decode()
+    data_url = "data:image/png;base64," + base64.b64encode(encode(photo(102, 1), "PNG")).decode()
+    response = shared_client.post(
+        "/enroll", json={"species": "dog", "external_id": ext, "images": [plain, data_url]}
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["individual"]["image_count"] == 2
+
+
+def test_resending_the_same_image_is_idempotent(shared_client: TestClient) -> None:
+    ext = new_id()
+    first = shared_client.post(
+        "/enroll", data={"species": "dog", "external_id": ext}, files=multipart(jpeg(103))
+    )
+    assert first.status_code == 201
+    size = index_size(shared_client)
+    again = enroll(shared_client, ext, jpeg(103), jpeg(103))
+    assert again.status_code == 200, again.text
+    body = again.json()
+    assert body["individual_created"] is False
+    assert body["individual"]["id"] == first.json()["individual"]["id"]
+    assert len(body["images"]) == 1  # the duplicate inside the request counts once
+    assert body["images"][0]["created"] is False
+    assert body["images"][0]["image_id"] == first.json()["images"][0]["image_id"]
+    assert body["individual"]["image_count"] == 1
+    assert index_size(shared_client) == size
+
+
+def test_enroll_into_an_existing_individual_by_id(shared_client: TestClient) -> None:
+    created = shared_client.post(
+        "/enroll", data={"species": "dog", "external_id": new_id()}, files=multipart(jpeg(104, 0))
+    ).json()
+    individual_id = created["individual"]["id"]
+    more = shared_client.post(
+        "/enroll", data={"species": "dog", "individual_id": individual_id}, files=multipart(jpeg(104, 1))
+    )
+    assert more.status_code == 201
+    assert more.json()["individual_created"] is False
+    assert more.json()["individual"]["image_count"] == 2
+
+
+def test_enroll_keeps_the_original_bytes_and_writes_the_audit_log(shared_client: TestClient) -> None:
+    original = jpeg(105, 3)
+    body = shared_client.post(
+        "/enroll", data={"species": "dog", "external_id": new_id()}, files=multipart(original)
+    ).json()
+    individual_id, image_id = body["individual"]["id"], body["images"][0]["image_id"]
+    stored = shared_client.get(f"/individuals/{individual_id}/images/{image_id}/file", headers=READ)
+    assert stored.status_code == 200
+    assert stored.content == original
+    assert stored.headers["content-type"] == "image/jpeg"
+    with shared_client.app.state.runtime.sessions() as session:
+        entries = Repository(session).audit_entries(uuid.UUID(individual_id))
+    assert [entry.action for entry in entries] == ["enroll"]
+    assert entries[0].details["images"] == [image_id]
+    assert (
+        entries[0].actor != "auth-disabled" and len(entries[0].actor) == 12
+    )  # a key fingerprint, not the key
+
+
+def test_one_bad_image_rejects_the_whole_request_and_stores_nothing(shared_client: TestClient) -> None:
+    ext = new_id()
+    size = index_size(shared_client)
+    response = shared_client.post(
+        "/enroll",
+        data={"species": "dog", "external_id": ext},
+        files=multipart(jpeg(106), b"GIF89a not allowed"),
+    )
+    assert response.status_code == 415
+    assert response.json()["code"] == "unsupported_media_type"
+    assert response.json()["details"]["field"] == "images[1]"
+    listed = shared_client.get("/individuals", params={"external_id": ext}, headers=READ).json()
+    assert listed["count"] == 0
+    assert index_size(shared_client) == size
+
+
+def error_code(response) -> tuple[int, str]:  # noqa: ANN001
+    return response.status_code, response.json()["code"]
+
+
+def test_enroll_refusals_have_stable_codes(shared_client: TestClient) -> None:
+    img = multipart(jpeg(107))
+    cat = shared_client.post("/enroll", data={"species": "cat", "external_id": new_id()}, files=img).json()
+    cases = [
+        ({"species": "wolf", "external_id": "x"}, img, (404, "species_not_found")),
+        ({"species": "dog", "individual_id": str(uuid.uuid4())}, img, (404, "individual_not_found")),
+        ({"species": "dog", "individual_id": cat["individual"]["id"]}, img, (409, "species_mismatch")),
+        ({"species": "dog"}, img, (422, "invalid_request")),
+        ({"species": "dog", "external_id": "x", "metadata": "{not json"}, img, (422, "invalid_request")),
+        ({"species": "dog", "external_id": "x", "colour": "red"}, img, (422, "validation_error")),
+        ({"species": "Dog Breed!", "external_id": "x"}, img, (422, "validation_error")),
+    ]
+    for data, files, expected in cases:
+        response = shared_client.post("/enroll", data=data, files=files)
+        assert error_code(response) == expected, (data, response.text)
+    wrong_field = shared_client.post(
+        "/enroll", data={"species": "dog", "external_id": "x"}, files={"image": b"x"}
+    )
+    assert error_code(wrong_field) == (422, "invalid_request")
+
+
+def test_a_form_without_files_is_refused(shared_client: TestClient) -> None:
+    boundary = "animalid-test-boundary"
+    parts = [("species", "dog"), ("external_id", "x")]
+    body = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in parts
+    )
+    response = shared_client.post(
+        "/enroll",
+        content=(body + f"--{boundary}--\r\n").encode(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert error_code(response) == (422, "invalid_request")
+    assert "images" in response.json()["message"]
+
+
+def test_json_enroll_refusals(shared_client: TestClient) -> None:
+    bad_b64 = shared_client.post("/enroll", json={"species": "dog", "external_id": "x", "images": ["***"]})
+    assert error_code(bad_b64) == (422, "invalid_base64")
+    empty = shared_client.post("/enroll", json={"species": "dog", "external_id": "x", "images": []})
+    assert error_code(empty) == (422, "validation_error")
+    not_json = shared_client.post("/enroll", content=b"{", headers={"content-type": "application/json"})
+    assert error_code(not_json) == (400, "malformed_body")
+    text = shared_client.post("/enroll", content=b"hello", headers={"content-type": "text/plain"})
+    assert error_code(text) == (415, "unsupported_media_type")
+    array = shared_client.post("/enroll", json=[1, 2])
+    assert error_code(array) == (422, "invalid_request")
+
+
+def test_too_many_images_in_one_request(shared_client: TestClient) -> None:
+    limit = shared_client.app.state.settings.max_images_per_request
+    files = multipart(*[jpeg(108, i) for i in range(limit + 1)])
+    response = shared_client.post("/enroll", data={"species": "dog", "external_id": new_id()}, files=files)
+    assert response.status_code in (400, 422)
+    assert response.json()["code"] in ("malformed_body", "invalid_request")
+
+
+def test_external_id_is_unique_within_a_species_only(shared_client: TestClient) -> None:
+    ext = new_id()
+    dog = shared_client.post(
+        "/enroll", data={"species": "dog", "external_id": ext}, files=multipart(jpeg(109))
+    )
+    cat = shared_client.post(
+        "/enroll", data={"species": "cat", "external_id": ext}, files=multipart(jpeg(109))
+    )
+    assert dog.status_code == cat.status_code == 201
+    assert dog.json()["individual"]["id"] != cat.json()["individual"]["id"]
+    again = shared_client.post(
+        "/enroll", data={"species": "dog", "external_id": ext}, files=multipart(jpeg(109, 1))
+    )
+    assert again.json()["individual"]["id"] == dog.json()["individual"]["id"]
+    conflict = shared_client.post(
+        "/enroll",
+        data={"species": "dog", "external_id": new_id(), "individual_id": dog.json()["individual"]["id"]},
+        files=multipart(jpeg(109, 2)),
+    )
+    assert error_code(conflict) == (409, "external_id_conflict")

@@ -1,0 +1,104 @@
+"""POST /explain: Grad-CAM overlay PNG, and the JSON variant with the raw map."""
+
+from __future__ import annotations
+
+import base64
+import io
+import uuid
+
+import numpy as np
+import pytest
+from apps import READ
+from fastapi.testclient import TestClient
+from imagegen import jpeg
+from PIL import Image
+
+from service.ml.images import decode_image
+
+
+@pytest.fixture(scope="module")
+def rex(shared_client: TestClient) -> dict:
+    files = [("images", (f"{s}.jpg", jpeg(300, s, size=96), "image/jpeg")) for s in range(3)]
+    response = shared_client.post(
+        "/enroll", data={"species": "dog", "external_id": f"rex-{uuid.uuid4()}"}, files=files
+    )
+    assert response.status_code == 201
+    return response.json()
+
+
+def test_png_overlay_against_an_individual(shared_client: TestClient, rex: dict) -> None:
+    response = shared_client.post(
+        "/explain",
+        data={"species": "dog", "individual_id": rex["individual"]["id"]},
+        files={"image": ("q.jpg", jpeg(300, 7, size=96), "image/jpeg")},
+        headers=READ,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    picture = Image.open(io.BytesIO(response.content))
+    assert picture.format == "PNG" and picture.size == (96, 96)  # the query photo's size
+    assert float(response.headers["x-similarity"]) > 0.9
+    assert response.headers["x-reference-image-id"] in {i["image_id"] for i in rex["images"]}
+
+
+def test_json_variant_has_the_raw_map_at_model_resolution(shared_client: TestClient, rex: dict) -> None:
+    response = shared_client.post(
+        "/explain",
+        params={"format": "json"},
+        data={"species": "dog", "individual_id": rex["individual"]["id"]},
+        files={"image": ("q.jpg", jpeg(300, 8, size=96), "image/jpeg")},
+        headers=READ,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    heatmap = np.asarray(body["heatmap"])
+    assert heatmap.shape == (body["height"], body["width"]) == (64, 64)
+    assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 and heatmap.max() > 0.0
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert overlay.format == "PNG"
+    # The reference is the individual's enrolled photo most similar to the query.
+    serving = shared_client.app.state.runtime.registry.serving("dog")
+    vectors = serving.embedder.embed([decode_image(jpeg(300, s, size=96), 10**8).image for s in (0, 1, 2, 8)])
+    best = int(np.argmax(vectors[:3] @ vectors[3]))
+    assert body["reference_image_id"] == rex["images"][best]["image_id"]
+    assert body["similarity"] == pytest.approx(float(vectors[best] @ vectors[3]), abs=1e-4)
+
+
+def test_explain_against_a_reference_photo_as_base64_json(shared_client: TestClient) -> None:
+    payload = {
+        "species": "dog",
+        "image": base64.b64encode(jpeg(301, 0)).decode(),
+        "reference_image": base64.b64encode(jpeg(301, 1)).decode(),
+    }
+    response = shared_client.post("/explain?format=json", json=payload, headers=READ)
+    assert response.status_code == 200, response.text
+    assert response.json()["reference_image_id"] is None
+    assert response.json()["individual_id"] is None
+
+
+def test_large_photos_are_overlaid_at_a_bounded_size(shared_client: TestClient) -> None:
+    big = jpeg(302, 0, size=1200)
+    response = shared_client.post(
+        "/explain",
+        data={"species": "dog"},
+        files={
+            "image": ("q.jpg", big, "image/jpeg"),
+            "reference_image": ("r.jpg", jpeg(302, 1), "image/jpeg"),
+        },
+        headers=READ,
+    )
+    assert response.status_code == 200
+    limit = shared_client.app.state.settings.explain_max_side
+    assert Image.open(io.BytesIO(response.content)).size == (limit, limit)
+
+
+def test_explain_refusals(shared_client: TestClient) -> None:
+    image = {"image": ("q.jpg", jpeg(1), "image/jpeg")}
+    neither = shared_client.post("/explain", data={"species": "dog"}, files=image, headers=READ)
+    assert (neither.status_code, neither.json()["code"]) == (422, "invalid_request")
+    missing = shared_client.post(
+        "/explain", data={"species": "dog", "individual_id": str(uuid.uuid4())}, files=image, headers=READ
+    )
+    assert (missing.status_code, missing.json()["code"]) == (404, "individual_not_found")
+    bad_format = shared_client.post("/explain?format=gif", data={"species": "dog"}, files=image, headers=READ)
+    assert (bad_format.status_code, bad_format.json()["code"]) == (422, "validation_error")

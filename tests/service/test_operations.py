@@ -1,0 +1,210 @@
+"""/species, /health, /ready, /metrics, OpenAPI, and species whose artifact is missing or corrupt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from apps import READ, AppRunner, make_models_dir, make_settings
+from fastapi.testclient import TestClient
+from imagegen import jpeg
+
+from service.app import create_app
+from service.errors import ConfigurationError
+
+
+def test_species_lists_models_thresholds_and_card_metrics(
+    client: TestClient, artifacts: dict[str, Path]
+) -> None:
+    response = client.get("/species", headers=READ)
+    assert response.status_code == 200
+    species = {item["name"]: item for item in response.json()["data"]}
+    assert set(species) == {"cat", "dog"}
+    dog = species["dog"]
+    card = json.loads((artifacts["dog"] / "model_card.json").read_text())
+    assert dog["status"] == "ready" and dog["reason"] is None
+    assert dog["model_version"] == card["model_version"]
+    assert (dog["threshold"], dog["threshold_source"], dog["threshold_far"]) == (
+        card["threshold"],
+        "model_card",
+        0.01,
+    )
+    assert dog["metrics"] == card["metrics"]
+    assert dog["input_size"] == [64, 64] and dog["embedding_dim"] == 512
+    assert dog["device"] == "cpu" and dog["index_on_gpu"] is False
+    assert species["cat"]["threshold_source"] == "default"
+    one = client.get("/species/dog", headers=READ).json()
+    assert one == dog
+    missing = client.get("/species/wolf", headers=READ)
+    assert (missing.status_code, missing.json()["code"]) == (404, "species_not_found")
+
+
+def test_health_and_ready_need_no_key(client: TestClient) -> None:
+    client.post("/enroll", data={"species": "dog", "external_id": "a"}, files={"images": jpeg(1)})
+    assert client.get("/health", headers={}).json() == {"status": "ok"}
+    ready = client.get("/ready", headers={})
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["ready"] is True and body["database"]["ok"] is True
+    dog = next(item for item in body["species"] if item["name"] == "dog")
+    assert (dog["index_size"], dog["database_embeddings"], dog["database_images"]) == (1, 1, 1)
+    assert dog["consistent"] is True
+
+
+def test_ready_reports_an_index_that_disagrees_with_the_database(client: TestClient) -> None:
+    client.post("/enroll", data={"species": "dog", "external_id": "a"}, files={"images": jpeg(1)})
+    gallery = client.app.state.runtime.registry.serving("dog").gallery
+    ids, _ = gallery.snapshot()
+    gallery.remove(ids[:1])  # simulate a lost index write
+    response = client.get("/ready")
+    assert response.status_code == 503
+    dog = next(item for item in response.json()["species"] if item["name"] == "dog")
+    assert dog["consistent"] is False and (dog["index_size"], dog["database_embeddings"]) == (0, 1)
+
+
+def corrupt(models: Path, how: str) -> None:
+    target = models / "cat"
+    resolved = target.resolve()
+    target.unlink()
+    shutil.copytree(resolved, target)
+    if how == "truncated":
+        weights = target / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "no_card":
+        (target / "model_card.json").unlink()
+    elif how == "bad_json":
+        (target / "model_card.json").write_text("{not json")
+    elif how == "wrong_species":
+        card = json.loads((target / "model_card.json").read_text())
+        card["species"] = "horse"
+        (target / "model_card.json").write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize(
+    "how,reason",
+    [("truncated", "sha256"), ("no_card", "missing"), ("bad_json", "JSON"), ("wrong_species", "horse")],
+)
+def test_a_broken_artifact_disables_only_its_species(
+    database_url: str, tmp_path: Path, artifacts: dict[str, Path], how: str, reason: str
+) -> None:
+    models = make_models_dir(tmp_path, artifacts, dog="dog", cat="cat")
+    corrupt(models, how)
+    with TestClient(create_app(make_settings(database_url, tmp_path, models)), headers=READ) as client:
+        species = {item["name"]: item for item in client.get("/species").json()["data"]}
+        assert species["cat"]["status"] == "disabled"
+        assert reason in species["cat"]["reason"]
+        assert species["dog"]["status"] == "ready"
+        ready = client.get("/ready")
+        assert ready.status_code == 200  # the dog still serves
+        cat = next(item for item in ready.json()["species"] if item["name"] == "cat")
+        assert cat["status"] == "disabled" and reason in cat["reason"]
+        refused = client.post("/identify", data={"species": "cat"}, files={"image": jpeg(1)})
+        assert (refused.status_code, refused.json()["code"]) == (503, "species_unavailable")
+        served = client.post("/identify", data={"species": "dog"}, files={"image": jpeg(1)})
+        assert served.status_code == 200
+
+
+def test_no_usable_model_at_all_is_not_ready(database_url: str, tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    with TestClient(create_app(make_settings(database_url, tmp_path, tmp_path / "models"))) as client:
+        assert client.get("/ready").status_code == 503
+        assert client.get("/health").status_code == 200
+
+
+def test_species_known_only_to_the_database_is_listed_as_disabled(
+    database_url: str, tmp_path: Path, artifacts: dict[str, Path], runner: AppRunner
+) -> None:
+    models = make_models_dir(tmp_path, artifacts, dog="dog", cat="cat")
+    settings = make_settings(database_url, tmp_path, models)
+    first = runner.start(settings)
+    first.post("/enroll", data={"species": "cat", "external_id": "tom"}, files={"images": jpeg(1)})
+    runner.stop(first)
+    (models / "cat").unlink()
+    second = runner.start(settings)
+    cat = next(item for item in second.get("/species").json()["data"] if item["name"] == "cat")
+    assert cat["status"] == "disabled" and "no model artifact" in cat["reason"]
+    assert cat["individuals"] == 1 and cat["images"] == 1
+    listed = second.get("/individuals", params={"species": "cat"}).json()
+    assert listed["count"] == 1
+
+
+def test_metrics_count_requests_by_route_and_expose_index_sizes(client: TestClient) -> None:
+    client.post("/enroll", data={"species": "dog", "external_id": "a"}, files={"images": jpeg(1)})
+    for _ in range(2):
+        client.post("/identify", data={"species": "dog"}, files={"image": jpeg(2)}, headers=READ)
+    client.get("/individuals/00000000-0000-0000-0000-000000000000", headers=READ)
+    text = client.get("/metrics", headers=READ).text
+    assert 'animalid_http_requests_total{method="POST",route="/identify",status="200"} 2.0' in text
+    assert 'route="/individuals/{individual_id}",status="404"' in text
+    assert 'animalid_http_request_duration_seconds_count{method="POST",route="/identify"} 2.0' in text
+    assert 'animalid_inference_seconds_count{operation="embed",species="dog"} 3.0' in text
+    assert 'animalid_search_seconds_count{species="dog"} 2.0' in text
+    assert 'animalid_index_vectors{species="dog"} 1.0' in text
+    assert client.get("/metrics", headers={"x-api-key": ""}).status_code == 401
+
+
+def test_openapi_documents_every_endpoint_with_examples(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    expected = {
+        ("post", "/enroll"),
+        ("post", "/identify"),
+        ("post", "/verify"),
+        ("post", "/explain"),
+        ("get", "/individuals"),
+        ("get", "/individuals/{individual_id}"),
+        ("patch", "/individuals/{individual_id}"),
+        ("delete", "/individuals/{individual_id}"),
+        ("post", "/individuals/{individual_id}/merge"),
+        ("get", "/individuals/{individual_id}/images"),
+        ("get", "/individuals/{individual_id}/images/{image_id}"),
+        ("get", "/individuals/{individual_id}/images/{image_id}/file"),
+        ("delete", "/individuals/{individual_id}/images/{image_id}"),
+        ("get", "/species"),
+        ("get", "/species/{name}"),
+        ("post", "/species/{name}/reload"),
+        ("get", "/health"),
+        ("get", "/ready"),
+        ("get", "/metrics"),
+    }
+    operations = {(m, p): op for p, item in spec["paths"].items() for m, op in item.items()}
+    assert set(operations) == expected
+    schemas = spec["components"]["schemas"]
+
+    def has_example(node: object) -> bool:
+        if isinstance(node, dict):
+            if "example" in node or node.get("examples"):
+                return True
+            ref = node.get("$ref")
+            if isinstance(ref, str) and has_example(schemas[ref.rsplit("/", 1)[1]]):
+                return True
+            return any(has_example(v) for k, v in node.items() if k != "$ref")
+        if isinstance(node, list):
+            return any(has_example(v) for v in node)
+        return False
+
+    for key, op in operations.items():
+        assert op.get("summary"), f"{key} has no summary"
+        assert has_example(op), f"{key} has no example"
+    for key in [("post", "/enroll"), ("post", "/identify"), ("post", "/verify"), ("post", "/explain")]:
+        content = operations[key]["requestBody"]["content"]
+        assert {"multipart/form-data", "application/json"} <= set(content), key
+        assert content["application/json"]["examples"], key
+    assert "x-api-key" in json.dumps(spec["components"]["securitySchemes"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_a_gpu_fails_at_start(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path, tmp_path / "models", device="cuda")
+    with pytest.raises(ConfigurationError, match="CUDA"), TestClient(create_app(settings)):
+        pass
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_device_serves_on_cuda(database_url: str, tmp_path: Path, artifacts: dict[str, Path]) -> None:
+    models = make_models_dir(tmp_path, artifacts, dog="dog")
+    with TestClient(create_app(make_settings(database_url, tmp_path, models)), headers=READ) as client:
+        assert client.get("/species/dog").json()["device"].startswith("cuda")

@@ -1,0 +1,56 @@
+"""Settings: one ANIMALID_ prefix, the documented defaults, validation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("ANIMALID_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no .env around
+
+
+def test_defaults_are_the_embedded_ones() -> None:
+    settings = Settings()
+    assert settings.database_url == "sqlite:///./var/animalid.db"
+    assert settings.models_dir == Path("var/models") and settings.image_store_dir == Path("var/images")
+    assert settings.device == "auto"
+    assert settings.max_upload_bytes == 10 * 1024 * 1024 and settings.max_image_pixels == 40_000_000
+    assert settings.auth_disabled is False and len(settings.keyring) == 0
+
+
+def test_environment_overrides_with_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANIMALID_DATABASE_URL", "postgresql+psycopg://u@db:5432/animalid")
+    monkeypatch.setenv("ANIMALID_DEVICE", "cpu")
+    monkeypatch.setenv("ANIMALID_MAX_UPLOAD_BYTES", "1234")
+    monkeypatch.setenv("ANIMALID_API_KEYS", "abcdefgh1:read,abcdefgh2:admin")
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///ignored.db")  # no prefix: not ours
+    settings = Settings()
+    assert settings.database_url == "postgresql+psycopg://u@db:5432/animalid"
+    assert (settings.device, settings.max_upload_bytes, len(settings.keyring)) == ("cpu", 1234, 2)
+    assert "abcdefgh1" not in repr(settings)  # the keys are a secret
+
+
+def test_the_env_file_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("ANIMALID_PORT=9123\nANIMALID_AUTH_DISABLED=true\n")
+    settings = Settings()
+    assert settings.port == 9123 and settings.auth_disabled is True
+
+
+INVALID = [("DEVICE", "tpu"), ("MAX_UPLOAD_BYTES", "0"), ("DEFAULT_THRESHOLD", "1.5"), ("PORT", "70000")]
+
+
+@pytest.mark.parametrize("name,value", INVALID)
+def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(f"ANIMALID_{name}", value)
+    with pytest.raises(ValidationError):
+        Settings()
