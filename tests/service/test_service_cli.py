@@ -151,3 +151,24 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_cpu_threads_reach_the_worker_threads_through_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    cli.limit_threads(make_settings("sqlite://", tmp_path, tmp_path, cpu_threads=1))
+    assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    cli.limit_threads(make_settings("sqlite://", tmp_path, tmp_path, cpu_threads=1))
+    assert os.environ["OMP_NUM_THREADS"] == "3", "an explicit OpenMP setting wins"
+
+
+def test_without_cpu_threads_the_environment_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cli.limit_threads(make_settings("sqlite://", tmp_path, tmp_path, cpu_threads=None))
+    assert "OMP_NUM_THREADS" not in os.environ
