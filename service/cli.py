@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Libraries' start-up chatter (FAISS's loader reports a variant it did not need, alembic lists
+    # its plugins) reads like trouble at INFO; keep their warnings, and all of it under DEBUG.
+    if args.log_level != "DEBUG":
+        for noisy in ("faiss.loader", "alembic.runtime.plugins"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command in ("serve", "demo"):
             limit_threads(_settings(args))
