@@ -58,6 +58,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="inference device"
     )
+    evaluate.add_argument(
+        "--ignore-groups",
+        action="store_true",
+        help="enrol and query images at random within each individual, ignoring the group key: "
+        "near-duplicate frames leak across, so figures are optimistic (only to compare with studies "
+        "that split that way)",
+    )
     evaluate.set_defaults(func=_evaluate)
 
     gradcam = subparsers.add_parser(
@@ -95,7 +102,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     datasets = [DatasetConfig.parse(d) for d in args.dataset] if args.dataset else None
     strangers = DatasetConfig.parse(args.strangers) if args.strangers else None
-    result = evaluate_artifact(args.artifact, args.out, datasets, strangers, args.device)
+    result = evaluate_artifact(
+        args.artifact, args.out, datasets, strangers, args.device, ignore_groups=args.ignore_groups
+    )
     print(json.dumps({"report": str(result.report), "threshold": result.threshold, **result.metrics()}))
     return 0
 

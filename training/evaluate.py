@@ -345,9 +345,7 @@ def one_shot_identification(
     return {"rank1": summarise(rank1), "rank5": summarise(rank5), "queries": n_queries, "gallery": len(first)}
 
 
-def balanced_pairs(
-    emb: np.ndarray, individuals: Labels, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+def balanced_pairs(emb: np.ndarray, individuals: Labels, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Every genuine pair plus as many impostor pairs drawn at random (seeded, without replacement):
     ``(scores, is_same)``. Fewer impostor pairs than genuine ones are all taken."""
     scores, is_same = pair_scores(emb, np.asarray(individuals))
