@@ -357,8 +357,13 @@ def cached_shard(dataset: Dataset, spec: PreprocessSpec, cache_dir: str | Path |
     """:func:`build_shard`, reusing a shard file in ``cache_dir`` with the same fingerprint and spec."""
     if cache_dir is None:
         return build_shard(dataset, spec)
+    # The pixels depend on the files and the spec; the labels and groups stored beside them on the
+    # dataset's reading (a group pattern, an exclusion), so all of it keys the file.
+    labels = hashlib.sha256(
+        "\n".join(f"{s.path}\0{s.individual}\0{s.group}" for s in dataset.samples).encode()
+    )
     key = hashlib.sha256(
-        f"{dataset.fingerprint()}|{json.dumps(spec.to_dict(), sort_keys=True)}".encode()
+        f"{dataset.fingerprint()}|{labels.hexdigest()}|{json.dumps(spec.to_dict(), sort_keys=True)}".encode()
     ).hexdigest()[:16]
     species = dataset.samples[0].species
     path = Path(cache_dir) / f"{species}-{spec.input_size[0]}x{spec.input_size[1]}-{key}.safetensors"

@@ -9,6 +9,7 @@ from synthetic import make_folder_dataset, write_manifest
 from training.data import (
     DatasetError,
     build_shard,
+    cached_shard,
     enrol_query_split,
     load_dataset,
     read_manifest,
@@ -130,3 +131,15 @@ def test_real_manifests_read_and_cattle_clips_are_groups():
     assert png_inside and open_image(png_inside[0].path).mode == "RGB"
     humans = read_manifest(SHARED / "orl_faces" / "manifest.csv", verify_images=False)
     assert open_image(humans.samples[0].path).mode == "RGB"
+
+
+def test_cached_shard_follows_the_group_key(tmp_path):
+    root = make_folder_dataset(tmp_path / "data", n_individuals=3, n_images=4, size=16)
+    spec = PreprocessSpec(input_size=(16, 16))
+    by_clip = cached_shard(
+        load_dataset(root, species="goat", group_pattern=r"^(\w+?)_"), spec, tmp_path / "c"
+    )
+    by_image = cached_shard(load_dataset(root, species="goat"), spec, tmp_path / "c")
+    assert len(set(by_clip.groups)) == 6, "two clips per individual"
+    assert len(set(by_image.groups)) == 12, "without a pattern every image is its own group"
+    torch.testing.assert_close(by_clip.pixels, by_image.pixels)
