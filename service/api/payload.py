@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -17,8 +17,10 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.errors import InvalidRequest, MalformedBody, UnsupportedMediaType
+from service.ml.images import decode_base64
 
 M = TypeVar("M", bound=BaseModel)
+F = TypeVar("F", bound=BaseModel)
 
 MAX_FORM_FIELDS = 32
 
@@ -100,3 +102,34 @@ def reject_unknown_files(payload: Payload, allowed: set[str]) -> None:
     unknown = sorted(set(payload.files) - allowed)
     if unknown:
         raise InvalidRequest(f"unexpected file fields {unknown}", allowed=sorted(allowed))
+
+
+@dataclass(frozen=True)
+class ImagePair(Generic[F]):
+    """A photo, an optional reference photo and the other fields (verify and explain)."""
+
+    fields: F
+    image: bytes
+    reference_image: bytes | None
+
+
+async def read_image_pair(request: Request, fields_model: type[F], json_model: type[F]) -> ImagePair[F]:
+    """``image`` and optional ``reference_image``: multipart files or base64 strings in JSON."""
+    payload = await read_payload(request, max_files=2)
+    if payload.kind == "json":
+        body = validate(json_model, payload.fields)
+        encoded = body.model_dump(include={"image", "reference_image"})
+        reference = encoded.get("reference_image")
+        return ImagePair(
+            fields=body,
+            image=decode_base64(encoded["image"]),
+            reference_image=None if reference is None else decode_base64(reference, field="reference_image"),
+        )
+    reject_unknown_files(payload, {"image", "reference_image"})
+    fields = validate(fields_model, payload.fields)
+    reference_files = files(payload, "reference_image", required=False)
+    return ImagePair(
+        fields=fields,
+        image=files(payload, "image")[0],
+        reference_image=reference_files[0] if reference_files else None,
+    )

@@ -2,45 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.api.deps import ReadPrincipal, RuntimeDep, SessionDep
 from service.api.openapi import error_responses, image_body
-from service.api.payload import files, read_payload, reject_unknown_files, validate
-from service.ml.images import decode_base64
+from service.api.payload import ImagePair, read_image_pair
 from service.schemas import ExplainFields, ExplainJSON, ExplainResult
 from service.services import explanation
 
 router = APIRouter(tags=["explain"])
 
 
-@dataclass(frozen=True)
-class ExplainInput:
-    fields: ExplainFields
-    image: bytes
-    reference_image: bytes | None
+ExplainInput = ImagePair[ExplainFields]
 
 
 async def explain_input(request: Request) -> ExplainInput:
-    payload = await read_payload(request, max_files=2)
-    if payload.kind == "json":
-        body = validate(ExplainJSON, payload.fields)
-        reference = (
-            decode_base64(body.reference_image, field="reference_image")
-            if body.reference_image is not None
-            else None
-        )
-        return ExplainInput(fields=body, image=decode_base64(body.image), reference_image=reference)
-    reject_unknown_files(payload, {"image", "reference_image"})
-    reference_files = files(payload, "reference_image", required=False)
-    return ExplainInput(
-        fields=validate(ExplainFields, payload.fields),
-        image=files(payload, "image")[0],
-        reference_image=reference_files[0] if reference_files else None,
-    )
+    return await read_image_pair(request, ExplainFields, ExplainJSON)
 
 
 @router.post(

@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
 from service.api.deps import ReadPrincipal, RuntimeDep, SessionDep
 from service.api.openapi import error_responses, image_body
-from service.api.payload import files, read_payload, reject_unknown_files, validate
-from service.ml.images import decode_base64
+from service.api.payload import ImagePair, read_image_pair
 from service.schemas import VerifyFields, VerifyJSON, VerifyResult
 from service.services import identification
 
 router = APIRouter(tags=["verify"])
 
 
-@dataclass(frozen=True)
-class VerifyInput:
-    fields: VerifyFields
-    image: bytes
-    reference_image: bytes | None
+VerifyInput = ImagePair[VerifyFields]
 
 
 async def verify_input(request: Request) -> VerifyInput:
-    payload = await read_payload(request, max_files=2)
-    if payload.kind == "json":
-        body = validate(VerifyJSON, payload.fields)
-        reference = (
-            decode_base64(body.reference_image, field="reference_image")
-            if body.reference_image is not None
-            else None
-        )
-        return VerifyInput(fields=body, image=decode_base64(body.image), reference_image=reference)
-    reject_unknown_files(payload, {"image", "reference_image"})
-    fields = validate(VerifyFields, payload.fields)
-    reference_files = files(payload, "reference_image", required=False)
-    return VerifyInput(
-        fields=fields,
-        image=files(payload, "image")[0],
-        reference_image=reference_files[0] if reference_files else None,
-    )
+    return await read_image_pair(request, VerifyFields, VerifyJSON)
 
 
 @router.post(
