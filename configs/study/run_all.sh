@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 runs=("$@")
 if [ ${#runs[@]} -eq 0 ]; then
   runs=(dogs-arcface cattle-scratch cattle-scratch-lr003 humans-scratch cattle-from-dogs humans-from-dogs humans-from-cattle humans-from-cattle-lr003
-        joint-cattle-humans humans-study-preset dogs-cosface dogs-triplet joint-dogs-cattle-humans)
+        joint-cattle-humans humans-study-preset dogs-arcface-10 dogs-cosface dogs-triplet joint-dogs-cattle-humans)
 fi
 python=${PYTHON:-.venv/bin/python}
 mkdir -p runs/study
