@@ -145,10 +145,12 @@ def epoch_batches(data: list[SpeciesData], config: TrainConfig, epoch: int) -> l
     per_species = [_species_order(d, config, rng) for d in data]
     if len(data) == 1:
         order = per_species[0]
-        steps = max(1, len(order) // config.batch_size)
+        # A dataset smaller than one batch (the study's batch of 300 on a small set) trains on all
+        # of it at every step.
+        size = min(config.batch_size, len(order))
+        steps = max(1, len(order) // size)
         return [
-            np.stack([np.zeros(config.batch_size, np.int64), chunk], 1)
-            for chunk in np.split(order[: steps * config.batch_size], steps)
+            np.stack([np.zeros(size, np.int64), chunk], 1) for chunk in np.split(order[: steps * size], steps)
         ]
     weights = np.array([d.weight for d in data], dtype=np.float64)
     if (weights <= 0).any():

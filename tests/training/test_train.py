@@ -182,3 +182,10 @@ def test_evaluation_can_ignore_the_group_key_for_comparison_with_leaky_studies(t
     assert [d.group_pattern for d in plain.datasets] == [None]
     assert [d.source for d in plain.datasets] == [d.source for d in config.datasets]
     assert config.datasets[0].group_pattern == r"^(\d+)_", "the original configuration is untouched"
+
+
+def test_a_batch_larger_than_the_dataset_trains_on_all_of_it(tmp_path, animals):
+    config = tiny_config(tmp_path, {"goat": animals}, batch_size=300)
+    data = prepare_data(config, PreprocessSpec(input_size=(32, 32)))
+    (batch,) = epoch_batches(data, config, epoch=0)
+    assert sorted(batch[:, 1].tolist()) == list(range(len(data[0].labels)))
