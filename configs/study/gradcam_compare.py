@@ -18,18 +18,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from training.artifact import load_artifact
+from training.artifact import ModelCard, load_artifact
 from training.config import build_config
-from training.data import Dataset, Sample, build_shard, enrol_query_split, load_dataset, split_individuals
+from training.data import enrol_query_split, load_dataset, split_individuals
 from training.gradcam import gradcam_grid, gradcam_map, overlay
-from training.preprocess import PreprocessSpec, normalize
+from training.preprocess import PreprocessSpec, normalize, open_image, to_uint8_tensor
 
 SHOWN_SIZE = 128
 
 
-def test_photos(artifact: Path, count: int, seed: int) -> tuple[list[str], list[tuple[Path, Path]]]:
-    """(individual, (query path, enrolled path)) for ``count`` test individuals of the artifact's split."""
-    card = load_artifact(artifact).card
+def test_photos(card: ModelCard, count: int, seed: int) -> tuple[list[str], list[tuple[Path, Path]]]:
+    """(individual, (query path, enrolled path)) for ``count`` test individuals of the card's split."""
     config = build_config(
         {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir")}
     )
@@ -43,11 +42,12 @@ def test_photos(artifact: Path, count: int, seed: int) -> tuple[list[str], list[
     split = split_individuals(
         dataset, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
     )
-    samples = [s for s in dataset.samples if s.individual in set(split.test)]
+    test = set(split.test)
+    samples = [s for s in dataset.samples if s.individual in test]
     enrol, query = enrol_query_split(
         [s.individual for s in samples], [s.group for s in samples], random.Random(seed)
     )
-    chosen = sorted(random.Random(seed).sample(sorted(set(split.test)), count))
+    chosen = sorted(random.Random(seed).sample(sorted(test), count))
     pairs = []
     for individual in chosen:
         q = next(samples[i].path for i in query if samples[i].individual == individual)
@@ -56,29 +56,26 @@ def test_photos(artifact: Path, count: int, seed: int) -> tuple[list[str], list[
     return chosen, pairs
 
 
+def pixels(path: Path, spec: PreprocessSpec) -> torch.Tensor:
+    """The shared preprocessing's uint8 (3, H, W) input for one photo."""
+    return to_uint8_tensor(open_image(path), spec)
+
+
 def explained(artifact: Path, pairs: list[tuple[Path, Path]]) -> list[Image.Image]:
+    """Each query photo's heatmap towards its reference photo, under one model (at its input size)."""
     loaded = load_artifact(artifact)
-    spec: PreprocessSpec = loaded.card.preprocess
-    shard_like = build_shard_from_paths([p for pair in pairs for p in pair], spec)
-    images = [normalize(pixels, spec) for pixels in shard_like]
+    spec = loaded.card.preprocess
     out = []
-    for k in range(len(pairs)):
-        query, reference = images[2 * k], images[2 * k + 1]
-        reference_emb = loaded.model.embed(reference.unsqueeze(0))[0]
-        cam = gradcam_map(loaded.model, query, reference_emb)
-        out.append(overlay(shown(shard_like[2 * k]), cam))
+    for query_path, reference_path in pairs:
+        query = pixels(query_path, spec)
+        reference_emb = loaded.model.embed(normalize(pixels(reference_path, spec), spec).unsqueeze(0))[0]
+        cam = gradcam_map(loaded.model, normalize(query, spec), reference_emb)
+        out.append(overlay(shown(query), cam))
     return out
 
 
-def build_shard_from_paths(paths: list[Path], spec: PreprocessSpec) -> list[torch.Tensor]:
-    samples = tuple(
-        Sample(path=p, individual=str(i), species="any", group=str(i), line=0) for i, p in enumerate(paths)
-    )
-    return list(build_shard(Dataset(samples, "gradcam"), spec).pixels)
-
-
-def shown(pixels: torch.Tensor) -> Image.Image:
-    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+def shown(uint8: torch.Tensor) -> Image.Image:
+    image = Image.fromarray(uint8.permute(1, 2, 0).numpy())
     return image.resize((SHOWN_SIZE, SHOWN_SIZE * image.height // image.width), Image.Resampling.BILINEAR)
 
 
@@ -92,9 +89,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     models = [(label, Path(path)) for label, path in (m.split("=", 1) for m in args.models)]
-    individuals, pairs = test_photos(models[0][1], args.count, args.seed)
-    spec = load_artifact(models[0][1]).card.preprocess
-    photos = [shown(p) for p in build_shard_from_paths([q for q, _ in pairs], spec)]
+    first = load_artifact(models[0][1]).card
+    individuals, pairs = test_photos(first, args.count, args.seed)
+    photos = [shown(pixels(q, first.preprocess)) for q, _ in pairs]
     rows = [("query photo", photos)] + [(label, explained(path, pairs)) for label, path in models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     gradcam_grid(rows, individuals).save(args.out)
