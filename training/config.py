@@ -15,6 +15,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from training.preprocess import PreprocessSpec
+
 
 @dataclass(frozen=True)
 class DatasetConfig:
@@ -50,13 +52,19 @@ class TrainConfig:
         default="runs/cache", metadata=_h("decoded-image shard cache; empty = none")
     )
     preset: str = field(default="fast", metadata=_h("optimisation recipe: 'fast' (default) or 'study'"))
-    input_size: int = field(default=112, metadata=_h("square input size in pixels"))
+    input_size: int = field(default=112, metadata=_h("input height in pixels (and width unless input_width)"))
+    input_width: int | None = field(
+        default=None, metadata=_h("input width in pixels, for non-square crops; empty = input_size")
+    )
     embedding_dim: int = field(default=512, metadata=_h("embedding size"))
     dropout: float = field(default=0.0, metadata=_h("dropout before the embedding layer"))
     loss: str = field(default="arcface", metadata=_h("arcface | cosface | triplet"))
     scale: float = field(default=32.0, metadata=_h("logit scale s of ArcFace/CosFace"))
     margin: float = field(
         default=0.5, metadata=_h("ArcFace: radians; CosFace: cosine units; triplet: cosine-similarity margin")
+    )
+    margin_warmup_epochs: int = field(
+        default=0, metadata=_h("ArcFace/CosFace: raise the margin linearly from 0 over these epochs")
     )
     optimizer: str = field(default="sgd", metadata=_h("sgd | adamw"))
     lr: float = field(default=0.1, metadata=_h("peak learning rate"))
@@ -106,6 +114,10 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        """How this run turns photos into model inputs (stored in every exported model card)."""
+        return PreprocessSpec(input_size=(self.input_size, self.input_width or self.input_size))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -175,14 +187,16 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"loss must be arcface, cosface or triplet, not {c.loss!r}")
     if c.loss == "triplet" and c.samples_per_individual < 2:
         raise ValueError("the triplet loss needs samples_per_individual >= 2 (P x K batches)")
+    if c.margin_warmup_epochs < 0 or (c.margin_warmup_epochs and c.loss == "triplet"):
+        raise ValueError("margin_warmup_epochs must be >= 0, and applies to arcface and cosface only")
     if c.schedule not in ("cosine", "step"):
         raise ValueError(f"schedule must be cosine or step, not {c.schedule!r}")
     if c.optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer must be sgd or adamw, not {c.optimizer!r}")
     if c.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {c.device!r}")
-    if c.batch_size < 2 or c.epochs < 1 or c.input_size < 32:
-        raise ValueError("batch_size >= 2, epochs >= 1 and input_size >= 32 are required")
+    if c.batch_size < 2 or c.epochs < 1 or min(c.preprocess_spec().input_size) < 32:
+        raise ValueError("batch_size >= 2, epochs >= 1 and input_size, input_width >= 32 are required")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -37,9 +37,13 @@ class ArcFaceHead(_NormalisedLinear):
         self, embedding_dim: int, num_classes: int, scale: float = 64.0, margin: float = 0.5
     ) -> None:
         super().__init__(embedding_dim, num_classes)
+        self.scale = scale
+        self.set_margin(margin)
+
+    def set_margin(self, margin: float) -> None:
+        """Change the margin (margin warm-up does, once per epoch)."""
         if not 0.0 <= margin < math.pi / 2:
             raise ValueError("ArcFace margin is in radians and must be in [0, pi/2)")
-        self.scale = scale
         self.margin = margin
         self._cos_m = math.cos(margin)
         self._sin_m = math.sin(margin)
@@ -64,6 +68,10 @@ class CosFaceHead(_NormalisedLinear):
     ) -> None:
         super().__init__(embedding_dim, num_classes)
         self.scale = scale
+        self.set_margin(margin)
+
+    def set_margin(self, margin: float) -> None:
+        """Change the margin (margin warm-up does, once per epoch)."""
         self.margin = margin
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -75,9 +83,9 @@ class CosFaceHead(_NormalisedLinear):
 class MarginLoss(nn.Module):
     """Cross-entropy over a margin head's logits."""
 
-    def __init__(self, head: nn.Module) -> None:
+    def __init__(self, head: ArcFaceHead | CosFaceHead) -> None:
         super().__init__()
-        self.head = head
+        self.head: ArcFaceHead | CosFaceHead = head
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.head(embeddings, labels), labels)

@@ -30,7 +30,7 @@ from training.artifact import load_artifact
 from training.config import TrainConfig
 from training.data import Shard, cached_shard, enrol_query_split, load_dataset, split_individuals
 from training.evaluate import embed_pixels
-from training.losses import build_loss
+from training.losses import ArcFaceHead, CosFaceHead, MarginLoss, build_loss
 from training.metrics import identification_ranks, similarity, topk_accuracy
 from training.model import STAGES, EmbeddingNet, freeze_stages, set_frozen_eval
 from training.preprocess import PreprocessSpec, normalize
@@ -117,6 +117,18 @@ class TrainModule(nn.Module):
             if count:
                 total = total + self.criteria[name](embeddings[mask], labels[mask]) * (count / len(labels))
         return total
+
+    def _heads(self) -> list[ArcFaceHead | CosFaceHead]:
+        return [c.head for c in self.criteria.values() if isinstance(c, MarginLoss)]
+
+    def set_margin(self, margin: float) -> None:
+        """Set the margin of every species' head (the triplet loss keeps its own)."""
+        for head in self._heads():
+            head.set_margin(margin)
+
+    def margin(self) -> float:
+        """The margin the heads train with now (they all share it)."""
+        return self._heads()[0].margin
 
 
 def build_train_module(config: TrainConfig, data: list[SpeciesData]) -> tuple[TrainModule, list[str]]:
@@ -224,6 +236,13 @@ def lr_factor(config: TrainConfig, epoch: int) -> float:
     span = max(1, config.epochs - config.warmup_epochs)
     progress = (epoch - config.warmup_epochs) / span
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def margin_factor(config: TrainConfig, epoch: int) -> float:
+    """Share of the full margin used during ``epoch`` (0-based): ramps up from 0 over the warm-up."""
+    if epoch >= config.margin_warmup_epochs:
+        return 1.0
+    return epoch / config.margin_warmup_epochs
 
 
 def build_optimizer(config: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
@@ -358,7 +377,7 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
     if config.batch_size % dist_info.world:
         raise ValueError(f"batch_size {config.batch_size} must divide among {dist_info.world} processes")
     torch.manual_seed(config.seed)
-    spec = PreprocessSpec(input_size=(config.input_size, config.input_size))
+    spec = config.preprocess_spec()
     data = prepare_data(config, spec)
     module, _ = build_train_module(config, data)
     run_dir = config.run_dir
@@ -388,10 +407,13 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
     for epoch in range(start_epoch, config.epochs):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(config, epoch)
+        module.set_margin(config.margin * margin_factor(config, epoch))
         stats = train_one_epoch(train_module, optimizer, data, config, spec, epoch, device, dist_info)
         if not dist_info.is_main:
             continue
         record = {"epoch": epoch + 1, "loss": round(stats["loss"], 5), "lr": optimizer.param_groups[0]["lr"]}
+        if config.margin_warmup_epochs:
+            record["margin"] = round(module.margin(), 5)
         for d in data:
             record[f"val_top1_{d.species}"] = round(
                 validation_top1(module.model, d.val, spec, device, config.seed), 4

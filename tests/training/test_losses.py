@@ -81,3 +81,16 @@ def test_batch_hard_triplet_uses_hardest_pairs():
 def test_build_loss_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("softmax", 8, 3, 30.0, 0.5)
+
+
+@pytest.mark.parametrize("cls", [ArcFaceHead, CosFaceHead])
+def test_set_margin_gives_the_head_built_with_that_margin(cls):
+    torch.manual_seed(0)
+    weights, emb, labels = torch.randn(5, 8), torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    built = _head_with_weights(cls, weights, scale=16.0, margin=0.3)
+    changed = _head_with_weights(cls, weights, scale=16.0, margin=0.0)
+    plain = changed(emb, labels)
+    torch.testing.assert_close(plain, 16.0 * changed.cosine(emb), atol=1e-5, rtol=0)  # margin 0: no margin
+    changed.set_margin(0.3)
+    torch.testing.assert_close(changed(emb, labels), built(emb, labels), atol=1e-6, rtol=0)
+    assert not torch.allclose(plain, built(emb, labels))

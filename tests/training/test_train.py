@@ -58,6 +58,12 @@ def test_short_training_lowers_the_loss_and_logs_one_json_line_per_epoch(tmp_pat
     assert (run / "config.yaml").is_file()
 
 
+def test_margin_warmup_ramps_the_margin_from_zero_and_logs_it(tmp_path, animals):
+    run = fit(tiny_config(tmp_path, {"goat": animals}, epochs=4, margin=0.2, margin_warmup_epochs=2))
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [line["margin"] for line in lines] == [0.0, 0.1, 0.2, 0.2]
+
+
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, animals):
     full = fit(tiny_config(tmp_path / "a", {"goat": animals}, epochs=2))
     part = tiny_config(tmp_path / "b", {"goat": animals}, epochs=1)
