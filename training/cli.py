@@ -58,12 +58,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="inference device"
     )
-    evaluate.add_argument(
+    grouping = evaluate.add_mutually_exclusive_group()
+    grouping.add_argument(
         "--ignore-groups",
         action="store_true",
         help="enrol and query images at random within each individual, ignoring the group key: "
         "near-duplicate frames leak across, so figures are optimistic (only to compare with studies "
         "that split that way)",
+    )
+    grouping.add_argument(
+        "--group-pattern",
+        metavar="REGEX",
+        help="group key to use instead of the one the model was trained with (regex over file names)",
     )
     evaluate.set_defaults(func=_evaluate)
 
@@ -103,7 +109,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     datasets = [DatasetConfig.parse(d) for d in args.dataset] if args.dataset else None
     strangers = DatasetConfig.parse(args.strangers) if args.strangers else None
     result = evaluate_artifact(
-        args.artifact, args.out, datasets, strangers, args.device, ignore_groups=args.ignore_groups
+        args.artifact,
+        args.out,
+        datasets,
+        strangers,
+        args.device,
+        ignore_groups=args.ignore_groups,
+        group_pattern=args.group_pattern,
     )
     print(json.dumps({"report": str(result.report), "threshold": result.threshold, **result.metrics()}))
     return 0

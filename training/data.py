@@ -68,7 +68,10 @@ def _group_of(path: Path, individual: str, pattern: re.Pattern[str] | None) -> s
     if pattern is not None:
         match = pattern.search(path.name)
         if match:
-            return f"{individual}/{match.group(1) if match.groups() else match.group(0)}"
+            # The first group that took part in the match: alternatives (a|b) can cover several
+            # naming schemes, each with its own group.
+            key = next((g for g in match.groups() if g is not None), match.group(0))
+            return f"{individual}/{key}"
     return f"{individual}/{path.name}"
 
 

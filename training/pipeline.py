@@ -205,9 +205,9 @@ def _card(d: SpeciesData, spec: PreprocessSpec, config: TrainConfig, state: dict
     )
 
 
-def without_groups(config: TrainConfig) -> TrainConfig:
-    """The same data with no group key: every image is its own group."""
-    return replace(config, datasets=tuple(replace(d, group_pattern=None) for d in config.datasets))
+def regrouped(config: TrainConfig, group_pattern: str | None) -> TrainConfig:
+    """The same data with another group key (None: every image is its own group)."""
+    return replace(config, datasets=tuple(replace(d, group_pattern=group_pattern) for d in config.datasets))
 
 
 def evaluate_artifact(
@@ -217,13 +217,18 @@ def evaluate_artifact(
     strangers: DatasetConfig | None = None,
     device: str = "auto",
     ignore_groups: bool = False,
+    group_pattern: str | None = None,
 ) -> SpeciesEvaluation:
     """Evaluate an exported model on the test individuals of its training split (or given data).
 
     ``ignore_groups`` enrols and queries images at random within each individual, as studies that
     split video frames at random do: near-duplicate frames then sit on both sides, so the figures
-    are optimistic. It exists to compare with such studies; the split of individuals is unchanged.
+    are optimistic. It exists to compare with such studies. ``group_pattern`` replaces the group
+    key the model was trained with (e.g. one that recognises more file-naming schemes). Neither
+    changes the split of individuals.
     """
+    if ignore_groups and group_pattern:
+        raise ValueError("give either ignore_groups or group_pattern, not both")
     loaded = load_artifact(artifact, resolve_device(device))
     card = loaded.card
     values = {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir")}
@@ -232,8 +237,8 @@ def evaluate_artifact(
         config = replace(config, datasets=tuple(datasets))
     if strangers:
         config = replace(config, strangers=strangers)
-    if ignore_groups:
-        config = without_groups(config)
+    if ignore_groups or group_pattern:
+        config = regrouped(config, group_pattern)
     config = replace(config, datasets=tuple(d for d in config.datasets if d.species in (None, card.species)))
     data = [d for d in prepare_data(config, card.preprocess) if d.species == card.species]
     if not data:

@@ -1,8 +1,10 @@
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from synthetic import make_folder_dataset, write_manifest
 
@@ -18,7 +20,8 @@ from training.data import (
 )
 from training.preprocess import PreprocessSpec, open_image
 
-SHARED = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture
@@ -104,6 +107,29 @@ def test_group_pattern_from_file_names(folder):
     assert {s.group for s in ds.samples if s.individual == "ind000"} == {"ind000/clip0", "ind000/clip1"}
 
 
+def test_group_pattern_alternatives_key_each_naming_scheme_by_its_own_group(tmp_path):
+    root = tmp_path / "cows"
+    names = [
+        "100_200_0001_cls0.jpg",
+        "100_200_0002_cls0.jpg",
+        "328-2-3-5(1).jpg",
+        "328-2-3-5(2).jpg",
+        "007.jpg",
+    ]
+    (root / "cow").mkdir(parents=True)
+    for name in names:
+        Image.new("RGB", (24, 48)).save(root / "cow" / name, format="JPEG")
+    ds = load_dataset(root, species="cattle", group_pattern=r"^(\d+_\d+)_|^(\d+(?:-\d+)*)\(\d+\)")
+    groups = {s.path.name: s.group for s in ds.samples}
+    assert groups == {
+        "100_200_0001_cls0.jpg": "cow/100_200",
+        "100_200_0002_cls0.jpg": "cow/100_200",
+        "328-2-3-5(1).jpg": "cow/328-2-3-5",
+        "328-2-3-5(2).jpg": "cow/328-2-3-5",
+        "007.jpg": "cow/007.jpg",  # no scheme matches: the image is its own group
+    }
+
+
 def test_shard_uses_shared_preprocessing(folder, tmp_path):
     ds = load_dataset(folder, species="x")
     spec = PreprocessSpec(input_size=(16, 20))
@@ -116,9 +142,10 @@ def test_shard_uses_shared_preprocessing(folder, tmp_path):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 def test_real_manifests_read_and_cattle_clips_are_groups():
+    study = yaml.safe_load((REPO / "configs" / "study" / "cattle-scratch.yaml").read_text())
     cattle = read_manifest(
         SHARED / "holstein_cowface" / "manifest.csv",
-        group_pattern=r"^(\d+_\d+)_",
+        group_pattern=study["datasets"][0]["group_pattern"],
         exclude_individuals=r"^openset-",
         verify_images=False,
     )
@@ -126,6 +153,10 @@ def test_real_manifests_read_and_cattle_clips_are_groups():
     assert not single_group_individuals(
         [s.individual for s in cattle.samples], [s.group for s in cattle.samples]
     )
+    # Every file name follows one of the naming schemes the study's pattern knows: no image is
+    # left as its own group (which would let frames of its clip leak across enrol and query).
+    unkeyed = [s.path.name for s in cattle.samples if s.group == f"{s.individual}/{s.path.name}"]
+    assert not unkeyed, unkeyed[:5]
     dogs = read_manifest(SHARED / "dogfacenet" / "manifest.csv", verify_images=False)
     png_inside = [s for s in dogs.samples if s.path.read_bytes()[:4] == b"\x89PNG"]
     assert png_inside and open_image(png_inside[0].path).mode == "RGB"

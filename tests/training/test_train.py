@@ -179,14 +179,15 @@ def test_torchrun_two_processes_with_gloo(tmp_path, animals):
     assert records[0]["loss"] == pytest.approx(_losses(single)[0], rel=0.1)
 
 
-def test_evaluation_can_ignore_the_group_key_for_comparison_with_leaky_studies(tmp_path, animals):
-    from training.pipeline import without_groups
+def test_evaluation_can_ignore_or_replace_the_group_key(tmp_path, animals):
+    from training.pipeline import regrouped
 
     config = tiny_config(tmp_path, {"cattle": animals})
     config = replace(config, datasets=tuple(replace(d, group_pattern=r"^(\d+)_") for d in config.datasets))
-    plain = without_groups(config)
+    plain = regrouped(config, None)
     assert [d.group_pattern for d in plain.datasets] == [None]
     assert [d.source for d in plain.datasets] == [d.source for d in config.datasets]
+    assert [d.group_pattern for d in regrouped(config, r"^(\w+)_").datasets] == [r"^(\w+)_"]
     assert config.datasets[0].group_pattern == r"^(\d+)_", "the original configuration is untouched"
 
 
