@@ -26,8 +26,15 @@ ADMIN = {"x-api-key": ADMIN_KEY}
 DOG_THRESHOLD = 0.8
 
 
-def build_artifact(out: Path, species: str, seed: int = 0, threshold: float | None = DOG_THRESHOLD) -> Path:
-    """A random ResNet18 at 64x64 whose BatchNorm statistics come from random inputs.
+def build_artifact(
+    out: Path,
+    species: str,
+    seed: int = 0,
+    threshold: float | None = DOG_THRESHOLD,
+    input_size: tuple[int, int] = (64, 64),
+) -> Path:
+    """A random ResNet18 at ``input_size`` (height, width) whose BatchNorm statistics come from
+    random inputs.
 
     Without that calibration every photo embeds to nearly the same vector; with it, different
     synthetic individuals are far apart, so match and unknown decisions are meaningful.
@@ -41,12 +48,12 @@ def build_artifact(out: Path, species: str, seed: int = 0, threshold: float | No
     net.train()
     with torch.no_grad():
         for _ in range(4):
-            net(torch.randn(16, 3, 64, 64))
+            net(torch.randn(16, 3, *input_size))
     net.eval()
     card = ModelCard(
         species=species,
         embedding_dim=512,
-        preprocess=PreprocessSpec(input_size=(64, 64)),
+        preprocess=PreprocessSpec(input_size=input_size),
         threshold=threshold,
         threshold_far=0.01 if threshold is not None else None,
         metrics={"top1": 0.5, "note": f"random test model, seed {seed}"},

@@ -15,11 +15,12 @@ from service.settings import Settings
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """dog (calibrated threshold), cat (no threshold: the settings default applies), dog_v2 (new weights)."""
+    """dog (calibrated threshold), cat (no threshold: the settings default applies; portrait input,
+    like the cow crops), dog_v2 (new weights)."""
     root = tmp_path_factory.mktemp("artifacts")
     return {
         "dog": build_artifact(root / "dog", "dog", seed=0),
-        "cat": build_artifact(root / "cat", "cat", seed=1, threshold=None),
+        "cat": build_artifact(root / "cat", "cat", seed=1, threshold=None, input_size=(64, 32)),
         "dog_v2": build_artifact(root / "dog_v2", "dog", seed=2),
     }
 

@@ -76,6 +76,18 @@ def test_explain_against_a_reference_photo_as_base64_json(shared_client: TestCli
     assert response.json()["individual_id"] is None
 
 
+def test_a_portrait_model_maps_at_its_own_height_and_width(shared_client: TestClient) -> None:
+    payload = {
+        "species": "cat",  # the test cat model takes 64 x 32 (height x width) inputs
+        "image": base64.b64encode(jpeg(303, 0)).decode(),
+        "reference_image": base64.b64encode(jpeg(303, 1)).decode(),
+    }
+    response = shared_client.post("/explain?format=json", json=payload, headers=READ)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert np.asarray(body["heatmap"]).shape == (body["height"], body["width"]) == (64, 32)
+
+
 def test_large_photos_are_overlaid_at_a_bounded_size(shared_client: TestClient) -> None:
     big = jpeg(302, 0, size=1200)
     response = shared_client.post(

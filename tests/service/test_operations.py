@@ -36,6 +36,7 @@ def test_species_lists_models_thresholds_and_card_metrics(
     assert dog["input_size"] == [64, 64] and dog["embedding_dim"] == 512
     assert dog["device"] == "cpu" and dog["index_on_gpu"] is False
     assert species["cat"]["threshold_source"] == "default"
+    assert species["cat"]["input_size"] == [64, 32]  # (height, width): a portrait model
     one = client.get("/species/dog", headers=READ).json()
     assert one == dog
     missing = client.get("/species/wolf", headers=READ)
