@@ -7,7 +7,8 @@ cd "$(dirname "$0")/../.."
 runs=("$@")
 if [ ${#runs[@]} -eq 0 ]; then
   runs=(dogs-arcface cattle-scratch cattle-scratch-lr003 humans-scratch cattle-from-dogs humans-from-dogs humans-from-cattle humans-from-cattle-lr003
-        joint-cattle-humans humans-study-preset dogs-arcface-10 dogs-cosface dogs-triplet joint-dogs-cattle-humans)
+        joint-cattle-humans humans-study-preset dogs-arcface-10 dogs-cosface dogs-triplet joint-dogs-cattle-humans
+        cattle-from-dogs-128x64 cattle-scratch-warmup humans-from-cattle-warmup joint-cattle-humans-128x64)
 fi
 python=${PYTHON:-.venv/bin/python}
 mkdir -p runs/study
