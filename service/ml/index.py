@@ -20,6 +20,19 @@ log = logging.getLogger(__name__)
 GPU_MAX_K = 2048
 
 
+def use_blas_for_batches(dim: int) -> None:
+    """Scan single queries with FAISS's SIMD loop and answer batches with one BLAS product.
+
+    FAISS takes its SIMD loop while queries x dim is below ``distance_compute_blas_threshold``;
+    the faiss-gpu wheel sets that to 128,000, so a batch of up to 250 queries of 512 dimensions
+    scans the whole gallery once per query. Measured on the 2-core CPU (100k x 512): 8 queries
+    took 163 ms that way and 47 ms as one product, while one query takes 19 ms in the loop
+    against 44 ms through BLAS; two queries cost the same either way. The setting is process-wide
+    and the same for every index of one dimension, so setting it again is harmless.
+    """
+    faiss.cvar.distance_compute_blas_threshold = 2 * dim
+
+
 def gpu_count() -> int:
     try:
         return int(faiss.get_num_gpus())
@@ -49,6 +62,7 @@ class VectorIndex:
             raise ValueError("dim must be positive")
         self.dim = dim
         self._cpu = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        use_blas_for_batches(dim)
         self._ids: set[int] = set()
         want_gpu = gpu_count() > 0 if use_gpu is None else use_gpu
         if want_gpu and gpu_count() == 0:

@@ -26,18 +26,19 @@ def oracle(
     return np.take_along_axis(scores, order, axis=1), ids[order]
 
 
+@pytest.mark.parametrize("nq", [1, 7])  # one query: FAISS's SIMD loop; a batch: one BLAS product
 @pytest.mark.parametrize("n,dim,k", [(1, 8, 1), (50, 16, 5), (1000, 64, 10), (300, 512, 300), (20, 8, 50)])
-def test_search_matches_brute_force(n: int, dim: int, k: int) -> None:
+def test_search_matches_brute_force(n: int, dim: int, k: int, nq: int) -> None:
     rng = np.random.default_rng(n + dim)
     vectors = unit(rng, n, dim)
     ids = rng.choice(10**12, size=n, replace=False).astype(np.int64)
-    queries = unit(rng, 7, dim)
+    queries = unit(rng, nq, dim)
     index = VectorIndex(dim, use_gpu=False)
     index.add(ids, vectors)
 
     scores, found = index.search(queries, k)
     want_scores, want_ids = oracle(vectors, ids, queries, k)
-    assert found.shape == (7, min(k, n))  # never padded with -1 beyond the gallery
+    assert found.shape == (nq, min(k, n))  # never padded with -1 beyond the gallery
     np.testing.assert_allclose(scores, want_scores, atol=1e-5)
     np.testing.assert_array_equal(found, want_ids)
 
