@@ -15,8 +15,6 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from training.preprocess import PreprocessSpec
-
 
 @dataclass(frozen=True)
 class DatasetConfig:
@@ -115,9 +113,10 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
-    def preprocess_spec(self) -> PreprocessSpec:
-        """How this run turns photos into model inputs (stored in every exported model card)."""
-        return PreprocessSpec(input_size=(self.input_size, self.input_width or self.input_size))
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of the model's input: what the run's PreprocessSpec is built from."""
+        return (self.input_size, self.input_width or self.input_size)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -195,7 +194,7 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"optimizer must be sgd or adamw, not {c.optimizer!r}")
     if c.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {c.device!r}")
-    if c.batch_size < 2 or c.epochs < 1 or min(c.preprocess_spec().input_size) < 32:
+    if c.batch_size < 2 or c.epochs < 1 or min(c.input_shape) < 32:
         raise ValueError("batch_size >= 2, epochs >= 1 and input_size, input_width >= 32 are required")
 
 

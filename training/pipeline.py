@@ -162,7 +162,7 @@ def export_run(
     config = build_config(state["config"])
     out_root = Path(out_dir) if out_dir else run_dir / "artifacts"
     device = resolve_device(config.device)
-    spec = config.preprocess_spec()
+    spec = PreprocessSpec(input_size=config.input_shape)
     model = EmbeddingNet(embedding_dim=config.embedding_dim)
     model.load_state_dict(state["model"])
     model.eval().to(device)

@@ -377,7 +377,7 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
     if config.batch_size % dist_info.world:
         raise ValueError(f"batch_size {config.batch_size} must divide among {dist_info.world} processes")
     torch.manual_seed(config.seed)
-    spec = config.preprocess_spec()
+    spec = PreprocessSpec(input_size=config.input_shape)
     data = prepare_data(config, spec)
     module, _ = build_train_module(config, data)
     run_dir = config.run_dir
