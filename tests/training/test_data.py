@@ -140,6 +140,16 @@ def test_shard_uses_shared_preprocessing(folder, tmp_path):
     assert torch.equal(again.pixels, shard.pixels) and again.individuals == shard.individuals
 
 
+def test_every_study_config_keys_cattle_clips_the_same_way():
+    patterns = {
+        d["group_pattern"]
+        for path in (REPO / "configs" / "study").glob("*.yaml")
+        for d in yaml.safe_load(path.read_text()).get("datasets", [])
+        if "holstein_cowface" in d["source"]
+    }
+    assert len(patterns) == 1, patterns
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 def test_real_manifests_read_and_cattle_clips_are_groups():
     study = yaml.safe_load((REPO / "configs" / "study" / "cattle-scratch.yaml").read_text())
