@@ -279,6 +279,13 @@ class IdentifyResult(BaseModel):
 # Verify --------------------------------------------------------------------------------------------
 
 
+class ImagePairJSON(BaseModel):
+    """The base64 images of a JSON verify or explain request: the query and an optional reference."""
+
+    image: str = Field(description="Base64 image")
+    reference_image: str | None = Field(default=None, description="Base64 image to compare with")
+
+
 class VerifyFields(BaseModel):
     """Compare ``image`` with an enrolled individual (all its images) or with ``reference_image``."""
 
@@ -289,15 +296,13 @@ class VerifyFields(BaseModel):
     include_timings: bool = False
 
 
-class VerifyJSON(VerifyFields):
+class VerifyJSON(ImagePairJSON, VerifyFields):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "examples": [{"species": "dog", "image": B64_EXAMPLE, "individual_id": EXAMPLE_UUID}]
         },
     )
-    image: str = Field(description="Base64 image")
-    reference_image: str | None = Field(default=None, description="Base64 image to compare with")
 
 
 class VerifyResult(BaseModel):
@@ -338,15 +343,13 @@ class ExplainFields(BaseModel):
     )
 
 
-class ExplainJSON(ExplainFields):
+class ExplainJSON(ImagePairJSON, ExplainFields):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "examples": [{"species": "dog", "image": B64_EXAMPLE, "individual_id": EXAMPLE_UUID}]
         },
     )
-    image: str = Field(description="Base64 image")
-    reference_image: str | None = Field(default=None, description="Base64 image to compare with")
 
 
 class ExplainResult(BaseModel):
