@@ -1,8 +1,10 @@
 import argparse
+import re
+from pathlib import Path
 
 import pytest
 
-from training.config import PRESETS, add_config_arguments, build_config, config_from_args
+from training.config import PRESETS, add_config_arguments, build_config, config_from_args, load_yaml
 
 
 def _parse(argv):
@@ -58,3 +60,16 @@ def test_every_option_has_help():
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and len(action.help) > 10, action.dest
+
+
+def test_study_configs_build_and_run_all_trains_sources_first():
+    study = Path(__file__).resolve().parents[2] / "configs" / "study"
+    script = (study / "run_all.sh").read_text()
+    listed = re.search(r"runs=\(([^)]*)\)", script.split("if [", 1)[1]).group(1).split()
+    configs = {path.stem: build_config(load_yaml(path)) for path in study.glob("*.yaml")}
+    assert sorted(listed) == sorted(configs), "run_all.sh must list every study config once"
+    for name, config in configs.items():
+        assert config.name == name, f"{name}.yaml writes to runs/study/{config.name}"
+        if config.init_from:
+            source = Path(config.init_from).parts[2]  # runs/study/<run>/artifacts/<species>
+            assert listed.index(source) < listed.index(name), f"{name} runs before its source {source}"
