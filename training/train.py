@@ -380,6 +380,11 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
     spec = PreprocessSpec(input_size=config.input_shape)
     data = prepare_data(config, spec)
     module, _ = build_train_module(config, data)
+    # On the device before the optimizer state is loaded: loading moves that state to where the
+    # parameters are, and moving the module later would leave it behind on the CPU.
+    module.to(device)
+    if config.channels_last:
+        module.to(memory_format=torch.channels_last)
     run_dir = config.run_dir
     checkpoint_path = run_dir / CHECKPOINT_FILE
     optimizer = build_optimizer(config, module)
@@ -391,9 +396,6 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         log.info("resumed %s at epoch %d", checkpoint_path, start_epoch + 1)
-    module.to(device)
-    if config.channels_last:
-        module.to(memory_format=torch.channels_last)
     train_module: nn.Module = module
     if dist_info.world > 1:
         train_module = DistributedDataParallel(
