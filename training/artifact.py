@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from training import __version__
 from training.model import ARCHITECTURE, EmbeddingNet
-from training.preprocess import PreprocessSpec
+from training.preprocess import PREPROCESS_VERSION, PreprocessSpec
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
@@ -145,8 +145,11 @@ def export_artifact(model: EmbeddingNet, card: ModelCard, out_dir: str | Path, f
         for k, v in model.state_dict().items()
     }
     weights = out / WEIGHTS_FILE
-    save_file(state, str(weights), metadata={"species": card.species, "architecture": card.architecture})
-    card.weights_sha256 = sha256_file(weights)
+    # Written beside and renamed into place, so a reader never hashes or loads a half-written file.
+    partial = weights.with_suffix(".partial")
+    save_file(state, str(partial), metadata={"species": card.species, "architecture": card.architecture})
+    card.weights_sha256 = sha256_file(partial)
+    partial.replace(weights)
     card.weights_dtype = "float16" if fp16 else "float32"
     card.embedding_dim = model.embedding_dim
     (out / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
@@ -172,6 +175,11 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Loade
     card = read_card(root)
     if card.architecture != ARCHITECTURE:
         raise ArtifactError(f"unknown architecture {card.architecture!r} (this code has {ARCHITECTURE!r})")
+    if card.preprocess.version != PREPROCESS_VERSION:
+        raise ArtifactError(
+            f"the model was trained with preprocessing version {card.preprocess.version!r}; this code "
+            f"preprocesses as version {PREPROCESS_VERSION!r}, so its embeddings would not match"
+        )
     weights = root / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{weights} is missing")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from training.config import DatasetConfig, add_config_arguments, config_from_args
@@ -89,7 +90,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     run_dir = fit(config, resume=args.resume)
-    if not args.no_export:
+    # Under torchrun every process returns from fit(); one of them exports.
+    if not args.no_export and int(os.environ.get("RANK", "0")) == 0:
         for path in export_run(run_dir):
             print(json.dumps({"artifact": str(path)}))
     return 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from synthetic import make_folder_dataset
 
-from training.artifact import load_artifact
+from training.artifact import ArtifactError, load_artifact
 from training.config import build_config
 from training.preprocess import PreprocessSpec
 from training.train import epoch_batches, fit, load_checkpoint, prepare_data
@@ -111,6 +111,27 @@ def test_export_then_load_gives_identical_embeddings_and_transfer_starts_from_it
     assert module.model.backbone.layer2[0].conv1.weight.requires_grad
 
 
+def test_an_artifact_preprocessed_differently_is_refused(tmp_path, animals):
+    from training.pipeline import export_run
+
+    (artifact,) = export_run(fit(tiny_config(tmp_path, {"goat": animals}, epochs=1)))
+    card_path = artifact / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["preprocessing_version"] = "0"
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ArtifactError, match="preprocessing version '0'"):
+        load_artifact(artifact)
+    assert not list(artifact.glob("*.partial")), "the weights were renamed into place"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda_keeps_the_optimizer_state_on_the_gpu(tmp_path, animals):
+    part = tiny_config(tmp_path, {"goat": animals}, epochs=1, device="cuda")
+    fit(part)
+    resumed = fit(replace(part, epochs=2), resume=True)  # a CPU momentum buffer fails the first step
+    assert load_checkpoint(resumed / "checkpoint.pt")["epoch"] == 1
+
+
 def test_joint_batches_follow_species_weights(tmp_path, animals):
     small = make_folder_dataset(tmp_path / "small", n_individuals=6, n_images=4, size=32, seed=3)
     config = tiny_config(
@@ -161,7 +182,6 @@ def test_torchrun_two_processes_with_gloo(tmp_path, animals):
             "train",
             "--config",
             str(yaml_path),
-            "--no-export",
         ],
         cwd=REPO,
         env=env,
@@ -170,8 +190,12 @@ def test_torchrun_two_processes_with_gloo(tmp_path, animals):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    exported = [line["artifact"] for line in lines if "artifact" in line]
+    records = [line for line in lines if "artifact" not in line]
     assert len(records) == 1  # only rank 0 logs; fit() also checked that both replicas hold equal weights
+    assert len(exported) == 1, "one process exports; two writing one folder can break its checksum"
+    assert load_artifact(exported[0]).card.species == "goat"
     assert (config.run_dir / "checkpoint.pt").is_file()
     # The batch is divided between the processes, not resampled: the logged loss (mean over both)
     # stays close to a one-process run of the same seed (BatchNorm sees half-batches, so not equal).
