@@ -2,16 +2,69 @@
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+# Values the database cannot store are refused here, as validation errors, not as a 500 from the
+# driver: Postgres text cannot hold NUL, JSONB cannot hold NaN, Infinity or \u0000, and neither
+# can hold an unpaired surrogate (SQLite would quietly turn NaN into null).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _no_control_characters(value: str) -> str:
+    if _CONTROL_CHARACTERS.search(value):
+        raise PydanticCustomError(
+            "control_character", "control characters (U+0000 to U+001F, U+007F) are not allowed"
+        )
+    return value
+
+
+def _storable_string(value: str) -> None:
+    if "\x00" in value:
+        raise PydanticCustomError("control_character", "NUL (U+0000) cannot be stored in metadata")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PydanticCustomError("string_unicode", "metadata strings must be valid Unicode") from exc
+
+
+def _storable_json(value: dict[str, Any]) -> dict[str, Any]:
+    """Every key and value, however deep (iteratively: JSON nesting can exceed the recursion limit)."""
+    pending: list[Any] = [value]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            for key in node:
+                _storable_string(key)
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, str):
+            _storable_string(node)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise PydanticCustomError(
+                "non_finite_number", "NaN and Infinity cannot be stored in metadata; use null or a string"
+            )
+    return value
+
+
+PlainText = Annotated[str, AfterValidator(_no_control_characters)]
+"""A one-line string without control characters (names, ids)."""
+Metadata = Annotated[dict[str, Any], AfterValidator(_storable_json)]
+"""A JSON object the database can store: finite numbers, no NUL, valid Unicode."""
 
 SpeciesName = Annotated[
     str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", examples=["dog"])
 ]
-ExternalId = Annotated[str, Field(min_length=1, max_length=255, examples=["farm-42/cow-0017"])]
+ExternalId = Annotated[PlainText, Field(min_length=1, max_length=255, examples=["farm-42/cow-0017"])]
+Name = Annotated[PlainText, Field(max_length=255)]
 Threshold = Annotated[
     float,
     Field(
@@ -90,8 +143,8 @@ class IndividualUpdate(BaseModel):
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"name": "Rex", "metadata": {"breed": "beagle"}}]}
     )
-    name: str | None = Field(default=None, max_length=255)
-    metadata: dict[str, Any] | None = None
+    name: Name | None = None
+    metadata: Metadata | None = None
 
 
 class MergeRequest(BaseModel):
@@ -154,8 +207,8 @@ class EnrollFields(BaseModel):
     external_id: ExternalId | None = Field(
         default=None, description="Your id; the individual is created on first use (unique within a species)"
     )
-    name: str | None = Field(default=None, max_length=255, description="Used when the individual is created")
-    metadata: dict[str, Any] | None = Field(
+    name: Name | None = Field(default=None, description="Used when the individual is created")
+    metadata: Metadata | None = Field(
         default=None,
         description="JSON object stored when the individual is created (multipart: a JSON string)",
     )

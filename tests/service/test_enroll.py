@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from typing import Any
 
+import pytest
 from apps import READ
 from fastapi.testclient import TestClient
 from imagegen import encode, jpeg, photo
@@ -193,6 +195,46 @@ def test_json_enroll_refusals(shared_client: TestClient) -> None:
     assert error_code(text) == (415, "unsupported_media_type")
     array = shared_client.post("/enroll", json=[1, 2])
     assert error_code(array) == (422, "invalid_request")
+
+
+def send_enroll(client: TestClient, form: str, fields: dict[str, Any], seed: int):  # noqa: ANN201
+    """``fields`` as JSON (``json.dumps`` writes NaN and Infinity, as some clients do) or as a form."""
+    image = jpeg(seed)
+    if form == "json":
+        body = {"species": "dog", **fields, "images": [base64.b64encode(image).decode()]}
+        return client.post(
+            "/enroll", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+        )
+    data = {key: json.dumps(value) if key == "metadata" else value for key, value in fields.items()}
+    return client.post("/enroll", data={"species": "dog", **data}, files=multipart(image))
+
+
+UNSTORABLE = [
+    pytest.param({"external_id": "a\x00b"}, "control_character", id="nul-external-id"),
+    pytest.param({"external_id": "a\nb"}, "control_character", id="newline-external-id"),
+    pytest.param({"name": "Re\x00x"}, "control_character", id="nul-name"),
+    pytest.param({"metadata": {"note": "a\x00b"}}, "control_character", id="nul-in-metadata"),
+    pytest.param({"metadata": {"a\x00": 1}}, "control_character", id="nul-metadata-key"),
+    pytest.param({"metadata": {"note": "a\ud800"}}, "string_unicode", id="surrogate-in-metadata"),
+    pytest.param({"metadata": {"x": float("nan")}}, "non_finite_number", id="nan-metadata"),
+    pytest.param({"metadata": {"x": [1, {"y": float("-inf")}]}}, "non_finite_number", id="nested-inf"),
+]
+
+
+@pytest.mark.parametrize("form", ["json", "multipart"])
+@pytest.mark.parametrize("fields,error_type", UNSTORABLE)
+def test_values_the_database_cannot_store_are_refused_and_nothing_is_stored(
+    shared_client: TestClient, form: str, fields: dict[str, Any], error_type: str
+) -> None:
+    """Postgres refuses NUL in text and NaN or NUL in JSONB (SQLite turned NaN into null): 422, not 500."""
+    fields = {"external_id": new_id(), **fields}
+    size = index_size(shared_client)
+    before = shared_client.get("/individuals", headers=READ).json()["count"]
+    response = send_enroll(shared_client, form, fields, seed=110)
+    assert error_code(response) == (422, "validation_error"), response.text
+    assert [error["type"] for error in response.json()["details"]["errors"]] == [error_type]
+    assert shared_client.get("/individuals", headers=READ).json()["count"] == before
+    assert index_size(shared_client) == size
 
 
 def test_too_many_images_in_one_request(shared_client: TestClient) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from apps import READ
+from apps import ADMIN, READ, make_settings
 from fastapi.testclient import TestClient
 from imagegen import jpeg
 
+from service.api.deps import SessionDep
+from service.app import create_app
 from service.db.repository import Repository
 
 
@@ -71,6 +75,71 @@ def test_get_and_update(shared_client: TestClient) -> None:
     assert (missing.status_code, missing.json()["code"]) == (404, "individual_not_found")
     bad_id = shared_client.get("/individuals/not-a-uuid", headers=READ)
     assert (bad_id.status_code, bad_id.json()["code"]) == (422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "body,error_type",
+    [
+        ('{"name": "Re\\u0000x"}', "control_character"),
+        ('{"name": "Rex\\r\\n"}', "control_character"),
+        ('{"metadata": {"x": NaN}}', "non_finite_number"),
+        ('{"metadata": {"x": {"y": [Infinity]}}}', "non_finite_number"),
+        ('{"metadata": {"note": "a\\u0000b"}}', "control_character"),
+        ('{"metadata": {"\\u0000": 1}}', "control_character"),
+    ],
+)
+def test_update_refuses_values_the_database_cannot_store(
+    shared_client: TestClient, body: str, error_type: str
+) -> None:
+    """Postgres refuses NUL in text and NaN or NUL in JSONB (a 500 before); nothing changes."""
+    made = enroll(shared_client, 415, range(1), name="Rex", metadata='{"breed": "beagle"}')
+    individual_id = made["individual"]["id"]
+    response = shared_client.patch(
+        f"/individuals/{individual_id}", content=body, headers={"content-type": "application/json"}
+    )
+    assert (response.status_code, response.json()["code"]) == (422, "validation_error"), response.text
+    assert [error["type"] for error in response.json()["details"]["errors"]] == [error_type]
+    assert shared_client.get(f"/individuals/{individual_id}", headers=READ).json() == made["individual"]
+    with shared_client.app.state.runtime.sessions() as session:
+        actions = [e.action for e in Repository(session).audit_entries(uuid.UUID(individual_id))]
+    assert actions == ["enroll"]
+
+
+def test_update_keeps_line_breaks_and_finite_numbers_in_metadata(shared_client: TestClient) -> None:
+    individual_id = enroll(shared_client, 416, range(1))["individual"]["id"]
+    metadata = {"note": "line one\nline two\ttab", "weight": 1.5e300, "tags": ["a", None]}
+    response = shared_client.patch(f"/individuals/{individual_id}", json={"metadata": metadata})
+    assert response.status_code == 200, response.text
+    assert response.json()["metadata"] == metadata
+
+
+@pytest.mark.parametrize("external_id", ["\x00", "a\x00b", "a\nb"])
+def test_list_refuses_control_characters_in_the_external_id_filter(
+    shared_client: TestClient, external_id: str
+) -> None:
+    response = shared_client.get("/individuals", params={"external_id": external_id}, headers=READ)
+    assert (response.status_code, response.json()["code"]) == (422, "validation_error"), response.text
+    assert [error["type"] for error in response.json()["details"]["errors"]] == ["control_character"]
+
+
+def test_a_value_postgres_refuses_past_the_schemas_is_a_422_and_nothing_changes(
+    database_factory: Callable[[str], str], service_root: Path
+) -> None:
+    """The safety net behind the schemas: a DataError from the database is a JSON 422, not a 500."""
+    app = create_app(make_settings(database_factory("postgres"), service_root, service_root / "models"))
+
+    @app.patch("/raw-rename/{individual_id}")
+    def raw_rename(session: SessionDep, individual_id: uuid.UUID, name: str) -> None:
+        individual = Repository(session).get_individual(individual_id)
+        assert individual is not None
+        individual.name = name
+        session.commit()
+
+    with TestClient(app, headers=ADMIN) as client:
+        made = enroll(client, 417, range(1), name="Rex")["individual"]
+        response = client.patch(f"/raw-rename/{made['id']}", params={"name": "a\x00b"})
+        assert (response.status_code, response.json()["code"]) == (422, "unstorable_value"), response.text
+        assert client.get(f"/individuals/{made['id']}", headers=READ).json() == made
 
 
 def test_delete_drops_rows_vectors_and_files(shared_client: TestClient) -> None:

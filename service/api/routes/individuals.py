@@ -21,6 +21,7 @@ from service.schemas import (
     IndividualUpdate,
     MergeRequest,
     MergeResult,
+    PlainText,
 )
 from service.services import individuals
 from service.services.individuals import Page
@@ -54,7 +55,7 @@ def list_individuals(
     pagination: PageDep,
     species: Annotated[str | None, Query(description="Only this species", examples=["dog"])] = None,
     external_id: Annotated[
-        str | None, Query(description="Only this external id", examples=["kennel-7/rex"])
+        PlainText | None, Query(description="Only this external id", examples=["kennel-7/rex"])
     ] = None,
 ) -> IndividualsPublic:
     return individuals.list_individuals(session, registry, species, external_id, pagination)
