@@ -23,6 +23,9 @@ M = TypeVar("M", bound=BaseModel)
 F = TypeVar("F", bound=BaseModel)
 
 MAX_FORM_FIELDS = 32
+# How Starlette's form parser words its max_files refusal (it raises the same HTTP 400 for every
+# malformed form; tests/service/test_enroll.py notices if the wording changes).
+STARLETTE_TOO_MANY_FILES = "Too many files."
 
 
 @dataclass
@@ -54,6 +57,11 @@ async def _read_multipart(request: Request, max_files: int) -> Payload:
     try:
         form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
     except HTTPException as exc:  # Starlette's answer to a malformed form or too many parts
+        if str(exc.detail).startswith(STARLETTE_TOO_MANY_FILES):
+            # Too many images is a rule of the request, as in JSON (the services' 422), not a broken body.
+            raise InvalidRequest(
+                f"too many files: at most {max_files} per request", max_files=max_files
+            ) from exc
         raise MalformedBody(f"malformed multipart body: {exc.detail}") from exc
     try:
         for name, value in form.multi_items():

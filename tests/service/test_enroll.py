@@ -237,12 +237,29 @@ def test_values_the_database_cannot_store_are_refused_and_nothing_is_stored(
     assert index_size(shared_client) == size
 
 
-def test_too_many_images_in_one_request(shared_client: TestClient) -> None:
+@pytest.mark.parametrize("extra", [1, 3])
+def test_too_many_images_get_one_answer_as_multipart_and_as_json(
+    shared_client: TestClient, extra: int
+) -> None:
+    """The same rule broken the same way: multipart (Starlette's file limit) and JSON (the service)."""
     limit = shared_client.app.state.settings.max_images_per_request
-    files = multipart(*[jpeg(108, i) for i in range(limit + 1)])
-    response = shared_client.post("/enroll", data={"species": "dog", "external_id": new_id()}, files=files)
-    assert response.status_code in (400, 422)
-    assert response.json()["code"] in ("malformed_body", "invalid_request")
+    images = [jpeg(108, i) for i in range(limit + extra)]
+    before = shared_client.get("/individuals", headers=READ).json()["count"]
+    as_form = shared_client.post(
+        "/enroll", data={"species": "dog", "external_id": new_id()}, files=multipart(*images)
+    )
+    as_json = shared_client.post(
+        "/enroll",
+        json={
+            "species": "dog",
+            "external_id": new_id(),
+            "images": [base64.b64encode(image).decode() for image in images],
+        },
+    )
+    assert error_code(as_form) == (422, "invalid_request"), as_form.text
+    assert error_code(as_json) == (422, "invalid_request"), as_json.text
+    assert str(limit) in as_form.json()["message"] and str(limit) in as_json.json()["message"]
+    assert shared_client.get("/individuals", headers=READ).json()["count"] == before
 
 
 def test_external_id_is_unique_within_a_species_only(shared_client: TestClient) -> None:

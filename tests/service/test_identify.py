@@ -122,6 +122,7 @@ def test_identify_refusals(shared_client: TestClient) -> None:
         ({"species": "dog", "top_k": "100000"}, image, 422, "invalid_request"),
         ({"species": "dog", "threshold": "2"}, image, 422, "validation_error"),
         ({"species": "dog"}, {"photo": ("q.jpg", jpeg(1), "image/jpeg")}, 422, "invalid_request"),
+        ({"species": "dog"}, [("image", jpeg(1)), ("image", jpeg(2))], 422, "invalid_request"),
         (
             {"species": "dog", "image": "not a file"},
             {"x": ("q.jpg", b"", "image/jpeg")},
