@@ -320,14 +320,16 @@ def evaluate_embeddings(
 
 
 def one_shot_identification(
-    emb: np.ndarray, individuals: Labels, seed: int = 0, n_repeats: int = 5
+    emb: np.ndarray, individuals: Labels, seed: int = 0, n_repeats: int = 5, groups: Labels | None = None
 ) -> dict[str, Any]:
     """One-shot identification: the gallery holds ONE random image per individual, every other
     image is a query. Rank-1 and rank-5 accuracy as ``{"mean", "std", "values"}`` over repeats.
 
-    Individuals with a single image stay in the gallery as distractors.
+    With ``groups``, images of the enrolled image's group (its video clip) are not queries, as in
+    the main protocol. Individuals left without queries stay in the gallery as distractors.
     """
     labels = np.asarray(individuals)
+    group_arr = np.arange(len(labels)) if groups is None else np.asarray(groups)
     rng = np.random.default_rng(seed)
     rank1, rank5 = [], []
     n_queries = 0
@@ -336,19 +338,26 @@ def one_shot_identification(
         _, first = np.unique(labels[perm], return_index=True)
         gallery = np.zeros(len(labels), dtype=bool)
         gallery[perm[first]] = True
-        ranks = identification_ranks(
-            similarity(emb[~gallery], emb[gallery]), labels[~gallery], labels[gallery]
+        enrolled_group = dict(zip(labels[gallery].tolist(), group_arr[gallery].tolist(), strict=True))
+        query = ~gallery & np.array(
+            [g != enrolled_group[label] for label, g in zip(labels.tolist(), group_arr.tolist(), strict=True)]
         )
+        ranks = identification_ranks(similarity(emb[query], emb[gallery]), labels[query], labels[gallery])
         rank1.append(topk_accuracy(ranks, 1))
         rank5.append(topk_accuracy(ranks, 5))
-        n_queries = int((~gallery).sum())
+        n_queries = int(query.sum())
     return {"rank1": summarise(rank1), "rank5": summarise(rank5), "queries": n_queries, "gallery": len(first)}
 
 
-def balanced_pairs(emb: np.ndarray, individuals: Labels, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def balanced_pairs(
+    emb: np.ndarray, individuals: Labels, seed: int = 0, groups: Labels | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Every genuine pair plus as many impostor pairs drawn at random (seeded, without replacement):
-    ``(scores, is_same)``. Fewer impostor pairs than genuine ones are all taken."""
-    scores, is_same = pair_scores(emb, np.asarray(individuals))
+    ``(scores, is_same)``. Fewer impostor pairs than genuine ones are all taken. With ``groups``,
+    pairs within one group (two frames of a clip) are left out."""
+    scores, is_same = pair_scores(
+        emb, np.asarray(individuals), None if groups is None else np.asarray(groups)
+    )
     genuine = np.flatnonzero(is_same)
     impostors = np.flatnonzero(~is_same)
     rng = np.random.default_rng(seed)
@@ -357,14 +366,20 @@ def balanced_pairs(emb: np.ndarray, individuals: Labels, seed: int = 0) -> tuple
     return scores[keep], is_same[keep]
 
 
-def accuracy_threshold(val_emb: np.ndarray, val_individuals: Labels, seed: int = 0) -> float:
+def accuracy_threshold(
+    val_emb: np.ndarray, val_individuals: Labels, seed: int = 0, groups: Labels | None = None
+) -> float:
     """The threshold of best accuracy on balanced validation pairs, for :func:`pair_verification_accuracy`."""
-    return best_accuracy_threshold(*balanced_pairs(val_emb, val_individuals, seed))
+    return best_accuracy_threshold(*balanced_pairs(val_emb, val_individuals, seed, groups))
 
 
 def pair_verification_accuracy(
-    test_emb: np.ndarray, test_individuals: Labels, threshold: float, seed: int = 0
+    test_emb: np.ndarray,
+    test_individuals: Labels,
+    threshold: float,
+    seed: int = 0,
+    groups: Labels | None = None,
 ) -> float:
     """Accuracy on balanced test pairs (all genuine pairs, as many random impostor pairs) at a
     threshold chosen on validation data (:func:`accuracy_threshold`)."""
-    return verification_accuracy(*balanced_pairs(test_emb, test_individuals, seed), threshold)
+    return verification_accuracy(*balanced_pairs(test_emb, test_individuals, seed, groups), threshold)

@@ -61,6 +61,11 @@ def load_strangers(config: TrainConfig, spec: PreprocessSpec) -> Shard | None:
     return cached_shard(dataset, spec, config.cache_dir or None)
 
 
+def strangers_of(strangers: Shard | None, species: str) -> Shard | None:
+    """The strangers to evaluate a species with: none when they are animals of another species."""
+    return strangers if strangers is not None and strangers.species == species else None
+
+
 def gradcam_examples(model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, seed: int, count: int = 4):
     """(title, [query overlay, enrolled reference overlay]) rows for a few test individuals."""
     rng = random.Random(seed)
@@ -113,7 +118,7 @@ def evaluate_species(
     )
     grid = gradcam_grid(gradcam_examples(model, test, spec, config.seed), ["query", "enrolled reference"])
     report = write_report(result, out_dir, title=title, card_info=card_info, gradcam_grid=grid)
-    extra = paper_protocols(val_emb, np.array(val.individuals), test_emb, np.array(test.individuals), config)
+    extra = paper_protocols(val_emb, val, test_emb, test, config)
     with report.open("a") as fh:
         fh.write(
             "\n## DogFaceNet paper protocols (Mougeot et al. 2019)\n\n"
@@ -129,19 +134,22 @@ def evaluate_species(
 
 
 def paper_protocols(
-    val_emb: np.ndarray,
-    val_individuals: np.ndarray,
-    test_emb: np.ndarray,
-    test_individuals: np.ndarray,
-    config: TrainConfig,
+    val_emb: np.ndarray, val: Shard, test_emb: np.ndarray, test: Shard, config: TrainConfig
 ) -> dict[str, float]:
-    """The DogFaceNet paper's verification accuracy and one-shot identification, on test individuals."""
-    pair_threshold = accuracy_threshold(val_emb, val_individuals, config.seed)
-    one_shot = one_shot_identification(test_emb, test_individuals, config.seed, config.eval_repeats)
+    """The DogFaceNet paper's verification accuracy and one-shot identification, on test individuals.
+
+    Pairs and queries within one group (two frames of a clip) are left out, as in the main protocol.
+    """
+    pair_threshold = accuracy_threshold(val_emb, np.array(val.individuals), config.seed, np.array(val.groups))
+    test_individuals, test_groups = np.array(test.individuals), np.array(test.groups)
+    one_shot = one_shot_identification(
+        test_emb, test_individuals, config.seed, config.eval_repeats, test_groups
+    )
     return {
         "pair_threshold": round(pair_threshold, 4),
         "pair_verification_accuracy": round(
-            pair_verification_accuracy(test_emb, test_individuals, pair_threshold, config.seed), 4
+            pair_verification_accuracy(test_emb, test_individuals, pair_threshold, config.seed, test_groups),
+            4,
         ),
         "one_shot_rank1": round(one_shot["rank1"]["mean"], 4),
         "one_shot_rank1_std": round(one_shot["rank1"]["std"], 4),
@@ -180,7 +188,7 @@ def export_run(
             config,
             d.val,
             d.test,
-            strangers if strangers is not None and strangers.species == d.species else None,
+            strangers_of(strangers, d.species),
             target / "report",
             f"{config.name}: {d.species}",
             card.to_dict() | {"weights_sha256": "(see card)"},
@@ -243,14 +251,13 @@ def evaluate_artifact(
     data = [d for d in prepare_data(config, card.preprocess) if d.species == card.species]
     if not data:
         raise ValueError(f"no dataset of species {card.species!r} in the evaluation configuration")
-    strangers_shard = load_strangers(config, card.preprocess)
     return evaluate_species(
         loaded.model,
         card.preprocess,
         config,
         data[0].val,
         data[0].test,
-        strangers_shard,
+        strangers_of(load_strangers(config, card.preprocess), card.species),
         Path(out_dir),
         f"{card.model_version}",
         card.to_dict(),

@@ -190,3 +190,20 @@ def test_balanced_pair_verification(clusters):
     assert pair_verification_accuracy(emb, individuals, t) == 1.0
     noise, noise_ids, _ = clusters(10, 4, noise=100.0)
     assert 0.3 < pair_verification_accuracy(noise, noise_ids, t) < 0.7
+
+
+def test_paper_protocols_leave_out_pairs_and_queries_within_a_clip(clusters):
+    # 8 animals, each in 2 unrelated clips of 2 near-identical frames: only a clip's twin frame
+    # finds its animal, which is the leak the main protocol keeps out.
+    emb, clips, _ = clusters(16, 2, noise=0.01)
+    individuals = np.array([f"cow{int(clip[2:]) // 2}" for clip in clips])
+    leaky = one_shot_identification(emb, individuals, seed=1)
+    fair = one_shot_identification(emb, individuals, seed=1, groups=clips)
+    assert leaky["queries"] == 8 * 3 and fair["queries"] == 8 * 2
+    assert fair["rank1"]["mean"] < 0.3 < leaky["rank1"]["mean"]
+    _, same = balanced_pairs(emb, individuals, seed=2, groups=clips)
+    assert same.sum() == 8 * (6 - 2)  # C(4, 2) genuine pairs per animal, less its 2 within-clip pairs
+    t = accuracy_threshold(emb, individuals)
+    assert pair_verification_accuracy(emb, individuals, t, groups=clips) < pair_verification_accuracy(
+        emb, individuals, t
+    )

@@ -11,7 +11,7 @@ import torch
 from synthetic import make_folder_dataset
 
 from training.artifact import ArtifactError, load_artifact
-from training.config import build_config
+from training.config import DatasetConfig, build_config
 from training.preprocess import PreprocessSpec
 from training.train import epoch_batches, fit, load_checkpoint, prepare_data
 
@@ -213,6 +213,20 @@ def test_evaluation_can_ignore_or_replace_the_group_key(tmp_path, animals):
     assert [d.source for d in plain.datasets] == [d.source for d in config.datasets]
     assert [d.group_pattern for d in regrouped(config, r"^(\w+)_").datasets] == [r"^(\w+)_"]
     assert config.datasets[0].group_pattern == r"^(\d+)_", "the original configuration is untouched"
+
+
+def test_evaluation_gives_strangers_only_to_their_own_species(tmp_path, animals):
+    from training.pipeline import evaluate_artifact, export_run
+
+    strangers = make_folder_dataset(tmp_path / "strangers", n_individuals=3, n_images=4, size=32, seed=5)
+    for folder in strangers.iterdir():
+        folder.rename(strangers / f"stranger-{folder.name}")
+    config = tiny_config(tmp_path, {"goat": animals, "sheep": animals}, epochs=1)
+    config = replace(config, strangers=DatasetConfig(source=str(strangers), species="goat"))
+    artifacts = {path.name: path for path in export_run(fit(config))}
+    for species, expected in (("goat", 12), ("sheep", 0)):
+        evaluated = evaluate_artifact(artifacts[species], tmp_path / f"eval-{species}")
+        assert evaluated.result.counts["strangers_images"] == expected, species
 
 
 def test_a_batch_larger_than_the_dataset_trains_on_all_of_it(tmp_path, animals):
