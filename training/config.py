@@ -186,6 +186,11 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"loss must be arcface, cosface or triplet, not {c.loss!r}")
     if c.loss == "triplet" and c.samples_per_individual < 2:
         raise ValueError("the triplet loss needs samples_per_individual >= 2 (P x K batches)")
+    if c.samples_per_individual >= 2 and c.batch_size % c.samples_per_individual:
+        raise ValueError(
+            f"batch_size {c.batch_size} must be a multiple of samples_per_individual "
+            f"{c.samples_per_individual}, or P x K batches split an individual's K images"
+        )
     if c.margin_warmup_epochs < 0 or (c.margin_warmup_epochs and c.loss == "triplet"):
         raise ValueError("margin_warmup_epochs must be >= 0, and applies to arcface and cosface only")
     if c.schedule not in ("cosine", "step"):

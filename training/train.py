@@ -167,7 +167,9 @@ def epoch_batches(data: list[SpeciesData], config: TrainConfig, epoch: int) -> l
     weights = np.array([d.weight for d in data], dtype=np.float64)
     if (weights <= 0).any():
         raise ValueError("dataset weights must be positive")
-    shares = _integer_shares(weights / weights.sum(), config.batch_size)
+    # Shares in whole P x K chunks, so no individual's K images straddle two batches.
+    unit = max(1, config.samples_per_individual)
+    shares = [unit * s for s in _integer_shares(weights / weights.sum(), config.batch_size // unit)]
     steps = max(1, sum(len(d.labels) for d in data) // config.batch_size)
     batches = []
     cursors = [0] * len(data)

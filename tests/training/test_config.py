@@ -45,6 +45,10 @@ def test_saved_config_reloads_identically(tmp_path):
     [
         ({"loss": "softmax"}, "loss must be"),
         ({"loss": "triplet"}, "samples_per_individual"),
+        (
+            {"loss": "triplet", "samples_per_individual": 4, "batch_size": 18},
+            "multiple of samples_per_individual",
+        ),
         ({"preset": "turbo"}, "unknown preset"),
         ({"learning_rate": 1}, "unknown configuration keys"),
     ],

@@ -163,6 +163,21 @@ def test_triplet_training_uses_p_by_k_batches(tmp_path, animals):
     assert len(_losses(run)) == 2
 
 
+def test_joint_p_by_k_batches_share_out_whole_individuals(tmp_path, animals):
+    small = make_folder_dataset(tmp_path / "small", n_individuals=6, n_images=4, size=32, seed=3)
+    config = tiny_config(
+        tmp_path, {"big": animals, "small": small}, loss="triplet", samples_per_individual=4, batch_size=24
+    )
+    config = replace(config, datasets=(replace(config.datasets[0], weight=3.0), config.datasets[1]))
+    data = prepare_data(config, PreprocessSpec(input_size=(32, 32)))
+    for batch in epoch_batches(data, config, 0):
+        # 3:1 of 24 is 18:6; in whole chunks of 4 it is 16:8 (the rounding favours the small share)
+        assert np.bincount(batch[:, 0], minlength=2).tolist() == [16, 8]
+        for s, d in enumerate(data):
+            labels = d.labels[batch[batch[:, 0] == s, 1]].tolist()
+            assert all(labels.count(label) % 4 == 0 for label in labels)
+
+
 def test_torchrun_two_processes_with_gloo(tmp_path, animals):
     config = tiny_config(tmp_path, {"goat": animals}, epochs=1)
     config.run_dir.mkdir(parents=True)
