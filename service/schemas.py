@@ -79,6 +79,7 @@ ThresholdSource = Literal["request", "model_card", "default"]
 
 EXAMPLE_UUID = "0b6f5a3e-8a55-4c44-9d1d-0e9a5f3c2b71"
 EXAMPLE_IMAGE_UUID = "5d2c1b7e-3f4a-4e8b-a1c9-7b6d5e4f3a21"
+EXAMPLE_SOURCE_UUID = "9a4e2c6b-1d3f-4b5a-8c7e-2f1a0b9c8d7e"
 EXAMPLE_TS = "2026-11-23T10:15:00Z"
 B64_EXAMPLE = "/9j/4AAQSkZJRgABAQAAAQABAAD..."
 
@@ -131,6 +132,7 @@ class IndividualPublic(BaseModel):
 
 
 class IndividualsPublic(BaseModel):
+    model_config = _examples({"data": [INDIVIDUAL_EXAMPLE], "count": 1, "offset": 0, "limit": 50})
     data: list[IndividualPublic]
     count: int = Field(description="Individuals matching the filters, all pages together")
     offset: int
@@ -153,6 +155,14 @@ class MergeRequest(BaseModel):
 
 
 class MergeResult(BaseModel):
+    model_config = _examples(
+        {
+            "individual": INDIVIDUAL_EXAMPLE,
+            "source_id": EXAMPLE_SOURCE_UUID,
+            "moved_images": 3,
+            "duplicate_images_dropped": 1,
+        }
+    )
     individual: IndividualPublic
     source_id: uuid.UUID
     moved_images: int
@@ -165,19 +175,20 @@ class DeleteResult(BaseModel):
     deleted_images: int
 
 
+IMAGE_EXAMPLE = {
+    "id": EXAMPLE_IMAGE_UUID,
+    "individual_id": EXAMPLE_UUID,
+    "sha256": "9f2b" + "0" * 60,
+    "size_bytes": 18234,
+    "width": 224,
+    "height": 224,
+    "format": "JPEG",
+    "created_at": EXAMPLE_TS,
+}
+
+
 class ImagePublic(BaseModel):
-    model_config = _examples(
-        {
-            "id": EXAMPLE_IMAGE_UUID,
-            "individual_id": EXAMPLE_UUID,
-            "sha256": "9f2b" + "0" * 60,
-            "size_bytes": 18234,
-            "width": 224,
-            "height": 224,
-            "format": "JPEG",
-            "created_at": EXAMPLE_TS,
-        }
-    )
+    model_config = _examples(IMAGE_EXAMPLE)
     id: uuid.UUID
     individual_id: uuid.UUID
     sha256: str
@@ -189,6 +200,7 @@ class ImagePublic(BaseModel):
 
 
 class ImagesPublic(BaseModel):
+    model_config = _examples({"data": [IMAGE_EXAMPLE], "count": 1, "offset": 0, "limit": 50})
     data: list[ImagePublic]
     count: int
     offset: int
@@ -435,29 +447,30 @@ class ExplainResult(BaseModel):
 # Species, health -----------------------------------------------------------------------------------
 
 
+SPECIES_EXAMPLE = {
+    "name": "dog",
+    "status": "ready",
+    "reason": None,
+    "model_version": "dog-3f6c2a9d81b0",
+    "pending_model_version": None,
+    "reembedding": None,
+    "embedding_dim": 512,
+    "input_size": [112, 112],
+    "preprocessing_version": "1",
+    "threshold": 0.42,
+    "threshold_source": "model_card",
+    "threshold_far": 0.01,
+    "metrics": {"top1": 0.91},
+    "device": "cpu",
+    "index_on_gpu": False,
+    "index_size": 1250,
+    "individuals": 310,
+    "images": 1250,
+}
+
+
 class SpeciesPublic(BaseModel):
-    model_config = _examples(
-        {
-            "name": "dog",
-            "status": "ready",
-            "reason": None,
-            "model_version": "dog-3f6c2a9d81b0",
-            "pending_model_version": None,
-            "reembedding": None,
-            "embedding_dim": 512,
-            "input_size": [112, 112],
-            "preprocessing_version": "1",
-            "threshold": 0.42,
-            "threshold_source": "model_card",
-            "threshold_far": 0.01,
-            "metrics": {"top1": 0.91},
-            "device": "cpu",
-            "index_on_gpu": False,
-            "index_size": 1250,
-            "individuals": 310,
-            "images": 1250,
-        }
-    )
+    model_config = _examples(SPECIES_EXAMPLE)
     name: str
     status: Literal["ready", "reindexing", "building", "disabled"]
     reason: str | None = Field(description="Why the species is not fully ready")
@@ -481,6 +494,7 @@ class SpeciesPublic(BaseModel):
 
 
 class SpeciesList(BaseModel):
+    model_config = _examples({"data": [SPECIES_EXAMPLE]})
     data: list[SpeciesPublic]
 
 

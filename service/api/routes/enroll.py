@@ -63,7 +63,9 @@ async def enroll_command(request: Request, runtime: RuntimeDep) -> EnrollCommand
         415,
         422,
         503,
-        extra={200: {"description": "Every image was already enrolled (idempotent retry)"}},
+        extra={
+            200: {"model": EnrollResult, "description": "Every image was already enrolled (idempotent retry)"}
+        },
     ),
 )
 def enroll(
