@@ -11,12 +11,10 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
-from service.errors import InvalidRequest
 from service.metrics import Metrics
-from service.ml.images import decode_image
 from service.ml.registry import Registry
 from service.schemas import ExplainResult
-from service.services.identification import individual_references
+from service.services.identification import compare
 from training.gradcam import overlay
 
 
@@ -63,35 +61,18 @@ def explain(
     individual_id: uuid.UUID | None,
     reference_image: bytes | None,
 ) -> Explanation:
-    if (individual_id is None) == (reference_image is None):
-        raise InvalidRequest("give exactly one of individual_id and reference_image")
-    decoded = decode_image(image, max_pixels)
-    reference_image_id: uuid.UUID | None = None
-    if reference_image is not None:
-        serving = registry.serving(species)
-        other = decode_image(reference_image, max_pixels, field="reference_image")
-        with metrics.time_inference(species, "embed"):
-            pair = serving.embedder.embed([decoded.image, other.image])
-        query, reference = pair[0], pair[1]
-    else:
-        assert individual_id is not None
-        serving, references = individual_references(session, registry, species, individual_id)
-        with metrics.time_inference(species, "embed"):
-            query = serving.embedder.embed([decoded.image])[0]
-        scores = np.stack([vector for _, _, vector in references]) @ query
-        best = int(np.argmax(scores))
-        reference, reference_image_id = references[best][2], references[best][1]
+    found = compare(session, registry, metrics, max_pixels, species, image, individual_id, reference_image)
     with metrics.time_inference(species, "gradcam"):
-        cam = serving.embedder.gradcam(decoded.image, reference)
-    picture = overlay(_fit(decoded.image, max_side), cam)
+        cam = found.serving.embedder.gradcam(found.image.image, found.reference)
+    picture = overlay(_fit(found.image.image, max_side), cam)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return Explanation(
         species=species,
-        model_version=serving.model_version,
-        similarity=float(np.dot(query, reference)),
+        model_version=found.serving.model_version,
+        similarity=found.similarity,
         individual_id=individual_id,
-        reference_image_id=reference_image_id,
+        reference_image_id=found.reference_image_id,
         heatmap=np.asarray(cam, dtype=np.float32),
         overlay_png=buffer.getvalue(),
     )

@@ -113,6 +113,55 @@ def identify(
     )
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """A photo against a reference: another photo, or an individual's best-matching enrolled image."""
+
+    serving: Serving  # the model both sides were embedded with
+    image: DecodedImage
+    reference: np.ndarray  # the vector the similarity was taken with
+    similarity: float
+    reference_image_id: uuid.UUID | None  # the individual's best-matching image; None for a photo
+    compared: int  # images the photo was compared with
+    clock: Stopwatch
+
+
+def compare(
+    session: Session,
+    registry: Registry,
+    metrics: Metrics,
+    max_pixels: int,
+    species: str,
+    image: bytes,
+    individual_id: uuid.UUID | None,
+    reference_image: bytes | None,
+) -> Comparison:
+    """The 1:1 comparison behind verify and explain: exactly one of ``individual_id`` (every image of
+    it, the best one wins) and ``reference_image`` (both photos embedded in one batch)."""
+    if (individual_id is None) == (reference_image is None):
+        raise InvalidRequest("give exactly one of individual_id and reference_image")
+    clock = Stopwatch()
+    decoded = decode_image(image, max_pixels)
+    if reference_image is not None:
+        serving = registry.serving(species)
+        other = decode_image(reference_image, max_pixels, field="reference_image")
+        clock.lap("decode")
+        with metrics.time_inference(species, "embed"):
+            query, reference = serving.embedder.embed([decoded.image, other.image])
+        clock.lap("embed")
+        return Comparison(serving, decoded, reference, float(query @ reference), None, 1, clock)
+    assert individual_id is not None
+    clock.lap("decode")
+    serving, references = individual_references(session, registry, species, individual_id)
+    query = embed_one(serving, metrics, species, decoded)
+    clock.lap("embed")
+    scores = np.stack([vector for _, _, vector in references]) @ query
+    best = int(np.argmax(scores))
+    clock.lap("search")
+    _, image_id, vector = references[best]
+    return Comparison(serving, decoded, vector, float(scores[best]), image_id, len(references), clock)
+
+
 def verify(
     session: Session,
     registry: Registry,
@@ -125,40 +174,21 @@ def verify(
     threshold: float | None,
     include_timings: bool,
 ) -> VerifyResult:
-    if (individual_id is None) == (reference_image is None):
-        raise InvalidRequest("give exactly one of individual_id and reference_image")
-    clock = Stopwatch()
-    decoded = decode_image(image, limits.max_pixels)
-    if reference_image is not None:
-        serving = registry.serving(species)
-        reference = decode_image(reference_image, limits.max_pixels, field="reference_image")
-        clock.lap("decode")
-        with metrics.time_inference(species, "embed"):
-            pair = serving.embedder.embed([decoded.image, reference.image])
-        clock.lap("embed")
-        similarity, best_image, compared = float(pair[0] @ pair[1]), None, 1
-    else:
-        assert individual_id is not None
-        clock.lap("decode")
-        serving, references = individual_references(session, registry, species, individual_id)
-        query = embed_one(serving, metrics, species, decoded)
-        clock.lap("embed")
-        scores = np.stack([vector for _, _, vector in references]) @ query
-        best = int(np.argmax(scores))
-        similarity, best_image, compared = float(scores[best]), references[best][1], len(references)
-        clock.lap("search")
-    cut, source = effective_threshold(serving.embedder.card, limits.default_threshold, threshold)
+    found = compare(
+        session, registry, metrics, limits.max_pixels, species, image, individual_id, reference_image
+    )
+    cut, source = effective_threshold(found.serving.embedder.card, limits.default_threshold, threshold)
     return VerifyResult(
         species=species,
-        model_version=serving.model_version,
-        similarity=similarity,
-        decision="match" if similarity >= cut else "unknown",
+        model_version=found.serving.model_version,
+        similarity=found.similarity,
+        decision="match" if found.similarity >= cut else "unknown",
         threshold=cut,
         threshold_source=source,
         individual_id=individual_id,
-        best_image_id=best_image,
-        compared_images=compared,
-        timings=clock.timings() if include_timings else None,
+        best_image_id=found.reference_image_id,
+        compared_images=found.compared,
+        timings=found.clock.timings() if include_timings else None,
     )
 
 

@@ -114,3 +114,45 @@ def test_explain_refusals(shared_client: TestClient) -> None:
     assert (missing.status_code, missing.json()["code"]) == (404, "individual_not_found")
     bad_format = shared_client.post("/explain?format=gif", data={"species": "dog"}, files=image, headers=READ)
     assert (bad_format.status_code, bad_format.json()["code"]) == (422, "validation_error")
+
+
+def test_explain_compares_exactly_like_verify(shared_client: TestClient, rex: dict) -> None:
+    """One comparison behind both: the same similarity and reference image, and the same refusals."""
+    cat = shared_client.post(
+        "/enroll",
+        json={
+            "species": "cat",
+            "external_id": f"cat-{uuid.uuid4()}",
+            "images": [base64.b64encode(jpeg(302)).decode()],
+        },
+    ).json()["individual"]["id"]
+    query = ("q.jpg", jpeg(300, 9, size=96), "image/jpeg")
+    photo = ("r.jpg", jpeg(300, 1, size=96), "image/jpeg")
+    agree = [
+        ({"individual_id": rex["individual"]["id"]}, {"image": query}),
+        ({}, {"image": query, "reference_image": photo}),
+    ]
+    for fields, files in agree:
+        data = {"species": "dog", **fields}
+        verified = shared_client.post("/verify", data=data, files=files, headers=READ).json()
+        explained = shared_client.post(
+            "/explain", params={"format": "json"}, data=data, files=files, headers=READ
+        ).json()
+        assert explained["similarity"] == verified["similarity"], fields
+        assert explained["reference_image_id"] == verified["best_image_id"], fields
+    refused = [
+        ({"species": "dog"}, {"image": query}),
+        (
+            {"species": "dog", "individual_id": rex["individual"]["id"]},
+            {"image": query, "reference_image": photo},
+        ),
+        ({"species": "dog", "individual_id": str(uuid.uuid4())}, {"image": query}),
+        ({"species": "dog", "individual_id": cat}, {"image": query}),
+        ({"species": "wolf"}, {"image": query, "reference_image": photo}),
+        ({"species": "dog"}, {"image": query, "reference_image": ("r.gif", b"GIF89a", "image/gif")}),
+    ]
+    for data, files in refused:
+        verified = shared_client.post("/verify", data=data, files=files, headers=READ)
+        explained = shared_client.post("/explain", data=data, files=files, headers=READ)
+        assert verified.status_code >= 400, (data, verified.text)
+        assert (explained.status_code, explained.json()) == (verified.status_code, verified.json()), data
