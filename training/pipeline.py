@@ -19,7 +19,7 @@ from PIL import Image
 
 from training.artifact import ModelCard, export_artifact, load_artifact
 from training.config import DatasetConfig, TrainConfig, build_config
-from training.data import Shard, cached_shard, enrol_query_split, load_dataset
+from training.data import Dataset, Shard, cached_shard, enrol_query_split, load_dataset
 from training.evaluate import (
     EvaluationResult,
     accuracy_threshold,
@@ -33,7 +33,14 @@ from training.gradcam import gradcam_grid, gradcam_map, overlay
 from training.model import EmbeddingNet
 from training.preprocess import PreprocessSpec, normalize
 from training.report import write_report
-from training.train import CHECKPOINT_FILE, SpeciesData, load_checkpoint, prepare_data, resolve_device
+from training.train import (
+    CHECKPOINT_FILE,
+    SpeciesData,
+    load_checkpoint,
+    prepare_data,
+    resolve_device,
+    split_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +220,27 @@ def _card(d: SpeciesData, spec: PreprocessSpec, config: TrainConfig, state: dict
     )
 
 
+def card_config(card: ModelCard) -> TrainConfig:
+    """The configuration an artifact was trained with, as its model card records it."""
+    return build_config(
+        {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir")}
+    )
+
+
+def held_out(card: ModelCard, source: str | Path | None = None) -> Dataset:
+    """Every photo of the artifact's test individuals: never seen in training, by its own split.
+
+    ``source`` reads the same data from another place than the one recorded at training time.
+    """
+    config = card_config(card)
+    (ds_cfg,) = [d for d in config.datasets if d.species in (None, card.species)]
+    if source is not None:
+        ds_cfg = replace(ds_cfg, source=str(source))
+    dataset, split = split_dataset(config, ds_cfg)
+    test = set(split.test)
+    return Dataset(tuple(s for s in dataset.samples if s.individual in test), dataset.source)
+
+
 def regrouped(config: TrainConfig, group_pattern: str | None) -> TrainConfig:
     """The same data with another group key (None: every image is its own group)."""
     return replace(config, datasets=tuple(replace(d, group_pattern=group_pattern) for d in config.datasets))
@@ -239,8 +267,7 @@ def evaluate_artifact(
         raise ValueError("give either ignore_groups or group_pattern, not both")
     loaded = load_artifact(artifact, resolve_device(device))
     card = loaded.card
-    values = {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir")}
-    config = build_config(values)
+    config = card_config(card)
     if datasets:
         config = replace(config, datasets=tuple(datasets))
     if strangers:

@@ -27,8 +27,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training.artifact import load_artifact
-from training.config import TrainConfig
-from training.data import Shard, cached_shard, enrol_query_split, load_dataset, split_individuals
+from training.config import DatasetConfig, TrainConfig
+from training.data import (
+    Dataset,
+    IndividualSplit,
+    Shard,
+    cached_shard,
+    enrol_query_split,
+    load_dataset,
+    split_individuals,
+)
 from training.evaluate import embed_pixels
 from training.losses import ArcFaceHead, CosFaceHead, MarginLoss, build_loss
 from training.metrics import identification_ranks, similarity, topk_accuracy
@@ -63,21 +71,27 @@ class SpeciesData:
     fingerprint: str
 
 
+def split_dataset(config: TrainConfig, ds_cfg: DatasetConfig) -> tuple[Dataset, IndividualSplit]:
+    """One configured dataset and the run's seeded split of its individuals."""
+    dataset = load_dataset(
+        ds_cfg.source,
+        species=ds_cfg.species,
+        group_pattern=ds_cfg.group_pattern,
+        exclude_individuals=ds_cfg.exclude_individuals,
+        skip_bad=config.skip_bad,
+    )
+    split = split_individuals(
+        dataset, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+    )
+    return dataset, split
+
+
 def prepare_data(config: TrainConfig, spec: PreprocessSpec) -> list[SpeciesData]:
     if not config.datasets:
         raise ValueError("no datasets configured (give --dataset or 'datasets:' in the YAML file)")
     out: list[SpeciesData] = []
     for ds_cfg in config.datasets:
-        dataset = load_dataset(
-            ds_cfg.source,
-            species=ds_cfg.species,
-            group_pattern=ds_cfg.group_pattern,
-            exclude_individuals=ds_cfg.exclude_individuals,
-            skip_bad=config.skip_bad,
-        )
-        split = split_individuals(
-            dataset, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
-        )
+        dataset, split = split_dataset(config, ds_cfg)
         shard = cached_shard(dataset, spec, config.cache_dir or None)
         train = shard.subset(set(split.train))
         index = {name: i for i, name in enumerate(split.train)}

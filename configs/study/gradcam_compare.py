@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from training.artifact import ModelCard, load_artifact
-from training.config import build_config
-from training.data import enrol_query_split, load_dataset, split_individuals
+from training.data import enrol_query_split
 from training.gradcam import gradcam_grid, gradcam_map, overlay
+from training.pipeline import held_out
 from training.preprocess import PreprocessSpec, normalize, open_image, to_uint8_tensor
 
 SHOWN_SIZE = 128
@@ -29,21 +29,8 @@ SHOWN_SIZE = 128
 
 def test_photos(card: ModelCard, count: int, seed: int) -> tuple[list[str], list[tuple[Path, Path]]]:
     """(individual, (query path, enrolled path)) for ``count`` test individuals of the card's split."""
-    config = build_config(
-        {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir")}
-    )
-    (dataset_cfg,) = [d for d in config.datasets if d.species == card.species]
-    dataset = load_dataset(
-        dataset_cfg.source,
-        species=dataset_cfg.species,
-        group_pattern=dataset_cfg.group_pattern,
-        exclude_individuals=dataset_cfg.exclude_individuals,
-    )
-    split = split_individuals(
-        dataset, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
-    )
-    test = set(split.test)
-    samples = [s for s in dataset.samples if s.individual in test]
+    samples = held_out(card).samples
+    test = {s.individual for s in samples}
     enrol, query = enrol_query_split(
         [s.individual for s in samples], [s.group for s in samples], random.Random(seed)
     )

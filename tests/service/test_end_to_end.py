@@ -21,9 +21,10 @@ from apps import TestClient, make_models_dir, make_settings
 
 from service.app import create_app
 from training.artifact import load_artifact
-from training.data import Dataset, build_shard, enrol_query_split, load_dataset, split_individuals
+from training.data import Dataset, build_shard, enrol_query_split, load_dataset
 from training.evaluate import embed_pixels
 from training.metrics import identification_ranks, individual_scores, similarity, topk_accuracy
+from training.pipeline import held_out
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "service" / "demo"
@@ -44,16 +45,7 @@ def held_out_dogs() -> Dataset:
     """The test individuals of the split the demo dog model was trained with."""
     if not DOGFACENET.is_file():
         pytest.skip(f"DogFaceNet not found at {DOGFACENET} (set ANIMALID_SHARED_DATA)")
-    config = load_artifact(DOG_MODEL).card.training_config
-    dataset = load_dataset(DOGFACENET, species="dog")
-    split = split_individuals(
-        dataset,
-        val_fraction=config["val_fraction"],
-        test_fraction=config["test_fraction"],
-        seed=config["seed"],
-    )
-    test = set(split.test)
-    return Dataset(tuple(s for s in dataset.samples if s.individual in test), dataset.source)
+    return held_out(load_artifact(DOG_MODEL).card, source=DOGFACENET)
 
 
 def offline_identification(dataset: Dataset, enrol: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, ...]:
