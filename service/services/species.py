@@ -64,38 +64,25 @@ def _load_slot(life: Lifecycle, slot: SpeciesSlot) -> str:
 
 def _activate(life: Lifecycle, slot: SpeciesSlot, embedder: Embedder) -> str:
     """Serve ``embedder`` now when the database already holds its vectors, else re-embed first."""
-    card = embedder.card
-    with life.sessions() as session:
-        repo = Repository(session)
-        species = repo.ensure_species(slot.name)
-        version = repo.ensure_model_version(
-            species.id,
-            embedder.model_version,
-            embedder.dim,
-            card.preprocess.version,
-            card.threshold,
-            card.to_dict(),
-        )
-        active = repo.active_version(species.id)
-        if active is None and repo.count_images(species.id) == 0:
-            repo.activate_version(species.id, version.id)
-            active = version
-        session.commit()
-        version_id, active_id, images = (
-            version.id,
-            (active.id if active else None),
-            repo.count_images(species.id),
-        )
-    if active_id == version_id:
-        # Built under the write lock: an enroll committing meanwhile must land in this index.
-        with slot.write_lock:
+    species_id, version_id = _register(life, slot.name, embedder)
+    # Decided under the write lock: a re-embedding job may have activated another version, dropping
+    # this one's vectors, while this call waited; and an enroll committing meanwhile must land in
+    # the index built here.
+    with slot.write_lock:
+        with life.sessions() as session:
+            repo = Repository(session)
+            active = repo.active_version(species_id)
+            images = repo.count_images(species_id)
+        if active is not None and active.id == version_id:
             gallery = build_gallery(life.sessions, version_id, embedder.dim, life.registry.use_gpu_index)
             slot.serving = Serving(embedder, gallery, version_id)
             slot.pending = None
             slot.disabled_reason = None
-        log.info("species %s serves %s with %d vectors", slot.name, embedder.model_version, len(gallery))
-        return f"serving {embedder.model_version} with {len(gallery)} vectors"
-    life.reembedder.start(slot, Pending(embedder=embedder, model_version_id=version_id, total=images))
+            log.info("species %s serves %s with %d vectors", slot.name, embedder.model_version, len(gallery))
+            return f"serving {embedder.model_version} with {len(gallery)} vectors"
+        if slot.pending is not None and slot.pending.model_version_id == version_id:
+            return f"{embedder.model_version} is already being re-embedded"
+        life.reembedder.start(slot, Pending(embedder=embedder, model_version_id=version_id, total=images))
     if slot.serving is None:
         log.warning(
             "species %s: model %s needs %d stored images re-embedded and no older model is loaded to serve "
@@ -106,6 +93,27 @@ def _activate(life: Lifecycle, slot: SpeciesSlot, embedder: Embedder) -> str:
         )
         return f"re-embedding {images} images; the species serves once that is done"
     return f"re-embedding {images} images in the background; the current model serves meanwhile"
+
+
+def _register(life: Lifecycle, name: str, embedder: Embedder) -> tuple[int, int]:
+    """(species id, model version id) of ``embedder``, recorded if new. The first model of a species
+    with no images is active at once: it has nothing to re-embed."""
+    card = embedder.card
+    with life.sessions() as session:
+        repo = Repository(session)
+        species = repo.ensure_species(name)
+        version = repo.ensure_model_version(
+            species.id,
+            embedder.model_version,
+            embedder.dim,
+            card.preprocess.version,
+            card.threshold,
+            card.to_dict(),
+        )
+        if repo.active_version(species.id) is None and repo.count_images(species.id) == 0:
+            repo.activate_version(species.id, version.id)
+        session.commit()
+        return species.id, version.id
 
 
 def reload_species(life: Lifecycle, name: str) -> ReloadResult:

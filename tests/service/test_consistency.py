@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 from apps import READ, AppRunner, TestClient, make_models_dir, make_settings
 from imagegen import jpeg
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
 
 from service.db.models import Embedding, ModelVersion
 from service.db.repository import Repository
+from service.services.species import reload_species
 
 
 def enroll(client: TestClient, individual: int, shots: range, ext: str | None = None) -> dict:
@@ -174,6 +176,54 @@ def test_a_new_model_is_reembedded_in_the_background_while_the_old_one_serves(
         assert answer["best"]["individual_id"] == body["individual"]["id"]
     same = client.post("/species/dog/reload").json()
     assert same["status"] == "ready" and "already serving" in same["message"]
+
+
+def test_restoring_the_old_model_while_the_new_one_swaps_in_reembeds_the_old_one(
+    database_url: str,
+    tmp_path: Path,
+    artifacts,
+    runner: AppRunner,  # noqa: ANN001
+) -> None:
+    """The new model's job activates it (dropping the old vectors) while a reload of the old model
+    waits for the write lock: the old model must be re-embedded, not served from an empty index."""
+    models = make_models_dir(tmp_path, artifacts, dog="dog")
+    client = runner.start(make_settings(database_url, tmp_path, models, reembed_batch_size=2))
+    made = {i: enroll(client, i, range(2)) for i in range(720, 723)}
+    old = client.get("/species/dog", headers=READ).json()["model_version"]
+    runtime = client.app.state.runtime
+    job_may_finish = threading.Event()
+    reload_thread = threading.get_ident()
+    interleaved: list[bool] = []
+
+    def interleave(session: Session) -> None:
+        if threading.current_thread().name.startswith("reembed-"):
+            assert job_may_finish.wait(60)  # the new model's job pauses after its first batch
+        elif threading.get_ident() == reload_thread and not interleaved:
+            # The reload of the old model has recorded it and not yet locked: let the new one win.
+            interleaved.append(True)
+            job_may_finish.set()
+            assert runtime.reembedder.wait("dog", timeout=60)
+
+    event.listen(runtime.sessions, "after_commit", interleave)
+    try:
+        make_models_dir(tmp_path, artifacts, dog="dog_v2")
+        new = client.post("/species/dog/reload").json()["pending_model_version"]
+        make_models_dir(tmp_path, artifacts, dog="dog")
+        reload_species(runtime.lifecycle, "dog")  # what POST /species/dog/reload runs
+        assert interleaved and dog_versions(client) == {old: "retired", new: "active"}
+        assert runtime.reembedder.wait("dog", timeout=60)
+    finally:
+        event.remove(runtime.sessions, "after_commit", interleave)
+    species = client.get("/species/dog", headers=READ).json()
+    assert (species["status"], species["model_version"], species["pending_model_version"]) == (
+        "ready",
+        old,
+        None,
+    )
+    assert assert_ready(client)["index_size"] == 6  # was 0, and /ready called that consistent
+    assert dog_versions(client) == {old: "active", new: "retired"}
+    for individual, body in made.items():
+        assert identify(client, jpeg(individual, 6))["best"]["individual_id"] == body["individual"]["id"]
 
 
 def test_a_model_changed_while_stopped_is_reembedded_at_start(
