@@ -110,6 +110,19 @@ class Reembedder:
         except Exception as exc:
             log.exception("re-embedding species %s failed", slot.name)
             pending.error = f"{type(exc).__name__}: {exc}"
+            self._give_up(slot, pending)
+
+    @staticmethod
+    def _give_up(slot: SpeciesSlot, pending: Pending) -> None:
+        """End a failed job: the slot keeps serving what it served (or is disabled), says why, and a
+        reload of the same artifact starts over (the batches already committed are kept)."""
+        with slot.write_lock:
+            if slot.pending is pending:
+                slot.pending = None
+                slot.disabled_reason = (
+                    f"re-embedding with {pending.embedder.model_version} failed: {pending.error}; "
+                    "reload the species to retry"
+                )
 
     def _catch_up(
         self, slot: SpeciesSlot, pending: Pending, species_id: int, skipped: set[uuid.UUID]

@@ -226,6 +226,47 @@ def test_restoring_the_old_model_while_the_new_one_swaps_in_reembeds_the_old_one
         assert identify(client, jpeg(individual, 6))["best"]["individual_id"] == body["individual"]["id"]
 
 
+def test_a_failed_reembedding_is_reported_and_reloading_the_same_model_retries_it(
+    database_url: str,
+    tmp_path: Path,
+    artifacts,
+    runner: AppRunner,  # noqa: ANN001
+) -> None:
+    models = make_models_dir(tmp_path, artifacts, dog="dog")
+    client = runner.start(make_settings(database_url, tmp_path, models))
+    made = enroll(client, 730, range(2))
+    old = client.get("/species/dog", headers=READ).json()["model_version"]
+    runtime = client.app.state.runtime
+    with runtime.sessions() as session:
+        image = Repository(session).images_of(uuid.UUID(made["individual"]["id"]))[0]
+    path = runtime.store.absolute(image.storage_path)
+    original = path.read_bytes()
+    path.unlink()
+    path.mkdir()  # unreadable, and not as a missing file the job skips: the job fails
+    make_models_dir(tmp_path, artifacts, dog="dog_v2")
+
+    new = client.post("/species/dog/reload").json()["pending_model_version"]
+    assert runtime.reembedder.wait("dog", timeout=60)
+    failed = client.get("/species/dog", headers=READ).json()
+    assert (failed["status"], failed["model_version"], failed["pending_model_version"]) == (
+        "ready",
+        old,
+        None,
+    )
+    assert new in failed["reason"] and "IsADirectoryError" in failed["reason"]
+    assert identify(client, jpeg(730, 6))["model_version"] == old  # the old model still serves
+
+    path.rmdir()
+    path.write_bytes(original)
+    retry = client.post("/species/dog/reload").json()
+    assert (retry["status"], retry["pending_model_version"]) == ("reindexing", new), retry["message"]
+    assert runtime.reembedder.wait("dog", timeout=60)
+    species = client.get("/species/dog", headers=READ).json()
+    assert (species["status"], species["model_version"], species["reason"]) == ("ready", new, None)
+    assert assert_ready(client)["index_size"] == 2
+    assert identify(client, jpeg(730, 6))["best"]["individual_id"] == made["individual"]["id"]
+
+
 def test_a_model_changed_while_stopped_is_reembedded_at_start(
     database_url: str,
     tmp_path: Path,
