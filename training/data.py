@@ -56,11 +56,12 @@ class Dataset:
         return sorted({s.individual for s in self.samples})
 
     def fingerprint(self) -> str:
-        """Stable hash of (relative path, individual, file size) of every sample."""
+        """Hash of (species, individual, file name, file content) of every sample: the same photos
+        give the same fingerprint wherever the data set lives; a replaced photo changes it."""
         digest = hashlib.sha256()
         for s in sorted(self.samples, key=lambda s: (s.individual, s.path.name, str(s.path))):
-            size = s.path.stat().st_size if s.path.exists() else -1
-            digest.update(f"{s.species}\0{s.individual}\0{s.path.name}\0{size}\n".encode())
+            content = hashlib.sha256(s.path.read_bytes()).hexdigest() if s.path.exists() else "missing"
+            digest.update(f"{s.species}\0{s.individual}\0{s.path.name}\0{content}\n".encode())
         return digest.hexdigest()[:16]
 
 

@@ -1,4 +1,5 @@
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,19 @@ def test_cached_shard_follows_the_group_key(tmp_path):
     assert len(set(by_clip.groups)) == 6, "two clips per individual"
     assert len(set(by_image.groups)) == 12, "without a pattern every image is its own group"
     torch.testing.assert_close(by_clip.pixels, by_image.pixels)
+
+
+def test_fingerprint_follows_content_not_location(tmp_path):
+    root = make_folder_dataset(tmp_path / "data", n_individuals=3, n_images=2, size=16)
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    assert (
+        load_dataset(root, species="goat").fingerprint() == load_dataset(copy, species="goat").fingerprint()
+    )
+    photo = sorted(copy.rglob("*.png"))[0]
+    data = bytearray(photo.read_bytes())
+    data[-1] ^= 0xFF  # another photo of the same size
+    photo.write_bytes(bytes(data))
+    assert (
+        load_dataset(root, species="goat").fingerprint() != load_dataset(copy, species="goat").fingerprint()
+    )
