@@ -49,6 +49,10 @@ class Gallery:
         with self._lock:
             return self._index.ntotal
 
+    def __contains__(self, embedding_id: int) -> bool:
+        with self._lock:
+            return embedding_id in self._index
+
     def add(self, embedding_ids: Iterable[int], vectors: np.ndarray, entries: Iterable[GalleryEntry]) -> None:
         ids = np.fromiter((int(i) for i in embedding_ids), dtype=np.int64)
         entry_list = list(entries)

@@ -119,17 +119,25 @@ class VectorIndex:
         if clash:
             raise ValueError(f"ids already in the index: {sorted(clash)[:5]}")
         self._cpu.add_with_ids(unit, id_array)
-        self._ids |= new
         if self._gpu is not None:
-            self._gpu.add(unit)
+            try:
+                self._gpu.add(unit)
+            except BaseException:
+                # All or nothing: the master must not keep vectors the mirror's searches miss, and the
+                # caller can add the same ids again.
+                self._remove_from_cpu(id_array)
+                if self._gpu.ntotal != len(self._gpu_ids):
+                    self._rebuild_gpu()
+                raise
             self._gpu_ids = np.concatenate([self._gpu_ids, id_array])
+        self._ids |= new
 
     def remove(self, ids: np.ndarray) -> int:
         id_array = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         present = np.array([i for i in id_array if int(i) in self._ids], dtype=np.int64)
         if len(present) == 0:
             return 0
-        removed = int(self._cpu.remove_ids(faiss.IDSelectorBatch(present.size, faiss.swig_ptr(present))))
+        removed = self._remove_from_cpu(present)
         self._ids -= {int(i) for i in present}
         if self._gpu is not None:
             self._rebuild_gpu()
@@ -148,6 +156,9 @@ class VectorIndex:
             return scores, self._gpu_ids[positions]
         scores, ids = self._cpu.search(unit, k)
         return scores, ids
+
+    def _remove_from_cpu(self, ids: np.ndarray) -> int:
+        return int(self._cpu.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids))))
 
     def _rebuild_gpu(self) -> None:
         assert self._gpu_resources is not None

@@ -2,8 +2,9 @@
 
 The response is sent only after the database commit, and the index is updated after it, so a crash
 at any point leaves nothing acknowledged that a restart (which rebuilds indexes from the database)
-would lose. Re-sending an image an individual already has changes nothing and is reported as
-``created: false``.
+would lose. Re-sending an image an individual already has stores nothing and is reported as
+``created: false``; it also indexes any of the individual's stored vectors the index lacks (an
+index add that failed after its commit).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from service.db.models import Image, Individual
 from service.db.repository import Repository
 from service.errors import (
     ExternalIdConflict,
+    ImageRejected,
     IndividualNotFound,
     InvalidRequest,
     SpeciesMismatch,
@@ -29,6 +31,7 @@ from service.image_store import ImageStore
 from service.metrics import Metrics
 from service.ml.gallery import GalleryEntry
 from service.ml.images import DecodedImage, decode_image
+from service.ml.index import as_unit_vectors
 from service.ml.registry import Registry, Serving, SpeciesSlot
 from service.schemas import EnrolledImage, EnrollResult
 from service.security import Principal
@@ -123,7 +126,20 @@ def _embed(serving: Serving, metrics: Metrics, species: str, images: list[Decode
     if not images:
         return np.empty((0, serving.embedder.dim), dtype=np.float32)
     with metrics.time_inference(species, "embed"):
-        return serving.embedder.embed([d.image for d in images])
+        vectors = serving.embedder.embed([d.image for d in images])
+    # Checked before anything commits: the index refuses these, and after the commit that would be
+    # a 500 for an image that is stored but never found.
+    for decoded, vector in zip(images, vectors, strict=True):
+        try:
+            as_unit_vectors(vector, serving.embedder.dim)
+        except ValueError as exc:
+            raise ImageRejected(
+                f"model {serving.model_version} gives the image with sha256 {decoded.sha256} no usable "
+                f"embedding: {exc}",
+                sha256=decoded.sha256,
+                model_version=serving.model_version,
+            ) from exc
+    return vectors
 
 
 def _commit(
@@ -197,6 +213,8 @@ def _commit(
             np.stack([vectors[image.sha256] for _, image in added]),
             [GalleryEntry(image_id=image.id, individual_id=individual.id) for _, image in added],
         )
+    if len(to_add) < len(unique):
+        _index_missing(repo, serving, individual.id)
     row = repo.individual_row(individual.id)
     assert row is not None
     session.commit()
@@ -219,4 +237,25 @@ def _commit(
             model_version=serving.model_version,
         ),
         created_anything=bool(added) or created_individual,
+    )
+
+
+def _index_missing(repo: Repository, serving: Serving, individual_id: uuid.UUID) -> None:
+    """Index the individual's stored vectors that the index lacks.
+
+    An index add that failed after its commit answered 500 for a durable enroll; the client's retry
+    is a no-op for the database, and this is where the missing vectors become searchable.
+    """
+    missing = [
+        row
+        for row in repo.individual_embeddings(individual_id, serving.model_version_id)
+        if row[0] not in serving.gallery
+    ]
+    if not missing:
+        return
+    log.warning("indexing %d stored vectors of individual %s the index lacked", len(missing), individual_id)
+    serving.gallery.add(
+        [embedding_id for embedding_id, _, _ in missing],
+        np.stack([vector for _, _, vector in missing]),
+        [GalleryEntry(image_id=image_id, individual_id=individual_id) for _, image_id, _ in missing],
     )

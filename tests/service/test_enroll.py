@@ -5,14 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
-from apps import READ
+import torch
+from apps import ADMIN, READ, make_settings
 from fastapi.testclient import TestClient
 from imagegen import encode, jpeg, photo
 
+from service.app import create_app
 from service.db.repository import Repository
+from training.artifact import export_artifact, load_artifact
 
 
 def new_id() -> str:
@@ -282,3 +286,47 @@ def test_external_id_is_unique_within_a_species_only(shared_client: TestClient) 
         files=multipart(jpeg(109, 2)),
     )
     assert error_code(conflict) == (409, "external_id_conflict")
+
+
+def test_an_embedding_the_index_would_refuse_is_refused_before_anything_is_stored(
+    database_url: str, tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    broken = load_artifact(artifacts["dog"])
+    torch.nn.init.zeros_(broken.model.neck[-1].weight)  # every embedding is the zero vector
+    torch.nn.init.zeros_(broken.model.neck[-1].bias)
+    models = tmp_path / "models"
+    export_artifact(broken.model, broken.card, models / "dog")
+    with TestClient(create_app(make_settings(database_url, tmp_path, models)), headers=ADMIN) as client:
+        response = enroll(client, new_id(), jpeg(111))
+        assert error_code(response) == (422, "image_rejected"), response.text
+        assert "zero" in response.json()["message"]
+        assert client.get("/individuals", headers=READ).json()["count"] == 0
+        dog = next(item for item in client.get("/ready").json()["species"] if item["name"] == "dog")
+        assert (dog["consistent"], dog["index_size"], dog["database_images"]) == (True, 0, 0)
+
+
+def test_resending_images_indexes_their_stored_vectors_the_index_lacks(shared_client: TestClient) -> None:
+    ext = new_id()
+    first = enroll(shared_client, ext, jpeg(112, 0), jpeg(112, 1)).json()
+    image_ids = [uuid.UUID(image["image_id"]) for image in first["images"]]
+    with shared_client.app.state.runtime.sessions() as session:
+        dog = Repository(session).species_by_name("dog")
+        assert dog is not None
+        version = Repository(session).active_version(dog.id)
+        assert version is not None
+        embedding_ids = Repository(session).embedding_ids(image_ids, version.id)
+    gallery = shared_client.app.state.runtime.registry.serving("dog").gallery
+    lost = embedding_ids[image_ids[0]]
+    gallery.remove([lost])  # as when the index add failed after the commit and the client got a 500
+
+    again = enroll(shared_client, ext, jpeg(112, 0), jpeg(112, 1))
+    assert again.status_code == 200, again.text
+    assert [image["created"] for image in again.json()["images"]] == [False, False]
+    assert lost in gallery
+    found = shared_client.post(
+        "/identify", data={"species": "dog"}, files={"image": jpeg(112, 0)}, headers=READ
+    )
+    assert found.json()["best"]["image_id"] == str(image_ids[0])
+    assert all(
+        item["consistent"] for item in shared_client.get("/ready").json()["species"] if item["index_size"]
+    )

@@ -87,6 +87,21 @@ def test_adding_an_existing_id_or_a_bad_vector_is_refused() -> None:
     assert index.ids().tolist() == [1, 2]
 
 
+def test_an_add_the_gpu_mirror_refuses_leaves_the_index_unchanged() -> None:
+    rng = np.random.default_rng(6)
+    vectors = unit(rng, 5, 8)
+    index = VectorIndex(8, use_gpu=False)
+    index.add(np.array([1, 2]), vectors[:2])
+    index._gpu = faiss.IndexFlatIP(9)  # a mirror that refuses every add, as a GPU out of memory would
+    with pytest.raises(AssertionError):
+        index.add(np.array([3, 4, 5]), vectors[2:])
+    assert index.ids().tolist() == [1, 2] and len(index) == 2 and 3 not in index
+    index._gpu = None
+    index.add(np.array([3, 4, 5]), vectors[2:])  # the retry is not refused as "already in the index"
+    _, found = index.search(vectors, 1)
+    assert found[:, 0].tolist() == [1, 2, 3, 4, 5]
+
+
 def test_empty_index_returns_no_neighbours() -> None:
     index = VectorIndex(16, use_gpu=False)
     scores, found = index.search(np.ones(16, np.float32), 5)
