@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from service.db.models import Image
 from service.db.repository import IndividualRow, Repository
@@ -78,10 +79,14 @@ def list_individuals(
     )
 
 
+def _not_found(individual_id: uuid.UUID) -> IndividualNotFound:
+    return IndividualNotFound(f"no individual {individual_id}", individual_id=str(individual_id))
+
+
 def _row(repo: Repository, individual_id: uuid.UUID) -> IndividualRow:
     row = repo.individual_row(individual_id)
     if row is None:
-        raise IndividualNotFound(f"no individual {individual_id}", individual_id=str(individual_id))
+        raise _not_found(individual_id)
     return row
 
 
@@ -103,7 +108,12 @@ def update_individual(
     if "metadata" in changes:
         individual.metadata_ = changes["metadata"] or {}
     repo.audit("update", row.species, actor.fingerprint, individual.id, {"fields": sorted(changes)})
-    session.commit()
+    try:
+        session.commit()
+    except StaleDataError:
+        # A delete or merge committed between the read above and this update: the row is gone.
+        session.rollback()
+        raise _not_found(individual_id) from None
     return individual_public(_row(repo, individual_id))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 from apps import ADMIN, READ, make_settings
 from fastapi.testclient import TestClient
 from imagegen import jpeg
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from service.api.deps import SessionDep
 from service.app import create_app
@@ -140,6 +143,29 @@ def test_a_value_postgres_refuses_past_the_schemas_is_a_422_and_nothing_changes(
         response = client.patch(f"/raw-rename/{made['id']}", params={"name": "a\x00b"})
         assert (response.status_code, response.json()["code"]) == (422, "unstorable_value"), response.text
         assert client.get(f"/individuals/{made['id']}", headers=READ).json() == made
+
+
+def test_an_update_racing_a_delete_answers_404(client: TestClient) -> None:
+    individual_id = enroll(client, 415)["individual"]["id"]
+    sessions = client.app.state.runtime.sessions
+    deleted: list[int] = []
+    fired = threading.Event()
+
+    def delete_first(session: Session, *_: object) -> None:
+        if not fired.is_set():  # the PATCH has read the row and is about to write it
+            fired.set()  # before the DELETE, whose own flush comes through here too
+            deleted.append(client.delete(f"/individuals/{individual_id}").status_code)
+
+    event.listen(sessions, "before_flush", delete_first)
+    try:
+        response = client.patch(f"/individuals/{individual_id}", json={"name": "Max"})
+    finally:
+        event.remove(sessions, "before_flush", delete_first)
+    assert deleted == [200]
+    assert (response.status_code, response.json()["code"]) == (404, "individual_not_found"), response.text
+    with client.app.state.runtime.sessions() as session:
+        actions = [e.action for e in Repository(session).audit_entries(uuid.UUID(individual_id))]
+    assert actions == ["enroll", "delete_individual"]
 
 
 def test_delete_drops_rows_vectors_and_files(shared_client: TestClient) -> None:
