@@ -76,9 +76,6 @@ class Repository:
             select(ModelVersion).where(ModelVersion.species_id == species_id, ModelVersion.version == version)
         )
 
-    def model_version_by_id(self, model_version_id: int) -> ModelVersion | None:
-        return self.session.get(ModelVersion, model_version_id)
-
     def ensure_model_version(
         self,
         species_id: int,

@@ -82,13 +82,6 @@ class Gallery:
         with self._lock:
             return self._index.ids().copy(), self._index.vectors()
 
-    def search_images(self, query: np.ndarray, k: int) -> list[Candidate]:
-        with self._lock:
-            scores, ids = self._index.search(query, k)
-            return [
-                self._candidate(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0
-            ]
-
     def search_individuals(self, query: np.ndarray, top_k: int) -> list[Candidate]:
         """The ``top_k`` most similar individuals, best first, each with its best-matching image."""
         if top_k <= 0:

@@ -117,8 +117,9 @@ def update_individual(
     return individual_public(_row(repo, individual_id))
 
 
-def _locked_slot(registry: Registry, species: str) -> SpeciesSlot:
-    """The species' slot, whose write lock guards its rows and index. Known even when disabled."""
+def _get_or_add_slot(registry: Registry, species: str) -> SpeciesSlot:
+    """The species' slot, added as a disabled one when the registry lacks it (a species known only
+    to the database). Its write lock guards the species' rows and index."""
     slot = registry.slots.get(species)
     if slot is None:
         slot = registry.slots.setdefault(
@@ -127,8 +128,8 @@ def _locked_slot(registry: Registry, species: str) -> SpeciesSlot:
     return slot
 
 
-def _drop_vectors(slot: SpeciesSlot, repo: Repository, image_ids: list[uuid.UUID]) -> list[int]:
-    """Embedding ids of these images in the serving index (read before the rows go)."""
+def _indexed_embedding_ids(slot: SpeciesSlot, repo: Repository, image_ids: list[uuid.UUID]) -> list[int]:
+    """Embedding ids of these images in the serving index, read before their rows go or move."""
     if slot.serving is None:
         return []
     return list(repo.embedding_ids(image_ids, slot.serving.model_version_id).values())
@@ -139,13 +140,13 @@ def delete_individual(
 ) -> DeleteResult:
     repo = Repository(session)
     species = _row(repo, individual_id).species
-    slot = _locked_slot(registry, species)
+    slot = _get_or_add_slot(registry, species)
     with slot.write_lock:
         session.rollback()
         row = _row(repo, individual_id)
         images = repo.images_of(individual_id)
         image_ids = [image.id for image in images]
-        embedding_ids = _drop_vectors(slot, repo, image_ids)
+        embedding_ids = _indexed_embedding_ids(slot, repo, image_ids)
         files = [image.storage_path for image in images]
         repo.delete_images(image_ids)
         repo.delete_individual(row.individual)
@@ -213,12 +214,12 @@ def delete_image(
 ) -> ImagePublic:
     repo = Repository(session)
     species = _row(repo, individual_id).species
-    slot = _locked_slot(registry, species)
+    slot = _get_or_add_slot(registry, species)
     with slot.write_lock:
         session.rollback()
         image = _image_of(repo, individual_id, image_id)
         public = image_public(image)
-        embedding_ids = _drop_vectors(slot, repo, [image.id])
+        embedding_ids = _indexed_embedding_ids(slot, repo, [image.id])
         repo.delete_images([image.id])
         repo.audit("delete_image", species, actor.fingerprint, individual_id, {"image": str(image_id)})
         session.commit()
@@ -244,7 +245,7 @@ def merge(
         raise InvalidRequest("cannot merge an individual into itself", individual_id=str(target_id))
     repo = Repository(session)
     target_species = _row(repo, target_id).species
-    slot = _locked_slot(registry, target_species)
+    slot = _get_or_add_slot(registry, target_species)
     with slot.write_lock:
         session.rollback()
         target, source = _row(repo, target_id), _row(repo, source_id)
@@ -258,8 +259,8 @@ def merge(
         target_shas = set(repo.images_by_sha(target_id, [i.sha256 for i in source_images]))
         duplicates = [i for i in source_images if i.sha256 in target_shas]
         moved = [i for i in source_images if i.sha256 not in target_shas]
-        dropped_vectors = _drop_vectors(slot, repo, [i.id for i in duplicates])
-        moved_vectors = _drop_vectors(slot, repo, [i.id for i in moved])
+        dropped_vectors = _indexed_embedding_ids(slot, repo, [i.id for i in duplicates])
+        moved_vectors = _indexed_embedding_ids(slot, repo, [i.id for i in moved])
         files = [i.storage_path for i in duplicates]
         repo.delete_images([i.id for i in duplicates])
         repo.move_images([i.id for i in moved], target_id)
