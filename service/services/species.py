@@ -65,24 +65,23 @@ def _load_slot(life: Lifecycle, slot: SpeciesSlot) -> str:
 def _activate(life: Lifecycle, slot: SpeciesSlot, embedder: Embedder) -> str:
     """Serve ``embedder`` now when the database already holds its vectors, else re-embed first."""
     species_id, version_id = _register(life, slot.name, embedder)
-    # Decided under the write lock: a re-embedding job may have activated another version, dropping
-    # this one's vectors, while this call waited; and an enroll committing meanwhile must land in
-    # the index built here.
-    with slot.write_lock:
-        with life.sessions() as session:
-            repo = Repository(session)
-            active = repo.active_version(species_id)
-            images = repo.count_images(species_id)
-        if active is not None and active.id == version_id:
-            gallery = build_gallery(life.sessions, version_id, embedder.dim, life.registry.use_gpu_index)
-            slot.serving = Serving(embedder, gallery, version_id)
-            slot.pending = None
-            slot.disabled_reason = None
-            log.info("species %s serves %s with %d vectors", slot.name, embedder.model_version, len(gallery))
-            return f"serving {embedder.model_version} with {len(gallery)} vectors"
-        if slot.pending is not None and slot.pending.model_version_id == version_id:
-            return f"{embedder.model_version} is already being re-embedded"
-        life.reembedder.start(slot, Pending(embedder=embedder, model_version_id=version_id, total=images))
+    if _active_version_id(life, species_id) == version_id:
+        with slot.write_lock:
+            # Asked again under the lock: a re-embedding job may have activated its own version,
+            # dropping this one's vectors, while this call waited for it. Built under the lock: an
+            # enroll committing meanwhile must land in this index.
+            if _active_version_id(life, species_id) == version_id:
+                gallery = build_gallery(life.sessions, version_id, embedder.dim, life.registry.use_gpu_index)
+                slot.serving = Serving(embedder, gallery, version_id)
+                slot.pending = None
+                slot.disabled_reason = None
+                log.info(
+                    "species %s serves %s with %d vectors", slot.name, embedder.model_version, len(gallery)
+                )
+                return f"serving {embedder.model_version} with {len(gallery)} vectors"
+    with life.sessions() as session:
+        images = Repository(session).count_images(species_id)
+    life.reembedder.start(slot, Pending(embedder=embedder, model_version_id=version_id, total=images))
     if slot.serving is None:
         log.warning(
             "species %s: model %s needs %d stored images re-embedded and no older model is loaded to serve "
@@ -114,6 +113,12 @@ def _register(life: Lifecycle, name: str, embedder: Embedder) -> tuple[int, int]
             repo.activate_version(species.id, version.id)
         session.commit()
         return species.id, version.id
+
+
+def _active_version_id(life: Lifecycle, species_id: int) -> int | None:
+    with life.sessions() as session:
+        active = Repository(session).active_version(species_id)
+        return active.id if active else None
 
 
 def reload_species(life: Lifecycle, name: str) -> ReloadResult:

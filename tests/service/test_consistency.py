@@ -191,29 +191,42 @@ def test_restoring_the_old_model_while_the_new_one_swaps_in_reembeds_the_old_one
     made = {i: enroll(client, i, range(2)) for i in range(720, 723)}
     old = client.get("/species/dog", headers=READ).json()["model_version"]
     runtime = client.app.state.runtime
+    slot = runtime.registry.slot("dog")
+    lock = slot.write_lock
     job_may_finish = threading.Event()
     reload_thread = threading.get_ident()
     interleaved: list[bool] = []
 
-    def interleave(session: Session) -> None:
+    def pause_the_job(session: Session) -> None:
         if threading.current_thread().name.startswith("reembed-"):
             assert job_may_finish.wait(60)  # the new model's job pauses after its first batch
-        elif threading.get_ident() == reload_thread and not interleaved:
-            # The reload of the old model has recorded it and not yet locked: let the new one win.
-            interleaved.append(True)
-            job_may_finish.set()
-            assert runtime.reembedder.wait("dog", timeout=60)
 
-    event.listen(runtime.sessions, "after_commit", interleave)
+    class JobFirstLock:
+        """The slot's write lock. When the reload of the old model is about to take it, the new
+        model's job goes first and ends, activating its version: the order of the race."""
+
+        def __enter__(self) -> None:
+            if threading.get_ident() == reload_thread and not interleaved:
+                interleaved.append(True)
+                job_may_finish.set()
+                assert runtime.reembedder.wait("dog", timeout=60)
+            lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            lock.release()
+
+    event.listen(runtime.sessions, "after_commit", pause_the_job)
+    slot.write_lock = JobFirstLock()  # type: ignore[assignment]
     try:
         make_models_dir(tmp_path, artifacts, dog="dog_v2")
         new = client.post("/species/dog/reload").json()["pending_model_version"]
         make_models_dir(tmp_path, artifacts, dog="dog")
-        reload_species(runtime.lifecycle, "dog")  # what POST /species/dog/reload runs
-        assert interleaved and dog_versions(client) == {old: "retired", new: "active"}
+        result = reload_species(runtime.lifecycle, "dog")  # what POST /species/dog/reload runs
+        assert interleaved and result.message.startswith("re-embedding 6 images"), result.message
         assert runtime.reembedder.wait("dog", timeout=60)
     finally:
-        event.remove(runtime.sessions, "after_commit", interleave)
+        slot.write_lock = lock
+        event.remove(runtime.sessions, "after_commit", pause_the_job)
     species = client.get("/species/dog", headers=READ).json()
     assert (species["status"], species["model_version"], species["pending_model_version"]) == (
         "ready",
