@@ -149,6 +149,9 @@ def export_artifact(model: EmbeddingNet, card: ModelCard, out_dir: str | Path, f
     partial = weights.with_suffix(".partial")
     save_file(state, str(partial), metadata={"species": card.species, "architecture": card.architecture})
     card.weights_sha256 = sha256_file(partial)
+    # safetensors creates the file owner-only (0600); a service in a container runs as another
+    # user and could not read it. Readable like the card beside it.
+    partial.chmod(0o644)
     partial.replace(weights)
     card.weights_dtype = "float16" if fp16 else "float32"
     card.embedding_dim = model.embedding_dim

@@ -122,6 +122,7 @@ def test_an_artifact_preprocessed_differently_is_refused(tmp_path, animals):
     with pytest.raises(ArtifactError, match="preprocessing version '0'"):
         load_artifact(artifact)
     assert not list(artifact.glob("*.partial")), "the weights were renamed into place"
+    assert (artifact / "model.safetensors").stat().st_mode & 0o777 == 0o644, "readable by the service's user"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
