@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from training.artifact import export_artifact, load_artifact
-from training.config import build_config
-from training.data import load_dataset, split_individuals
+from training.pipeline import held_out
 
 DEMO = Path("service/demo")
 DOGS = 8
@@ -23,17 +22,9 @@ DOGS = 8
 
 def main(artifact: Path) -> None:
     loaded = load_artifact(artifact)
-    config = build_config(
-        {k: v for k, v in loaded.card.training_config.items() if k not in ("epochs_trained", "run_dir")}
-    )
-    (dataset_cfg,) = config.datasets
-    dataset = load_dataset(dataset_cfg.source, species=dataset_cfg.species)
-    split = split_individuals(
-        dataset, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
-    )
     by_dog: dict[str, list[Path]] = {}
-    for sample in dataset.samples:
-        if sample.individual in split.test and sample.path.read_bytes()[:3] == b"\xff\xd8\xff":  # JPEG only
+    for sample in held_out(loaded.card).samples:
+        if sample.path.read_bytes()[:3] == b"\xff\xd8\xff":  # JPEG only
             by_dog.setdefault(sample.individual, []).append(sample.path)
     chosen = sorted((d for d, paths in by_dog.items() if len(paths) >= 4), key=int)[:DOGS]
     for sub in ("gallery", "queries", "models"):
