@@ -81,6 +81,11 @@ class TrainConfig:
         default=True, metadata=_h("random horizontal flips (off for asymmetric coat patterns)")
     )
     augment: bool = field(default=True, metadata=_h("random shifts and brightness/contrast jitter"))
+    rotate_degrees: float = field(default=0.0, metadata=_h("random rotations of up to +- this many degrees"))
+    zoom: float = field(default=0.0, metadata=_h("random zoom by a factor within 1 +- zoom"))
+    erase_probability: float = field(
+        default=0.0, metadata=_h("share of images with a random rectangle blanked (random erasing)")
+    )
     val_fraction: float = field(default=0.1, metadata=_h("fraction of individuals held out for validation"))
     test_fraction: float = field(default=0.2, metadata=_h("fraction of individuals held out for testing"))
     seed: int = field(default=0, metadata=_h("seed of splits, sampling, augmentation and initialisation"))
@@ -199,6 +204,8 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"optimizer must be sgd or adamw, not {c.optimizer!r}")
     if c.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {c.device!r}")
+    if not (0 <= c.rotate_degrees <= 180 and 0 <= c.zoom < 1 and 0 <= c.erase_probability <= 1):
+        raise ValueError("rotate_degrees must be in [0, 180], zoom in [0, 1) and erase_probability in [0, 1]")
     if c.batch_size < 2 or c.epochs < 1 or min(c.input_shape) < 32:
         raise ValueError("batch_size >= 2, epochs >= 1 and input_size, input_width >= 32 are required")
 

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training.artifact import load_artifact
+from training.augment import augment
 from training.config import DatasetConfig, TrainConfig
 from training.data import (
     Dataset,
@@ -221,26 +222,6 @@ def _species_order(d: SpeciesData, config: TrainConfig, rng: np.random.Generator
             chunks.append(idx[start : start + k])
     order = rng.permutation(len(chunks))
     return np.array([i for c in order for i in chunks[c]], dtype=np.int64)
-
-
-def augment(pixels: torch.Tensor, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
-    """Random shifts (reflect-padded crops), flips and brightness/contrast jitter on uint8 pixels."""
-    n, _, h, w = pixels.shape
-    out = pixels
-    if config.augment:
-        pad = max(1, round(0.08 * h))
-        padded = torch.nn.functional.pad(pixels.float(), (pad, pad, pad, pad), mode="reflect")
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-        out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-        contrast = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=generator)
-        brightness = (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 40.0
-        mean = out.mean(dim=(1, 2, 3), keepdim=True)
-        out = ((out - mean) * contrast + mean + brightness).clamp(0, 255)
-    if config.hflip:
-        flip = torch.rand(n, generator=generator) < 0.5
-        out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
-    return out.round().to(torch.uint8)
 
 
 def lr_factor(config: TrainConfig, epoch: int) -> float:
