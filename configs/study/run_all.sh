@@ -9,7 +9,8 @@ if [ ${#runs[@]} -eq 0 ]; then
   runs=(dogs-arcface cattle-scratch cattle-scratch-lr003 humans-scratch cattle-from-dogs humans-from-dogs humans-from-cattle humans-from-cattle-lr003
         joint-cattle-humans humans-study-preset dogs-arcface-10 dogs-cosface dogs-triplet joint-dogs-cattle-humans
         cattle-from-dogs-128x64 cattle-scratch-warmup humans-from-cattle-warmup joint-cattle-humans-128x64
-        cattle-from-dogs-128x64-freeze2 dogs-arcface-96 cattle-from-dogs96-128x64 dogs-arcface-60 dogs-arcface-60-aug)
+        cattle-from-dogs-128x64-freeze2 dogs-arcface-96 cattle-from-dogs96-128x64 dogs-arcface-60 dogs-arcface-60-aug
+        cattle-from-dogs-128x64-aug dogs-arcface-112-aug)
 fi
 python=${PYTHON:-.venv/bin/python}
 mkdir -p runs/study
