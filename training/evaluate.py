@@ -36,6 +36,7 @@ from training.metrics import (
     mean_average_precision,
     open_set_auroc,
     pair_scores,
+    per_individual_top1,
     similarity,
     threshold_at_far,
     topk_accuracy,
@@ -135,6 +136,8 @@ class EvaluationResult:
     open_set: dict[str, list[float]]  # auroc, precision, recall, f1, unknown_accuracy (empty: not run)
     at_threshold: dict[str, float]  # far, tar on test pairs
     counts: dict[str, Any] = field(default_factory=dict)
+    # Closed set, every repeat's queries together: each individual's top-1, hardest first.
+    per_individual: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def cmc_mean(self) -> np.ndarray:
@@ -151,6 +154,7 @@ class EvaluationResult:
                 "open_set": {k: summarise(v) for k, v in self.open_set.items()},
                 "at_threshold": self.at_threshold,
                 "counts": self.counts,
+                "per_individual": self.per_individual,
             }
         )
 
@@ -171,9 +175,18 @@ class EvaluationResult:
         return _json_safe(out)
 
 
+@dataclass
+class _ClosedSetRepeat:
+    metrics: dict[str, float]
+    cmc: np.ndarray
+    query_labels: np.ndarray
+    ranks: np.ndarray
+    predicted: np.ndarray  # each query's top-1 individual
+
+
 def _closed_set(
     emb: np.ndarray, labels: np.ndarray, groups: np.ndarray, rng: random.Random
-) -> tuple[dict[str, float], np.ndarray, int]:
+) -> _ClosedSetRepeat:
     enrol, query = enrol_query_split(labels.tolist(), groups.tolist(), rng)
     sim = similarity(emb[query], emb[enrol])
     ranks = identification_ranks(sim, labels[query], labels[enrol])
@@ -182,7 +195,8 @@ def _closed_set(
         "top5": topk_accuracy(ranks, 5),
         "map": mean_average_precision(sim, labels[query], labels[enrol]),
     }
-    return metrics, cmc_curve(ranks, CMC_MAX_RANK), len(query)
+    predicted, _ = best_match(sim, labels[enrol])
+    return _ClosedSetRepeat(metrics, cmc_curve(ranks, CMC_MAX_RANK), labels[query], ranks, predicted)
 
 
 def _open_set(
@@ -252,14 +266,11 @@ def evaluate_embeddings(
         strangers_emb = np.asarray(strangers_emb, dtype=np.float32)
     rng = random.Random(seed)
 
-    identification: dict[str, list[float]] = {"top1": [], "top5": [], "map": []}
-    cmc, closed_queries = [], []
-    for _ in range(n_repeats):
-        metrics, curve, n_queries = _closed_set(emb, labels, groups_arr, rng)
-        for name, value in metrics.items():
-            identification[name].append(value)
-        cmc.append(curve)
-        closed_queries.append(n_queries)
+    repeats = [_closed_set(emb, labels, groups_arr, rng) for _ in range(n_repeats)]
+    identification = {name: [r.metrics[name] for r in repeats] for name in ("top1", "top5", "map")}
+    per_individual = per_individual_top1(
+        *(np.concatenate([getattr(r, a) for r in repeats]) for a in ("query_labels", "ranks", "predicted"))
+    )
 
     scores, is_same = pair_scores(emb, labels, groups_arr)
     genuine, impostor = scores[is_same], scores[~is_same]
@@ -285,7 +296,7 @@ def evaluate_embeddings(
         "images": len(emb),
         "single_group_individuals": len(single_group_individuals(labels.tolist(), groups_arr.tolist())),
         "repeats": n_repeats,
-        "closed_set_queries": closed_queries,
+        "closed_set_queries": [len(r.ranks) for r in repeats],
         "genuine_pairs": len(genuine),
         "impostor_pairs": len(impostor),
         "same_group_pairs_left_out": n_pairs_all - len(scores),
@@ -299,7 +310,7 @@ def evaluate_embeddings(
     return EvaluationResult(
         threshold=float(threshold),
         identification=identification,
-        cmc=np.stack(cmc),
+        cmc=np.stack([r.cmc for r in repeats]),
         verification=verification,
         roc_far=far,
         roc_tar=tar,
@@ -312,6 +323,7 @@ def evaluate_embeddings(
             "tar": float(np.mean(genuine >= threshold)),
         },
         counts=counts,
+        per_individual=per_individual,
     )
 
 

@@ -15,7 +15,7 @@ Conventions, shared by every function here:
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -97,6 +97,34 @@ def best_match(sim: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray,
     individuals, scores = individual_scores(sim, gallery_labels)
     top = np.argmax(scores, axis=1)
     return individuals[top], scores[np.arange(len(scores)), top]
+
+
+def per_individual_top1(
+    query_labels: np.ndarray, ranks: np.ndarray, predicted: np.ndarray
+) -> list[dict[str, Any]]:
+    """Each query individual's top-1 accuracy, hardest first (then by name), with the individual its
+    wrongly answered queries were most often given (``None`` when none was wrong).
+
+    ``ranks`` are :func:`identification_ranks` of the queries, ``predicted`` their top-1 answers
+    (:func:`best_match`); queries of several repeats may be concatenated.
+    """
+    query_labels, ranks, predicted = np.asarray(query_labels), np.asarray(ranks), np.asarray(predicted)
+    rows = []
+    for individual in np.unique(query_labels):
+        mine = query_labels == individual
+        wrong = predicted[mine & (ranks > 1)]
+        names, counts = np.unique(wrong, return_counts=True)
+        confused = names[np.argmax(counts)].item() if len(names) else None
+        rows.append(
+            {
+                "individual": individual.item(),
+                "queries": int(mine.sum()),
+                "top1": float(np.mean(ranks[mine] == 1)),
+                "confused_with": confused,
+                "confused_count": int(counts.max()) if len(counts) else 0,
+            }
+        )
+    return sorted(rows, key=lambda r: (r["top1"], str(r["individual"])))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ ROC_PNG = "roc.png"
 CMC_PNG = "cmc.png"
 HISTOGRAM_PNG = "similarity_histogram.png"
 GRADCAM_PNG = "gradcam.png"
+HARDEST_ROWS = 10  # individuals listed in the report's "lowest top-1" table
 
 _LABELS = {
     "top1": "Top-1 accuracy",
@@ -68,6 +69,26 @@ def _card_table(card_info: dict[str, Any]) -> list[str]:
         "</details>",
     ]
     return lines
+
+
+def _hardest_table(per_individual: list[dict[str, Any]], rows: int = HARDEST_ROWS) -> list[str]:
+    """The individuals most often misidentified in the closed set, and whom they were taken for."""
+    missed = [r for r in per_individual if r["top1"] < 1.0]
+    if not missed:
+        return []
+    lines = [
+        f"Individuals with the lowest top-1 over all repeats ({len(missed)} of {len(per_individual)} "
+        "not always right; metrics.json lists every individual):",
+        "",
+        "| individual | queries | top-1 | most often taken for (queries) |",
+        "|---|---|---|---|",
+    ]
+    for r in missed[:rows]:
+        lines.append(
+            f"| {r['individual']} | {r['queries']} | {r['top1']:.3f} "
+            f"| {r['confused_with']} ({r['confused_count']}) |"
+        )
+    return [*lines, ""]
 
 
 def _figure() -> Figure:
@@ -173,6 +194,7 @@ def write_report(
         "",
         *_mean_sd_table(result.identification),
         "",
+        *_hardest_table(result.per_individual),
         f"![CMC]({CMC_PNG})",
         "",
         "## Verification",

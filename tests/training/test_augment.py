@@ -11,7 +11,8 @@ NONE = build_config({"augment": False, "hflip": False})
 
 
 def _pixels(n=4, h=12, w=8, seed=0):
-    return torch.randint(0, 256, (n, 3, h, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, h, w), generator=generator, dtype=torch.uint8)
 
 
 def test_with_every_augmentation_off_the_pixels_are_unchanged():

@@ -20,6 +20,7 @@ from training.metrics import (
     mean_average_precision,
     open_set_auroc,
     pair_scores,
+    per_individual_top1,
     roc,
     similarity,
     tar_at_far,
@@ -81,6 +82,19 @@ def test_best_match():
     labels, scores = best_match(SIM, GALLERY)
     assert labels[:2].tolist() == ["A", "A"]  # B's query is closest to A (.8)
     np.testing.assert_allclose(scores, [0.9, 0.8, 0.4])
+
+
+def test_per_individual_top1_hand_worked():
+    # A: 3 queries, one wrong (answered B); B: 2 queries, both wrong (C, then C); C: 1 right.
+    labels = np.array(["A", "A", "A", "B", "B", "C"])
+    ranks = np.array([1, 2, 1, 3, 2, 1])
+    predicted = np.array(["A", "B", "A", "C", "C", "C"])
+    rows = per_individual_top1(labels, ranks, predicted)
+    assert rows == [
+        {"individual": "B", "queries": 2, "top1": 0.0, "confused_with": "C", "confused_count": 2},
+        {"individual": "A", "queries": 3, "top1": 2 / 3, "confused_with": "B", "confused_count": 1},
+        {"individual": "C", "queries": 1, "top1": 1.0, "confused_with": None, "confused_count": 0},
+    ]
 
 
 def test_mean_average_precision_hand_worked():

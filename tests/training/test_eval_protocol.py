@@ -54,6 +54,23 @@ def test_separated_clusters_are_identified_perfectly(clusters):
     assert c["open_set_unknown_queries"] == [30, 30, 30]  # all 6 images of each of the 5
 
 
+def test_per_individual_top1_adds_up_to_the_top1_over_repeats(clusters):
+    emb, individuals, groups = clusters(15, 6, dim=16, noise=0.6, frames_per_group=2)
+    result = evaluate_embeddings(emb, individuals, groups, threshold=0.5, n_repeats=4)
+    rows = result.per_individual
+    assert {r["individual"] for r in rows} == set(individuals.tolist())
+    assert [r["top1"] for r in rows] == sorted(r["top1"] for r in rows)  # hardest first
+    queries = sum(r["queries"] for r in rows)
+    assert queries == sum(result.counts["closed_set_queries"])
+    # Every repeat has the same number of queries here, so the pooled top-1 is the mean of repeats.
+    pooled = sum(r["top1"] * r["queries"] for r in rows) / queries
+    assert pooled == pytest.approx(np.mean(result.identification["top1"]))
+    assert 0 < pooled < 1  # the noise leaves some queries wrong, so the table has something to show
+    for r in rows:
+        assert (r["confused_with"] is None) == (r["top1"] == 1.0)
+        assert r["confused_with"] != r["individual"]
+
+
 def test_random_embeddings_score_chance(clusters):
     emb, individuals, groups = clusters(40, 6, noise=100.0)  # no structure at all
     result = evaluate_embeddings(emb, individuals, groups, threshold=0.5, n_repeats=5)

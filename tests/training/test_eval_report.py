@@ -46,6 +46,11 @@ def test_report_writes_tables_plots_and_metrics(result, tmp_path):
         with Image.open(tmp_path / "report" / png) as img:
             assert img.format == "PNG" and img.size == (grid.size if png == "gradcam.png" else (660, 480))
     assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == result.to_dict()
+    hardest = result.per_individual[0]
+    assert hardest["top1"] < 1.0  # noise 0.5 leaves some queries wrong
+    h = hardest
+    row = f"| {h['individual']} | {h['queries']} | {h['top1']:.3f} | {h['confused_with']} ("
+    assert row in text and "Individuals with the lowest top-1" in text
 
 
 def test_report_without_gradcam_or_open_set(result, tmp_path):
