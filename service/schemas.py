@@ -17,22 +17,27 @@ from pydantic_core import PydanticCustomError
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def _valid_unicode(value: str) -> None:
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PydanticCustomError("string_unicode", "strings must be valid Unicode") from exc
+
+
 def _no_control_characters(value: str) -> str:
     if _CONTROL_CHARACTERS.search(value):
         raise PydanticCustomError(
             "control_character", "control characters (U+0000 to U+001F, U+007F) are not allowed"
         )
+    _valid_unicode(value)
     return value
 
 
 def _storable_string(value: str) -> None:
     if "\x00" in value:
         raise PydanticCustomError("control_character", "NUL (U+0000) cannot be stored in metadata")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise PydanticCustomError("string_unicode", "metadata strings must be valid Unicode") from exc
+    _valid_unicode(value)
 
 
 def _storable_json(value: dict[str, Any]) -> dict[str, Any]:

@@ -85,6 +85,7 @@ def test_get_and_update(shared_client: TestClient) -> None:
     [
         ('{"name": "Re\\u0000x"}', "control_character"),
         ('{"name": "Rex\\r\\n"}', "control_character"),
+        ('{"name": "Re\\ud800x"}', "string_unicode"),
         ('{"metadata": {"x": NaN}}', "non_finite_number"),
         ('{"metadata": {"x": {"y": [Infinity]}}}', "non_finite_number"),
         ('{"metadata": {"note": "a\\u0000b"}}', "control_character"),
