@@ -109,12 +109,16 @@ def update_individual(
         individual.metadata_ = changes["metadata"] or {}
     repo.audit("update", row.species, actor.fingerprint, individual.id, {"fields": sorted(changes)})
     try:
-        session.commit()
-    except StaleDataError:
-        # A delete or merge committed between the read above and this update: the row is gone.
-        session.rollback()
+        session.flush()
+        # A delete or merge may have committed since the read above. An UPDATE of the gone row
+        # raises StaleDataError; an unchanged value sends no UPDATE, so read the row again.
+        updated = _row(repo, individual_id)
+    except (StaleDataError, IndividualNotFound):
+        session.rollback()  # the audit entry with it
         raise _not_found(individual_id) from None
-    return individual_public(_row(repo, individual_id))
+    public = individual_public(updated)
+    session.commit()
+    return public
 
 
 def _get_or_add_slot(registry: Registry, species: str) -> SpeciesSlot:

@@ -146,8 +146,10 @@ def test_a_value_postgres_refuses_past_the_schemas_is_a_422_and_nothing_changes(
         assert client.get(f"/individuals/{made['id']}", headers=READ).json() == made
 
 
-def test_an_update_racing_a_delete_answers_404(client: TestClient) -> None:
-    individual_id = enroll(client, 415)["individual"]["id"]
+@pytest.mark.parametrize("name", ["Max", "Rex"], ids=["new-name", "unchanged-name"])
+def test_an_update_racing_a_delete_answers_404_and_audits_nothing(client: TestClient, name: str) -> None:
+    """An unchanged value sends no UPDATE, so no stale-row error tells the update that the row went."""
+    individual_id = enroll(client, 415, name="Rex")["individual"]["id"]
     sessions = client.app.state.runtime.sessions
     deleted: list[int] = []
     fired = threading.Event()
@@ -159,7 +161,7 @@ def test_an_update_racing_a_delete_answers_404(client: TestClient) -> None:
 
     event.listen(sessions, "before_flush", delete_first)
     try:
-        response = client.patch(f"/individuals/{individual_id}", json={"name": "Max"})
+        response = client.patch(f"/individuals/{individual_id}", json={"name": name})
     finally:
         event.remove(sessions, "before_flush", delete_first)
     assert deleted == [200]
