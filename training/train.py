@@ -184,7 +184,9 @@ def epoch_batches(data: list[SpeciesData], config: TrainConfig, epoch: int) -> l
         raise ValueError("dataset weights must be positive")
     # Shares in whole P x K chunks, so no individual's K images straddle two batches.
     unit = max(1, config.samples_per_individual)
-    shares = [unit * s for s in _integer_shares(weights / weights.sum(), config.batch_size // unit)]
+    # At least two images of every species (one chunk of K >= 2 with P x K batches).
+    chunks = _integer_shares(weights / weights.sum(), config.batch_size // unit, 1 if unit > 1 else 2)
+    shares = [unit * c for c in chunks]
     steps = max(1, sum(len(d.labels) for d in data) // config.batch_size)
     batches = []
     cursors = [0] * len(data)
@@ -198,12 +200,19 @@ def epoch_batches(data: list[SpeciesData], config: TrainConfig, epoch: int) -> l
     return batches
 
 
-def _integer_shares(fractions: np.ndarray, total: int) -> list[int]:
+def _integer_shares(fractions: np.ndarray, total: int, minimum: int) -> list[int]:
+    """Whole shares of ``total`` in proportion to ``fractions`` (largest remainders), each at least
+    ``minimum`` (taken from the largest shares), always adding up to ``total``."""
+    if minimum * len(fractions) > total:
+        raise ValueError(f"a batch of {total} cannot hold {minimum} of each of {len(fractions)} datasets")
     raw = fractions * total
     shares = np.floor(raw).astype(int)
     for i in np.argsort(raw - shares)[::-1][: total - shares.sum()]:
         shares[i] += 1
-    return [max(int(s), 2) for s in shares]
+    while (shares < minimum).any():
+        shares[np.argmax(shares)] -= 1
+        shares[np.argmin(shares)] += 1
+    return [int(s) for s in shares]
 
 
 def _species_order(d: SpeciesData, config: TrainConfig, rng: np.random.Generator) -> np.ndarray:

@@ -154,6 +154,28 @@ def test_joint_batches_follow_species_weights(tmp_path, animals):
     assert load_artifact(exported[1]).card.species == "small"
 
 
+@pytest.mark.parametrize(
+    "weights,unit,expected",
+    [
+        ([3.0, 1.0], 1, [15, 5]),
+        ([0.99, 0.01], 1, [18, 2]),  # at least two images of the small species, and still 20 in all
+        ([0.97, 0.03], 4, [16, 4]),  # at least one whole chunk of K = 4, and still 20 in all
+        ([1.0, 1.0, 1.0], 1, [6, 7, 7]),  # ties of the remainder go to the later datasets
+    ],
+)
+def test_joint_batches_have_the_configured_size_whatever_the_weights(tmp_path, weights, unit, expected):
+    sets = {
+        f"s{i}": make_folder_dataset(tmp_path / f"s{i}", 6, 4, size=32, seed=i) for i in range(len(weights))
+    }
+    config = tiny_config(tmp_path, sets, batch_size=20, samples_per_individual=0 if unit == 1 else unit)
+    config = replace(
+        config, datasets=tuple(replace(d, weight=w) for d, w in zip(config.datasets, weights, strict=True))
+    )
+    data = prepare_data(config, PreprocessSpec(input_size=(32, 32)))
+    for batch in epoch_batches(data, config, 0):
+        assert np.bincount(batch[:, 0], minlength=len(weights)).tolist() == expected
+
+
 def test_triplet_training_uses_p_by_k_batches(tmp_path, animals):
     config = tiny_config(tmp_path, {"goat": animals}, loss="triplet", samples_per_individual=4, epochs=2)
     data = prepare_data(config, PreprocessSpec(input_size=(32, 32)))
