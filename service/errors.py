@@ -76,6 +76,13 @@ class ExternalIdConflict(ServiceError):
     code = "external_id_conflict"
 
 
+class IndexUpdateFailed(ServiceError):
+    """The request's rows are committed but the search index could not take their vectors."""
+
+    status_code = 503
+    code = "index_update_failed"
+
+
 class ImageRejected(ServiceError):
     """Base of every refusal of an uploaded image."""
 

@@ -22,6 +22,7 @@ from service.db.repository import Repository
 from service.errors import (
     ExternalIdConflict,
     ImageRejected,
+    IndexUpdateFailed,
     IndividualNotFound,
     InvalidRequest,
     SpeciesMismatch,
@@ -208,11 +209,19 @@ def _commit(
             store.delete(relative)
         raise
     if added:
-        serving.gallery.add(
-            [emb_id for emb_id, _ in added],
-            np.stack([vectors[image.sha256] for _, image in added]),
-            [GalleryEntry(image_id=image.id, individual_id=individual.id) for _, image in added],
-        )
+        try:
+            serving.gallery.add(
+                [emb_id for emb_id, _ in added],
+                np.stack([vectors[image.sha256] for _, image in added]),
+                [GalleryEntry(image_id=image.id, individual_id=individual.id) for _, image in added],
+            )
+        except Exception as exc:  # e.g. the GPU mirror out of memory; the index is left unchanged
+            log.exception("index add failed after the commit of individual %s", individual.id)
+            raise IndexUpdateFailed(
+                "the images are stored but the search index could not take their vectors; "
+                "send the same request again to index them",
+                individual_id=str(individual.id),
+            ) from exc
     if len(to_add) < len(unique):
         _index_missing(repo, serving, individual.id)
     row = repo.individual_row(individual.id)
@@ -243,8 +252,9 @@ def _commit(
 def _index_missing(repo: Repository, serving: Serving, individual_id: uuid.UUID) -> None:
     """Index the individual's stored vectors that the index lacks.
 
-    An index add that failed after its commit answered 500 for a durable enroll; the client's retry
-    is a no-op for the database, and this is where the missing vectors become searchable.
+    An index add that failed after its commit answered 503 index_update_failed for a durable enroll;
+    the client's retry is a no-op for the database, and this is where the missing vectors become
+    searchable.
     """
     missing = [
         row

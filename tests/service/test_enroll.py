@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import faiss
 import pytest
 import torch
 from apps import ADMIN, READ, make_settings
@@ -313,6 +314,28 @@ def test_an_embedding_the_index_would_refuse_is_refused_before_anything_is_store
         assert client.get("/individuals", headers=READ).json()["count"] == 0
         dog = next(item for item in client.get("/ready").json()["species"] if item["name"] == "dog")
         assert (dog["consistent"], dog["index_size"], dog["database_images"]) == (True, 0, 0)
+
+
+def test_an_index_add_failing_after_the_commit_is_a_503_and_the_retry_indexes(
+    shared_client: TestClient,
+) -> None:
+    gallery = shared_client.app.state.runtime.registry.serving("dog").gallery
+    index = gallery._index
+    assert index._gpu is None  # no GPU here: stand in a mirror that refuses every add (GPU out of memory)
+    index._gpu = faiss.IndexFlatIP(index.dim + 1)
+    ext, size = new_id(), index_size(shared_client)
+    try:
+        failed = enroll(shared_client, ext, jpeg(113))
+    finally:
+        index._gpu = None
+    assert error_code(failed) == (503, "index_update_failed"), failed.text
+    assert "send the same request again" in failed.json()["message"]
+    stored = shared_client.get("/individuals", params={"external_id": ext}, headers=READ).json()
+    assert stored["count"] == 1 and stored["data"][0]["id"] == failed.json()["details"]["individual_id"]
+    assert index_size(shared_client) == size
+    retry = enroll(shared_client, ext, jpeg(113))
+    assert retry.status_code == 200 and retry.json()["images"][0]["created"] is False
+    assert index_size(shared_client) == size + 1
 
 
 def test_resending_images_indexes_their_stored_vectors_the_index_lacks(shared_client: TestClient) -> None:

@@ -48,7 +48,9 @@ async def enroll_command(request: Request, runtime: RuntimeDep) -> EnrollCommand
         "`individual_id` (existing) or `external_id` (found, or created with `name` and `metadata`). "
         "Re-sending an image the individual already has is idempotent: nothing changes, the image is "
         "reported with `created: false` and the status is 200 instead of 201. The answer comes after the "
-        "database commit, and the individual is identifiable as soon as it arrives. Needs the admin scope."
+        "database commit, and the individual is identifiable as soon as it arrives; a 503 "
+        "`index_update_failed` means the images are stored but not yet searchable, and sending the same "
+        "request again indexes them. Needs the admin scope."
     ),
     openapi_extra=image_body(
         EnrollFields, EnrollJSON, {"images": (True, True, "One or more JPEG, PNG, WebP or BMP images")}
