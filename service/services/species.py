@@ -144,6 +144,7 @@ def reload_species(life: Lifecycle, name: str) -> ReloadResult:
             message = f"not loaded: {exc}"
         else:
             if serving is not None and serving.model_version == embedder.model_version and pending is None:
+                slot.disabled_reason = None  # a failed switch to another model no longer applies
                 message = f"{embedder.model_version} is already serving"
             elif pending is not None and pending.embedder.model_version == embedder.model_version:
                 message = f"{embedder.model_version} is already being re-embedded"

@@ -269,6 +269,12 @@ def test_a_failed_reembedding_is_reported_and_reloading_the_same_model_retries_i
     assert new in failed["reason"] and "IsADirectoryError" in failed["reason"]
     assert identify(client, jpeg(730, 6))["model_version"] == old  # the old model still serves
 
+    make_models_dir(tmp_path, artifacts, dog="dog")  # going back to the serving model drops the failure
+    back = client.post("/species/dog/reload").json()
+    assert (back["status"], back["model_version"]) == ("ready", old), back["message"]
+    assert client.get("/species/dog", headers=READ).json()["reason"] is None
+
+    make_models_dir(tmp_path, artifacts, dog="dog_v2")
     path.rmdir()
     path.write_bytes(original)
     retry = client.post("/species/dog/reload").json()
