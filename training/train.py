@@ -311,7 +311,7 @@ def train_one_epoch(
         # Every process draws the whole batch's augmentation (same generator), then keeps its slice.
         pixels = torch.cat([data[s].train.pixels[i : i + 1] for s, i in batch.tolist()])
         pixels = augment(pixels, generator, config)
-        part = slice(dist_info.rank, None, dist_info.world)
+        part = process_share(len(batch), dist_info)
         species = torch.from_numpy(batch[part, 0]).to(device)
         labels = torch.stack([data[s].labels[i] for s, i in batch[part].tolist()]).to(device)
         images = normalize(pixels[part].to(device, non_blocking=True), spec).contiguous(
@@ -333,6 +333,17 @@ def train_one_epoch(
         dist.all_reduce(totals)
         total_loss, seen = float(totals[0]), int(totals[1])
     return {"loss": total_loss / max(seen, 1), "images_per_s": seen / elapsed, "time_s": elapsed}
+
+
+def process_share(batch_len: int, dist_info: DistInfo) -> slice:
+    """This process's contiguous part of a batch (all processes together cover it once).
+
+    Contiguous, not interleaved: a P x K batch keeps each individual's K images together when the
+    parts hold whole chunks, so the triplet loss still finds positives in every process; for a loss
+    that is a per-image mean, equal parts give the one-process objective either way.
+    """
+    bounds = np.linspace(0, batch_len, dist_info.world + 1).round().astype(int)
+    return slice(int(bounds[dist_info.rank]), int(bounds[dist_info.rank + 1]))
 
 
 def validation_top1(

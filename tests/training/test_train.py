@@ -13,7 +13,7 @@ from synthetic import make_folder_dataset
 from training.artifact import ArtifactError, load_artifact
 from training.config import DatasetConfig, build_config
 from training.preprocess import PreprocessSpec
-from training.train import epoch_batches, fit, load_checkpoint, prepare_data
+from training.train import DistInfo, epoch_batches, fit, load_checkpoint, prepare_data, process_share
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,6 +184,17 @@ def test_triplet_training_uses_p_by_k_batches(tmp_path, animals):
     assert all(labels.count(label) == 4 for label in set(labels))
     run = fit(config)
     assert len(_losses(run)) == 2
+
+
+def test_each_process_gets_whole_individuals_of_a_p_by_k_batch(tmp_path, animals):
+    config = tiny_config(tmp_path, {"goat": animals}, loss="triplet", samples_per_individual=4)
+    data = prepare_data(config, PreprocessSpec(input_size=(32, 32)))
+    for batch in epoch_batches(data, config, 0):
+        parts = [batch[process_share(len(batch), DistInfo(rank, 2))] for rank in range(2)]
+        assert np.concatenate(parts).tolist() == batch.tolist()  # every row once, in order
+        for part in parts:
+            labels = data[0].labels[part[:, 1]].tolist()
+            assert len(part) == 8 and all(labels.count(label) == 4 for label in labels)
 
 
 def test_joint_p_by_k_batches_share_out_whole_individuals(tmp_path, animals):
