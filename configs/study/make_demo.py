@@ -1,6 +1,6 @@
 """Build the bundled demo from the study's dog model: fp16 weights and a small DogFaceNet sample.
 
-    python configs/study/make_demo.py [runs/study/dogs-arcface/artifacts/dog]
+    python configs/study/make_demo.py [runs/study/dogs-arcface-112-aug/artifacts/dog]
 
 The sample dogs are test individuals of the model's own split (never seen in training): for each,
 all photos but one become the enrolled gallery and the last one a query. Files are copied byte for
@@ -44,4 +44,4 @@ def main(artifact: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/study/dogs-arcface/artifacts/dog"))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("runs/study/dogs-arcface-112-aug/artifacts/dog"))
