@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from training.config import TrainConfig
 
-# Random erasing blanks a rectangle of this share of the image area, of aspect ratio (h/w) within
-# ERASE_ASPECT or its inverse (the ranges of Zhong et al. 2017 and torchvision's RandomErasing).
+# Random erasing blanks a rectangle of this share of the image area (at most a quarter; torchvision's
+# RandomErasing goes to a third), of aspect ratio (h/w) between ERASE_ASPECT and its inverse (as
+# torchvision's 0.3 to 3.3).
 ERASE_AREA = (0.02, 0.25)
 ERASE_ASPECT = 0.3
 
