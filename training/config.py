@@ -88,6 +88,9 @@ class TrainConfig:
     )
     val_fraction: float = field(default=0.1, metadata=_h("fraction of individuals held out for validation"))
     test_fraction: float = field(default=0.2, metadata=_h("fraction of individuals held out for testing"))
+    train_fraction: float = field(
+        default=1.0, metadata=_h("share of the training individuals to train on (val and test unchanged)")
+    )
     seed: int = field(default=0, metadata=_h("seed of splits, sampling, augmentation and initialisation"))
     device: str = field(default="auto", metadata=_h("auto | cpu | cuda"))
     amp: bool = field(default=True, metadata=_h("bf16 mixed precision on CUDA (ignored on CPU)"))
@@ -206,6 +209,8 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"device must be auto, cpu or cuda, not {c.device!r}")
     if not (0 <= c.rotate_degrees <= 180 and 0 <= c.zoom < 1 and 0 <= c.erase_probability <= 1):
         raise ValueError("rotate_degrees must be in [0, 180], zoom in [0, 1) and erase_probability in [0, 1]")
+    if not 0 < c.train_fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], not {c.train_fraction}")
     if c.batch_size < 2 or c.epochs < 1 or min(c.input_shape) < 32:
         raise ValueError("batch_size >= 2, epochs >= 1 and input_size, input_width >= 32 are required")
 

@@ -211,12 +211,20 @@ class IndividualSplit:
 
 
 def split_individuals(
-    dataset: Dataset, *, val_fraction: float, test_fraction: float, seed: int, min_images_eval: int = 2
+    dataset: Dataset,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    min_images_eval: int = 2,
+    train_fraction: float = 1.0,
 ) -> IndividualSplit:
     """Seeded split of individuals into train / validation / test.
 
     Individuals with fewer than ``min_images_eval`` images cannot be both enrolled and queried,
-    so they always go to training.
+    so they always go to training. ``train_fraction`` < 1 trains on that share of the training
+    individuals only (at least one), leaving validation and test as they are: a learning curve over
+    the number of identities. The kept individuals of a smaller share are a subset of a larger one's.
     """
     counts: dict[str, int] = defaultdict(int)
     for s in dataset.samples:
@@ -239,6 +247,9 @@ def split_individuals(
     test = eligible[:n_test]
     val = eligible[n_test : n_test + n_val]
     train = eligible[n_test + n_val :] + rest
+    if train_fraction < 1.0:
+        random.Random(f"{seed}:train_fraction").shuffle(train)
+        train = train[: max(1, round(len(train) * train_fraction))]
     return IndividualSplit(tuple(sorted(train)), tuple(sorted(val)), tuple(sorted(test)))
 
 

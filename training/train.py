@@ -82,7 +82,11 @@ def split_dataset(config: TrainConfig, ds_cfg: DatasetConfig) -> tuple[Dataset, 
         skip_bad=config.skip_bad,
     )
     split = split_individuals(
-        dataset, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed
+        dataset,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        train_fraction=config.train_fraction,
     )
     return dataset, split
 

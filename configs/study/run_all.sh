@@ -11,7 +11,9 @@ if [ ${#runs[@]} -eq 0 ]; then
         cattle-from-dogs-128x64 cattle-scratch-warmup humans-from-cattle-warmup joint-cattle-humans-128x64
         cattle-from-dogs-128x64-freeze2 dogs-arcface-96 cattle-from-dogs96-128x64 dogs-arcface-60 dogs-arcface-60-aug
         cattle-from-dogs-128x64-aug dogs-arcface-112-aug cattle-from-dogs-128x64-lr001 cattle-from-dogs112aug-128x64
-        cattle-from-dogs-192x96 dogs-arcface-aug dogs-arcface-112 cattle-from-dogs112-128x64)
+        cattle-from-dogs-192x96 dogs-arcface-aug dogs-arcface-112 cattle-from-dogs112-128x64
+        dogs-arcface-ids25 dogs-arcface-ids50 dogs-arcface-ids75
+        cattle-from-dogs-128x64-ids25 cattle-from-dogs-128x64-ids50 cattle-from-dogs-128x64-ids75)
 fi
 python=${PYTHON:-.venv/bin/python}
 mkdir -p runs/study

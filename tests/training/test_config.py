@@ -51,6 +51,8 @@ def test_saved_config_reloads_identically(tmp_path):
         ),
         ({"preset": "turbo"}, "unknown preset"),
         ({"learning_rate": 1}, "unknown configuration keys"),
+        ({"train_fraction": 0}, "train_fraction"),
+        ({"train_fraction": 1.5}, "train_fraction"),
     ],
 )
 def test_invalid_configurations_are_refused(values, message):

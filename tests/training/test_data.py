@@ -79,6 +79,20 @@ def test_individual_split_is_disjoint_seeded_and_keeps_tiny_individuals_in_train
     assert "solo" in a.train and len(a.test) == 3 and len(a.val) == 2
 
 
+def test_train_fraction_keeps_a_nested_share_of_training_individuals_and_the_same_test_ones(tmp_path):
+    folder = make_folder_dataset(tmp_path / "data", n_individuals=40, n_images=2, size=24)
+    ds = load_dataset(folder, species="x")
+
+    def split(fraction):
+        return split_individuals(ds, val_fraction=0.1, test_fraction=0.2, seed=3, train_fraction=fraction)
+
+    full, half, quarter, tiny = split(1.0), split(0.5), split(0.25), split(0.001)
+    assert [len(s.train) for s in (full, half, quarter, tiny)] == [28, 14, 7, 1]
+    assert set(tiny.train) < set(quarter.train) < set(half.train) < set(full.train)
+    assert half.val == quarter.val == full.val and half.test == quarter.test == full.test
+    assert half.train == tuple(sorted(half.train))
+
+
 def test_enrol_query_split_keeps_groups_together():
     individuals = ["a"] * 6 + ["b"] * 4 + ["c"] * 3
     groups = ["a/1"] * 3 + ["a/2"] * 2 + ["a/3"] + ["b/1"] * 2 + ["b/2"] * 2 + ["c/1"] * 3
