@@ -233,12 +233,15 @@ def held_out(card: ModelCard, source: str | Path | None = None) -> Dataset:
     ``source`` reads the same data from another place than the one recorded at training time.
     """
     config = card_config(card)
-    (ds_cfg,) = [d for d in config.datasets if d.species in (None, card.species)]
-    if source is not None:
-        ds_cfg = replace(ds_cfg, source=str(source))
-    dataset, split = split_dataset(config, ds_cfg)
-    test = set(split.test)
-    return Dataset(tuple(s for s in dataset.samples if s.individual in test), dataset.source)
+    # A dataset configured without a species takes it from its manifest: read to find out.
+    for ds_cfg in (d for d in config.datasets if d.species in (None, card.species)):
+        if source is not None:
+            ds_cfg = replace(ds_cfg, source=str(source))
+        dataset, split = split_dataset(config, ds_cfg)
+        if dataset.samples and dataset.samples[0].species == card.species:
+            test = set(split.test)
+            return Dataset(tuple(s for s in dataset.samples if s.individual in test), dataset.source)
+    raise ValueError(f"no dataset of species {card.species!r} in the model's training configuration")
 
 
 def regrouped(config: TrainConfig, group_pattern: str | None) -> TrainConfig:

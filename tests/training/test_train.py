@@ -8,12 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import make_folder_dataset
+from synthetic import make_folder_dataset, write_manifest
 
-from training.artifact import ArtifactError, load_artifact
+from training.artifact import ArtifactError, ModelCard, load_artifact
 from training.config import DatasetConfig, build_config
+from training.pipeline import held_out
 from training.preprocess import PreprocessSpec
-from training.train import DistInfo, epoch_batches, fit, load_checkpoint, prepare_data, process_share
+from training.train import (
+    DistInfo,
+    epoch_batches,
+    fit,
+    load_checkpoint,
+    prepare_data,
+    process_share,
+    split_dataset,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -283,3 +292,20 @@ def test_a_batch_larger_than_the_dataset_trains_on_all_of_it(tmp_path, animals):
     data = prepare_data(config, PreprocessSpec(input_size=(32, 32)))
     (batch,) = epoch_batches(data, config, epoch=0)
     assert sorted(batch[:, 1].tolist()) == list(range(len(data[0].labels)))
+
+
+def test_held_out_finds_its_species_among_joint_datasets_configured_without_one(tmp_path):
+    # Manifests carry the species, so a joint configuration need not name it.
+    goats, sheep = (
+        write_manifest(make_folder_dataset(tmp_path / name, n_individuals=10, n_images=3, size=24), species)
+        for name, species in (("goats", "goat"), ("sheep", "sheep"))
+    )
+    config = build_config({"datasets": [{"source": str(goats)}, {"source": str(sheep)}]})
+    for species, ds_cfg in (("goat", config.datasets[0]), ("sheep", config.datasets[1])):
+        card = ModelCard(species, 8, PreprocessSpec(), training_config=config.to_dict())
+        _, split = split_dataset(config, ds_cfg)
+        samples = held_out(card).samples
+        assert {s.species for s in samples} == {species}
+        assert {s.individual for s in samples} == set(split.test)
+    with pytest.raises(ValueError, match="no dataset of species 'cow'"):
+        held_out(ModelCard("cow", 8, PreprocessSpec(), training_config=config.to_dict()))
