@@ -13,7 +13,8 @@ if [ ${#runs[@]} -eq 0 ]; then
         cattle-from-dogs-128x64-aug dogs-arcface-112-aug cattle-from-dogs-128x64-lr001 cattle-from-dogs112aug-128x64
         cattle-from-dogs-192x96 dogs-arcface-aug dogs-arcface-112 cattle-from-dogs112-128x64
         dogs-arcface-ids25 dogs-arcface-ids50 dogs-arcface-ids75
-        cattle-from-dogs-128x64-ids25 cattle-from-dogs-128x64-ids50 cattle-from-dogs-128x64-ids75)
+        cattle-from-dogs-128x64-ids25 cattle-from-dogs-128x64-ids50 cattle-from-dogs-128x64-ids75
+        cattle-from-dogs-256x128)
 fi
 python=${PYTHON:-.venv/bin/python}
 mkdir -p runs/study
