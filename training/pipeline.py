@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -106,26 +107,11 @@ def evaluate_species(
 ) -> SpeciesEvaluation:
     """Calibrate the threshold on validation individuals, evaluate on test ones, write the report."""
     device = next(model.parameters()).device
-    val_emb = embed_pixels(model, val.pixels, spec, device)
-    threshold = calibrate_threshold(val_emb, np.array(val.individuals), config.target_far)
-    test_emb = embed_pixels(model, test.pixels, spec, device)
-    kwargs: dict[str, Any] = {}
-    if strangers is not None:
-        kwargs["strangers_emb"] = embed_pixels(model, strangers.pixels, spec, device)
-        kwargs["strangers_individuals"] = np.array(strangers.individuals)
-    result = evaluate_embeddings(
-        test_emb,
-        np.array(test.individuals),
-        np.array(test.groups),
-        threshold=threshold,
-        n_repeats=config.eval_repeats,
-        unknown_fraction=config.unknown_fraction,
-        seed=config.seed,
-        **kwargs,
+    result, extra = run_protocols(
+        lambda shard: embed_pixels(model, shard.pixels, spec, device), config, val, test, strangers
     )
     grid = gradcam_grid(gradcam_examples(model, test, spec, config.seed), ["query", "enrolled reference"])
     report = write_report(result, out_dir, title=title, card_info=card_info, gradcam_grid=grid)
-    extra = paper_protocols(val_emb, val, test_emb, test, config)
     with report.open("a") as fh:
         fh.write(
             "\n## DogFaceNet paper protocols (Mougeot et al. 2019)\n\n"
@@ -137,7 +123,34 @@ def evaluate_species(
             f"| one-shot identification rank-5 | "
             f"{extra['one_shot_rank5']:.4f} ± {extra['one_shot_rank5_std']:.4f} |\n"
         )
-    return SpeciesEvaluation(test.species, threshold, result, report, extra)
+    return SpeciesEvaluation(test.species, result.threshold, result, report, extra)
+
+
+def run_protocols(
+    embed: Callable[[Shard], np.ndarray],
+    config: TrainConfig,
+    val: Shard,
+    test: Shard,
+    strangers: Shard | None,
+) -> tuple[EvaluationResult, dict[str, float]]:
+    """The study protocol (threshold calibrated on ``val``) and the DogFaceNet paper's, on test
+    individuals, with the embeddings ``embed`` gives each shard."""
+    val_emb, test_emb = embed(val), embed(test)
+    kwargs: dict[str, Any] = {}
+    if strangers is not None:
+        kwargs["strangers_emb"] = embed(strangers)
+        kwargs["strangers_individuals"] = np.array(strangers.individuals)
+    result = evaluate_embeddings(
+        test_emb,
+        np.array(test.individuals),
+        np.array(test.groups),
+        threshold=calibrate_threshold(val_emb, np.array(val.individuals), config.target_far),
+        n_repeats=config.eval_repeats,
+        unknown_fraction=config.unknown_fraction,
+        seed=config.seed,
+        **kwargs,
+    )
+    return result, paper_protocols(val_emb, val, test_emb, test, config)
 
 
 def paper_protocols(

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
-import torch
 
 from training.artifact import load_artifact
-from training.evaluate import calibrate_threshold, embed_pixels, evaluate_embeddings
+from training.data import Shard
+from training.evaluate import embed_pixels
 from training.model import EmbeddingNet
-from training.pipeline import card_config, load_strangers, paper_protocols, strangers_of
+from training.pipeline import card_config, load_strangers, run_protocols, strangers_of
 from training.preprocess import PreprocessSpec
 from training.train import prepare_data
 
 
-def embed(model: EmbeddingNet, pixels: torch.Tensor, spec: PreprocessSpec, flip: bool) -> np.ndarray:
-    emb = embed_pixels(model, pixels, spec, "cpu")
+def embed(model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, flip: bool) -> np.ndarray:
+    emb = embed_pixels(model, shard.pixels, spec, "cpu")
     if flip:
-        emb = emb + embed_pixels(model, pixels.flip(-1), spec, "cpu")
+        emb = emb + embed_pixels(model, shard.pixels.flip(-1), spec, "cpu")
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     return emb
 
@@ -45,27 +46,10 @@ def main(artifact: str) -> None:
         "| " + " | ".join([*header, "one-shot rank-1 / rank-5"]) + " |\n" + "|---" * (len(header) + 1) + "|"
     )
     for flip in (False, True):
-        val, test = (
-            embed(loaded.model, data.val.pixels, spec, flip),
-            embed(loaded.model, data.test.pixels, spec, flip),
+        evaluation, paper = run_protocols(
+            partial(embed, loaded.model, spec=spec, flip=flip), config, data.val, data.test, strangers
         )
-        extra = {}
-        if strangers is not None:
-            extra = {
-                "strangers_emb": embed(loaded.model, strangers.pixels, spec, flip),
-                "strangers_individuals": np.array(strangers.individuals),
-            }
-        result = evaluate_embeddings(
-            test,
-            np.array(data.test.individuals),
-            np.array(data.test.groups),
-            threshold=calibrate_threshold(val, np.array(data.val.individuals), config.target_far),
-            n_repeats=config.eval_repeats,
-            unknown_fraction=config.unknown_fraction,
-            seed=config.seed,
-            **extra,
-        ).summary()
-        paper = paper_protocols(val, data.val, test, data.test, config)
+        result = evaluation.summary()
         cells = [
             "image + mirror image" if flip else "image",
             f"{result['top1']:.3f} ± {result['top1_std']:.3f}",
