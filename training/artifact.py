@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training import __version__
-from training.model import ARCHITECTURE, EmbeddingNet
+from training.model import ARCHITECTURE, EmbeddingNet, parse_architecture
 from training.preprocess import PREPROCESS_VERSION, PreprocessSpec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -40,7 +40,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
     dataset_fingerprint: str = ""
-    architecture: str = ARCHITECTURE
+    architecture: str = ARCHITECTURE  # <backbone>-gap-<neck>
+    pretrained: str = "none"  # where the backbone's starting weights came from
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     code_version: str = field(default_factory=lambda: code_version())
     weights_sha256: str = ""
@@ -58,6 +59,8 @@ class ModelCard:
             "species": self.species,
             "model_version": self.model_version,
             "architecture": self.architecture,
+            "backbone": parse_architecture(self.architecture)[0],
+            "pretrained": self.pretrained,
             "embedding_dim": self.embedding_dim,
             "input_size": list(self.preprocess.input_size),
             "normalization": {"mean": list(self.preprocess.mean), "std": list(self.preprocess.std)},
@@ -94,6 +97,7 @@ class ModelCard:
                 training_config=dict(data.get("training_config") or {}),
                 dataset_fingerprint=str(data.get("dataset_fingerprint", "")),
                 architecture=str(data["architecture"]),
+                pretrained=str(data.get("pretrained", "none")),
                 created_at=str(data["created_at"]),
                 code_version=str(data.get("code_version", "")),
                 weights_sha256=str(data["weights_sha256"]),
@@ -176,8 +180,10 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Loade
     """Load an exported model for inference (eval mode, float32) after checking its checksum."""
     root = Path(path)
     card = read_card(root)
-    if card.architecture != ARCHITECTURE:
-        raise ArtifactError(f"unknown architecture {card.architecture!r} (this code has {ARCHITECTURE!r})")
+    try:
+        backbone, neck = parse_architecture(card.architecture)
+    except ValueError as exc:
+        raise ArtifactError(f"{exc}: this code builds <backbone>-gap-<neck> models") from exc
     if card.preprocess.version != PREPROCESS_VERSION:
         raise ArtifactError(
             f"the model was trained with preprocessing version {card.preprocess.version!r}; this code "
@@ -195,7 +201,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Loade
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises several types for a corrupt header
         raise ArtifactError(f"{weights} is not a readable safetensors file: {exc}") from exc
-    model = EmbeddingNet(embedding_dim=card.embedding_dim)
+    model = EmbeddingNet(embedding_dim=card.embedding_dim, backbone=backbone, neck=neck)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)

@@ -15,6 +15,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from training.backbones import get_backbone
+from training.model import NECKS
+
 
 @dataclass(frozen=True)
 class DatasetConfig:
@@ -50,7 +53,32 @@ class TrainConfig:
         default="runs/cache", metadata=_h("decoded-image shard cache; empty = none")
     )
     preset: str = field(default="fast", metadata=_h("optimisation recipe: 'fast' (default) or 'study'"))
-    input_size: int = field(default=112, metadata=_h("input height in pixels (and width unless input_width)"))
+    backbone: str = field(
+        default="resnet18",
+        metadata=_h("resnet18 | resnet34 | resnet50 | efficientnet_lite0 | efficientnet_lite2"),
+    )
+    pretrained: str = field(
+        default="none",
+        metadata=_h("backbone start: none | imagenet | PATH of a state dict (safetensors or .pth)"),
+    )
+    neck: str = field(
+        default="linear_bn",
+        metadata=_h("linear_bn (trained, to embedding_dim) | identity (pooled features) | svd_fc"),
+    )
+    normalization: str = field(
+        default="auto",
+        metadata=_h("auto (the pretrained weights' own; 0.5/0.5 from scratch) | imagenet | symmetric"),
+    )
+    backbone_lr_scale: float | None = field(
+        default=None, metadata=_h("backbone lr = lr x this; empty = 0.1 when pretrained, else 1")
+    )
+    head_only_epochs: int | None = field(
+        default=None, metadata=_h("first epochs with the backbone frozen; empty = 1 when pretrained, else 0")
+    )
+    input_size: int | None = field(
+        default=None,
+        metadata=_h("input height in pixels (and width unless input_width); empty = the backbone's default"),
+    )
     input_width: int | None = field(
         default=None, metadata=_h("input width in pixels, for non-square crops; empty = input_size")
     )
@@ -97,7 +125,10 @@ class TrainConfig:
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format"))
     threads: int = field(default=0, metadata=_h("CPU threads for torch (0 = torch default)"))
     init_from: str | None = field(default=None, metadata=_h("artifact dir to initialise the backbone from"))
-    freeze_stages: int = field(default=0, metadata=_h("freeze the first N of stem,layer1..layer4"))
+    freeze_stages: int = field(
+        default=0,
+        metadata=_h("freeze the first N stages (ResNet: stem, layer1-4; Lite: stem, stage1-7, head)"),
+    )
     target_far: float = field(
         default=1e-3, metadata=_h("false-accept rate the decision threshold is set for")
     )
@@ -124,7 +155,27 @@ class TrainConfig:
     @property
     def input_shape(self) -> tuple[int, int]:
         """(height, width) of the model's input: what the run's PreprocessSpec is built from."""
-        return (self.input_size, self.input_width or self.input_size)
+        height = self.input_size or get_backbone(self.backbone).default_input
+        return (height, self.input_width or height)
+
+    @property
+    def starts_pretrained(self) -> bool:
+        """The backbone starts from learnt weights (ImageNet, a state dict or an artifact)."""
+        return self.pretrained != "none" or self.init_from is not None
+
+    @property
+    def backbone_lr(self) -> float:
+        """The backbone's share of the learning rate (``backbone_lr_scale`` or its default)."""
+        if self.backbone_lr_scale is not None:
+            return self.backbone_lr_scale
+        return 0.1 if self.pretrained != "none" else 1.0
+
+    @property
+    def head_only(self) -> int:
+        """Epochs at the start that train the neck and head only (``head_only_epochs`` or default)."""
+        if self.head_only_epochs is not None:
+            return self.head_only_epochs
+        return 1 if self.pretrained != "none" and self.epochs > 1 else 0
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -211,8 +262,19 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError("rotate_degrees must be in [0, 180], zoom in [0, 1) and erase_probability in [0, 1]")
     if not 0 < c.train_fraction <= 1:
         raise ValueError(f"train_fraction must be in (0, 1], not {c.train_fraction}")
-    if c.batch_size < 2 or c.epochs < 1 or min(c.input_shape) < 32:
-        raise ValueError("batch_size >= 2, epochs >= 1 and input_size, input_width >= 32 are required")
+    get_backbone(c.backbone)
+    if c.neck not in NECKS:
+        raise ValueError(f"neck must be one of {', '.join(NECKS)}, not {c.neck!r}")
+    if c.neck == "svd_fc" and c.pretrained != "imagenet":
+        raise ValueError("the svd_fc neck is made from the ImageNet classifier: set pretrained: imagenet")
+    if c.normalization not in ("auto", "imagenet", "symmetric"):
+        raise ValueError(f"normalization must be auto, imagenet or symmetric, not {c.normalization!r}")
+    if c.backbone_lr < 0 or c.head_only < 0 or c.head_only > c.epochs:
+        raise ValueError("backbone_lr_scale must be >= 0 and head_only_epochs between 0 and epochs")
+    if c.epochs < 1 and not c.starts_pretrained:
+        raise ValueError("epochs 0 (evaluate the start as it is) needs pretrained weights or init_from")
+    if c.batch_size < 2 or c.epochs < 0 or min(c.input_shape) < 32:
+        raise ValueError("batch_size >= 2, epochs >= 0 and input_size, input_width >= 32 are required")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

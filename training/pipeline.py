@@ -37,8 +37,11 @@ from training.report import write_report
 from training.train import (
     CHECKPOINT_FILE,
     SpeciesData,
+    bare_model,
     load_checkpoint,
     prepare_data,
+    preprocess_spec,
+    pretrained_source,
     resolve_device,
     split_dataset,
 )
@@ -190,8 +193,8 @@ def export_run(
     config = build_config(state["config"])
     out_root = Path(out_dir) if out_dir else run_dir / "artifacts"
     device = resolve_device(config.device)
-    spec = PreprocessSpec(input_size=config.input_shape)
-    model = EmbeddingNet(embedding_dim=config.embedding_dim)
+    spec = preprocess_spec(config)
+    model = bare_model(config)
     model.load_state_dict(state["model"])
     model.eval().to(device)
     data = prepare_data(config, spec)
@@ -201,7 +204,7 @@ def export_run(
         if species and d.species not in species:
             continue
         target = out_root / d.species
-        card = _card(d, spec, config, state, run_dir)
+        card = _card(d, spec, config, state, run_dir, model)
         evaluation = evaluate_species(
             model,
             spec,
@@ -222,11 +225,15 @@ def export_run(
     return written
 
 
-def _card(d: SpeciesData, spec: PreprocessSpec, config: TrainConfig, state: dict, run_dir: Path) -> ModelCard:
+def _card(
+    d: SpeciesData, spec: PreprocessSpec, config: TrainConfig, state: dict, run_dir: Path, model: EmbeddingNet
+) -> ModelCard:
     return ModelCard(
         species=d.species,
-        embedding_dim=config.embedding_dim,
+        embedding_dim=model.embedding_dim,
         preprocess=spec,
+        architecture=model.architecture,
+        pretrained=pretrained_source(config),
         training_config=config.to_dict()
         | {"epochs_trained": int(state["epoch"]) + 1, "run_dir": str(run_dir)},
         dataset_fingerprint=d.fingerprint,

@@ -26,8 +26,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training.artifact import load_artifact
+from training.artifact import load_artifact, read_card
 from training.augment import augment
+from training.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SYMMETRIC_MEAN,
+    SYMMETRIC_STD,
+    get_backbone,
+    load_pretrained,
+)
 from training.config import DatasetConfig, TrainConfig
 from training.data import (
     Dataset,
@@ -41,7 +49,13 @@ from training.data import (
 from training.evaluate import embed_pixels
 from training.losses import ArcFaceHead, CosFaceHead, MarginLoss, build_loss
 from training.metrics import identification_ranks, similarity, topk_accuracy
-from training.model import STAGES, EmbeddingNet, freeze_stages, set_frozen_eval
+from training.model import (
+    EmbeddingNet,
+    freeze_stages,
+    set_backbone_trainable,
+    set_frozen_eval,
+    stage_names,
+)
 from training.preprocess import PreprocessSpec, normalize
 
 log = logging.getLogger(__name__)
@@ -150,15 +164,62 @@ class TrainModule(nn.Module):
         return self._heads()[0].margin
 
 
-def build_train_module(config: TrainConfig, data: list[SpeciesData]) -> tuple[TrainModule, list[str]]:
-    model = EmbeddingNet(embedding_dim=config.embedding_dim, dropout=config.dropout)
+def preprocess_spec(config: TrainConfig) -> PreprocessSpec:
+    """The run's input size and normalisation (``auto``: what the start's weights were trained with)."""
+    if config.normalization == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif config.normalization == "symmetric":
+        mean, std = SYMMETRIC_MEAN, SYMMETRIC_STD
+    elif config.init_from:
+        source = read_card(config.init_from).preprocess
+        mean, std = source.mean, source.std  # type: ignore[assignment]
+    else:
+        mean, std = get_backbone(config.backbone).normalization(config.pretrained)  # type: ignore[assignment]
+    return PreprocessSpec(input_size=config.input_shape, mean=mean, std=std)  # type: ignore[arg-type]
+
+
+def bare_model(config: TrainConfig) -> EmbeddingNet:
+    """The run's architecture with fresh weights (a checkpoint's state dict fits it)."""
+    embedding_dim = 1000 if config.neck == "svd_fc" else config.embedding_dim
+    return EmbeddingNet(embedding_dim, config.dropout, backbone=config.backbone, neck=config.neck)
+
+
+def pretrained_source(config: TrainConfig) -> str:
+    """Where the run's starting weights came from, in words, for the model card."""
+    if config.init_from:
+        return f"artifact {config.init_from}"
+    if config.pretrained == "imagenet":
+        return f"imagenet: {get_backbone(config.backbone).imagenet_source}"
+    return config.pretrained
+
+
+def build_model(config: TrainConfig) -> EmbeddingNet:
+    """The network a run starts from: the chosen backbone with its pretrained weights, or an artifact."""
+    model = bare_model(config)
+    if config.pretrained != "none":
+        classifier = load_pretrained(model.spec, model.backbone, config.pretrained)
+        log.info("backbone %s starts from %s", config.backbone, config.pretrained)
+        if config.neck == "svd_fc":
+            if classifier is None:
+                raise ValueError(f"{config.pretrained} has no classifier to make the svd_fc neck from")
+            model.set_svd_fc(classifier)
     if config.init_from:
         source = load_artifact(config.init_from).model
+        if source.architecture != model.architecture:
+            raise ValueError(
+                f"init_from {config.init_from} is a {source.architecture} model; this run builds "
+                f"{model.architecture} (set backbone, neck and embedding_dim to match)"
+            )
         model.load_state_dict(source.state_dict())
         log.info("initialised backbone and neck from %s", config.init_from)
+    return model
+
+
+def build_train_module(config: TrainConfig, data: list[SpeciesData]) -> tuple[TrainModule, list[str]]:
+    model = build_model(config)
     frozen = freeze_stages(model, config.freeze_stages)
     criteria = {
-        d.species: build_loss(config.loss, config.embedding_dim, len(d.classes), config.scale, config.margin)
+        d.species: build_loss(config.loss, model.embedding_dim, len(d.classes), config.scale, config.margin)
         for d in data
     }
     return TrainModule(model, criteria), frozen
@@ -255,11 +316,27 @@ def margin_factor(config: TrainConfig, epoch: int) -> float:
     return epoch / config.margin_warmup_epochs
 
 
-def build_optimizer(config: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
+def build_optimizer(config: TrainConfig, module: TrainModule) -> torch.optim.Optimizer:
+    """Two parameter groups: neck and heads at the full rate, the backbone at ``backbone_lr`` of it.
+
+    Each group's ``lr_scale`` is what ``fit`` multiplies the scheduled rate by.
+    """
+    backbone = {id(p) for p in module.model.backbone.parameters()}
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in backbone], "lr_scale": 1.0},
+        {"params": [p for p in trainable if id(p) in backbone], "lr_scale": config.backbone_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def frozen_stages(model: EmbeddingNet, config: TrainConfig, epoch: int) -> list[str]:
+    """Stages whose weights and BatchNorm statistics stay fixed during ``epoch`` (0-based)."""
+    names = stage_names(model)
+    return names if epoch < config.head_only else names[: config.freeze_stages]
 
 
 @dataclass
@@ -295,7 +372,7 @@ def train_one_epoch(
     module.train()
     inner = module.module if isinstance(module, DistributedDataParallel) else module
     assert isinstance(inner, TrainModule)
-    set_frozen_eval(inner.model, list(STAGES[: config.freeze_stages]))
+    set_frozen_eval(inner.model, frozen_stages(inner.model, config, epoch))
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
     torch.manual_seed(config.seed * 1_000_003 + epoch + dist_info.rank)
     batches = epoch_batches(data, config, epoch)
@@ -398,9 +475,9 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
     if config.batch_size % dist_info.world:
         raise ValueError(f"batch_size {config.batch_size} must divide among {dist_info.world} processes")
     torch.manual_seed(config.seed)
-    spec = PreprocessSpec(input_size=config.input_shape)
+    spec = preprocess_spec(config)
     data = prepare_data(config, spec)
-    module, _ = build_train_module(config, data)
+    module, frozen = build_train_module(config, data)
     # On the device before the optimizer state is loaded: loading moves that state to where the
     # parameters are, and moving the module later would leave it behind on the CPU.
     module.to(device)
@@ -427,9 +504,12 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.yaml")
+    if config.epochs == 0 and dist_info.is_main:  # the start itself is the model: nothing to train
+        save_checkpoint(checkpoint_path, module, optimizer, -1, config, data)
     for epoch in range(start_epoch, config.epochs):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(config, epoch)
+            group["lr"] = config.lr * lr_factor(config, epoch) * group["lr_scale"]
+        set_backbone_trainable(module.model, epoch >= config.head_only, frozen)
         module.set_margin(config.margin * margin_factor(config, epoch))
         stats = train_one_epoch(train_module, optimizer, data, config, spec, epoch, device, dist_info)
         if not dist_info.is_main:
