@@ -2,14 +2,17 @@
 
 The service runs as `animalid serve` in a subprocess on loopback, with a gallery of N stored vectors
 (random unit vectors, inserted into the database before start-up, so start-up rebuilds the index
-from the database as in production). The model is a randomly initialised ResNet18 at the default
-112x112 input: its speed is that of a trained one. Queries are real DogFaceNet photos when
+from the database as in production). The model is randomly initialised (its speed is that of a
+trained one): ResNet18 at the default 112x112 input, or each backbone named with ``--models``, run
+one after another and compared side by side at the end (the price of each choice on the CPU).
+Queries are real DogFaceNet photos when
 ../shared/data is present (synthetic patterns otherwise). The bare pipeline runs in this process
 with the same artifact, the same decoder, preprocessing, model and index code, and the same number
 of CPU threads, while the server idles.
 
     .venv/bin/python bench/identify_latency.py                  # N = 100,000
     .venv/bin/python bench/identify_latency.py --gallery 10000 --requests 100
+    .venv/bin/python bench/identify_latency.py --models resnet18:112 efficientnet_lite0:224:identity
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -64,7 +68,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--enroll-images", type=int, default=48, help="images enrolled per throughput run")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch and FAISS, both sides")
-    parser.add_argument("--input-size", type=int, default=112)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["resnet18:112"],
+        metavar="BACKBONE:HEIGHT[xWIDTH][:NECK]",
+        help="models to compare, e.g. efficientnet_lite0:224:identity (neck default linear_bn, 512-D)",
+    )
     parser.add_argument("--database-url", help="default: a SQLite file in the work folder")
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
     return parser.parse_args()
@@ -90,13 +100,31 @@ def query_images(count: int) -> tuple[list[bytes], str]:
     return out, "synthetic 224x224 JPEG patterns (../shared/data not found)"
 
 
-def build_model(root: Path, input_size: int) -> Path:
+@dataclass(frozen=True)
+class ModelChoice:
+    backbone: str
+    input_size: tuple[int, int]
+    neck: str
+
+    @classmethod
+    def parse(cls, text: str) -> ModelChoice:
+        backbone, size, *rest = text.split(":")
+        height, _, width = size.partition("x")
+        return cls(backbone, (int(height), int(width or height)), rest[0] if rest else "linear_bn")
+
+    def __str__(self) -> str:
+        height, width = self.input_size
+        return f"{self.backbone} at {height}x{width}, {self.neck} neck"
+
+
+def build_model(root: Path, choice: ModelChoice) -> Path:
     torch.manual_seed(0)
+    net = EmbeddingNet(embedding_dim=512, backbone=choice.backbone, neck=choice.neck).eval()
     card = ModelCard(
-        species=SPECIES, embedding_dim=512, preprocess=PreprocessSpec(input_size=(input_size, input_size)),
-        threshold=0.5,
+        species=SPECIES, embedding_dim=net.embedding_dim, threshold=0.5, architecture=net.architecture,
+        preprocess=PreprocessSpec(input_size=choice.input_size),
     )  # fmt: skip
-    return export_artifact(EmbeddingNet(embedding_dim=512).eval(), card, root / "models" / SPECIES)
+    return export_artifact(net, card, root / "models" / SPECIES)
 
 
 def populate(url: str, artifact: Path, n: int, per_individual: int) -> tuple[int, float]:
@@ -112,8 +140,8 @@ def populate(url: str, artifact: Path, n: int, per_individual: int) -> tuple[int
         session.flush()
         version = ModelVersion(
             species_id=species.id, version=card.model_version, status=ModelVersionStatus.ACTIVE,
-            embedding_dim=512, preprocess_version=card.preprocess.version, threshold=card.threshold,
-            card=card.to_dict(), activated_at=now,
+            embedding_dim=card.embedding_dim, preprocess_version=card.preprocess.version,
+            threshold=card.threshold, card=card.to_dict(), activated_at=now,
         )  # fmt: skip
         session.add(version)
         session.flush()
@@ -129,7 +157,7 @@ def populate(url: str, artifact: Path, n: int, per_individual: int) -> tuple[int
         for start_row in range(0, n, 20_000):
             rows = range(start_row, min(n, start_row + 20_000))
             images = [uuid.uuid4() for _ in rows]
-            vectors = rng.standard_normal((len(images), 512), dtype=np.float32)
+            vectors = rng.standard_normal((len(images), card.embedding_dim), dtype=np.float32)
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
             session.execute(
                 insert(ImageRow),
@@ -215,7 +243,8 @@ def time_bare(url: str, artifact: Path, version_id: int, images: list[bytes], ar
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     engine = make_engine(url)
-    gallery = build_gallery(make_sessionmaker(engine), version_id, 512, use_gpu=None)
+    dim = load_artifact(artifact).card.embedding_dim
+    gallery = build_gallery(make_sessionmaker(engine), version_id, dim, use_gpu=None)
     engine.dispose()
     embedder = Embedder(load_artifact(artifact, "cpu"), torch.device("cpu"))
     embedder.warmup()
@@ -251,72 +280,91 @@ def time_enroll(client: httpx.Client, images: list[bytes], per_request: int) -> 
     return len(images) / (time.perf_counter() - start)
 
 
+def measure(choice: ModelChoice, root: Path, images: list[bytes], args: argparse.Namespace) -> dict:
+    """One model's identify latency (HTTP and bare) and enroll throughput; prints its tables."""
+    root.mkdir(parents=True, exist_ok=True)
+    url = args.database_url or f"sqlite:///{root / 'bench.db'}"
+    artifact = build_model(root, choice)
+    migrate.upgrade(url)
+    version_id, fill_s = populate(url, artifact, args.gallery, args.per_individual)
+    dim = load_artifact(artifact).card.embedding_dim
+    print(f"\n### {choice} ({dim}-D embeddings)\n")
+    port = free_port()
+    server, start_s = start_server(url, root, args.threads, port)
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"x-api-key": ADMIN_KEY}, timeout=60
+        ) as http:
+            http_times, server_parts = time_http(http, images, args)
+            parts, index_size = time_bare(url, artifact, version_id, images, args)
+            one = time_enroll(http, images[: args.enroll_images], 1)
+            eight = time_enroll(http, images[args.enroll_images : 2 * args.enroll_images], 8)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert index_size == args.gallery
+    print(
+        f"database filled in {fill_s:.1f} s; "
+        f"server start-up incl. index rebuild from the database: {start_s:.1f} s\n"
+    )
+    bare_p50, http_p50 = percentile(parts["total"], 50), percentile(http_times, 50)
+    bare_p99, http_p99 = percentile(parts["total"], 99), percentile(http_times, 99)
+    print(f"identify latency, {args.requests} sequential requests after {args.warmup} warm-up (ms):\n")
+    print("| path | p50 | p99 | mean |")
+    print("|---|---|---|---|")
+    print(f"| HTTP POST /identify (loopback, multipart) | {http_p50:.1f} | {http_p99:.1f} | "
+          f"{statistics.fmean(http_times):.1f} |")  # fmt: skip
+    print(f"| bare decode + forward + search | {bare_p50:.1f} | {bare_p99:.1f} | "
+          f"{statistics.fmean(parts['total']):.1f} |")  # fmt: skip
+    for name in ("decode", "forward", "search"):
+        values = parts[name]
+        print(f"| - {name} | {percentile(values, 50):.2f} | {percentile(values, 99):.2f} | "
+              f"{statistics.fmean(values):.2f} |")  # fmt: skip
+    for name in ("total", "decode", "forward", "search"):
+        values = server_parts[name]
+        label = "inside the server (the response's timings)" if name == "total" else f"- {name}"
+        print(f"| {label} | {percentile(values, 50):.2f} | {percentile(values, 99):.2f} | "
+              f"{statistics.fmean(values):.2f} |")  # fmt: skip
+    print(
+        f"\nratio HTTP / bare: p50 {http_p50 / bare_p50:.2f}, p99 {http_p99 / bare_p99:.2f} "
+        "(target p50 <= 1.3)\n"
+    )
+    print("enroll throughput over HTTP (sequential requests, a new individual per request):\n")
+    print("| images per request | images/s |")
+    print("|---|---|")
+    print(f"| 1 | {one:.1f} |")
+    print(f"| 8 | {eight:.1f} |")
+    return {
+        "dim": dim, "http_p50": http_p50, "http_p99": http_p99, "enroll8": eight,
+        "forward_p50": percentile(parts["forward"], 50), "search_p50": percentile(parts["search"], 50),
+    }  # fmt: skip
+
+
 def main() -> None:
     args = parse_args()
+    choices = [ModelChoice.parse(text) for text in args.models]
     with tempfile.TemporaryDirectory(prefix="animalid-bench-") as tmp:
         root = args.workdir or Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        url = args.database_url or f"sqlite:///{root / 'bench.db'}"
         images, source = query_images(max(64, args.enroll_images * 2))
-        artifact = build_model(root, args.input_size)
-        migrate.upgrade(url)
-        version_id, fill_s = populate(url, artifact, args.gallery, args.per_individual)
-        port = free_port()
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__} (CPU), "
             f"FAISS {faiss.__version__}, {args.threads} CPU thread(s) per side, "
             f"load average at start {os.getloadavg()[0]:.2f}"
         )
         print(
-            f"gallery: {args.gallery:,} vectors (d=512), "
-            f"{args.gallery // args.per_individual:,} individuals, "
-            f"database {url.split(':')[0]}; model ResNet18 at {args.input_size}x{args.input_size}; "
-            f"queries: {source}; top_k={args.top_k}"
+            f"gallery: {args.gallery:,} vectors, {args.gallery // args.per_individual:,} individuals, "
+            f"database {(args.database_url or 'sqlite').split(':')[0]}; queries: {source}; top_k={args.top_k}"
         )
-        server, start_s = start_server(url, root, args.threads, port)
-        try:
-            with httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", headers={"x-api-key": ADMIN_KEY}, timeout=60
-            ) as http:
-                http_times, server_parts = time_http(http, images, args)
-                parts, index_size = time_bare(url, artifact, version_id, images, args)
-                one = time_enroll(http, images[: args.enroll_images], 1)
-                eight = time_enroll(http, images[args.enroll_images : 2 * args.enroll_images], 8)
-        finally:
-            server.terminate()
-            server.wait(30)
-        assert index_size == args.gallery
-        print(
-            f"database filled in {fill_s:.1f} s; "
-            f"server start-up incl. index rebuild from the database: {start_s:.1f} s\n"
-        )
-        bare_p50, http_p50 = percentile(parts["total"], 50), percentile(http_times, 50)
-        bare_p99, http_p99 = percentile(parts["total"], 99), percentile(http_times, 99)
-        print(f"identify latency, {args.requests} sequential requests after {args.warmup} warm-up (ms):\n")
-        print("| path | p50 | p99 | mean |")
-        print("|---|---|---|---|")
-        print(f"| HTTP POST /identify (loopback, multipart) | {http_p50:.1f} | {http_p99:.1f} | "
-              f"{statistics.fmean(http_times):.1f} |")  # fmt: skip
-        print(f"| bare decode + forward + search | {bare_p50:.1f} | {bare_p99:.1f} | "
-              f"{statistics.fmean(parts['total']):.1f} |")  # fmt: skip
-        for name in ("decode", "forward", "search"):
-            values = parts[name]
-            print(f"| - {name} | {percentile(values, 50):.2f} | {percentile(values, 99):.2f} | "
-                  f"{statistics.fmean(values):.2f} |")  # fmt: skip
-        for name in ("total", "decode", "forward", "search"):
-            values = server_parts[name]
-            label = "inside the server (the response's timings)" if name == "total" else f"- {name}"
-            print(f"| {label} | {percentile(values, 50):.2f} | {percentile(values, 99):.2f} | "
-                  f"{statistics.fmean(values):.2f} |")  # fmt: skip
-        print(
-            f"\nratio HTTP / bare: p50 {http_p50 / bare_p50:.2f}, p99 {http_p99 / bare_p99:.2f} "
-            "(target p50 <= 1.3)\n"
-        )
-        print("enroll throughput over HTTP (sequential requests, a new individual per request):\n")
-        print("| images per request | images/s |")
-        print("|---|---|")
-        print(f"| 1 | {one:.1f} |")
-        print(f"| 8 | {eight:.1f} |")
+        results = {
+            choice: measure(choice, root / f"model-{k}", images, args) for k, choice in enumerate(choices)
+        }
+    if len(results) > 1:
+        print("\nside by side (ms; enroll in images/s at 8 images per request):\n")
+        print("| model | embedding | HTTP identify p50 | p99 | forward p50 | search p50 | enroll |")
+        print("|---|---|---|---|---|---|---|")
+        for choice, r in results.items():
+            print(f"| {choice} | {r['dim']} | {r['http_p50']:.1f} | {r['http_p99']:.1f} | "
+                  f"{r['forward_p50']:.1f} | {r['search_p50']:.1f} | {r['enroll8']:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -460,6 +460,7 @@ SPECIES_EXAMPLE = {
     "pending_model_version": None,
     "reembedding": None,
     "embedding_dim": 512,
+    "architecture": "resnet18-gap-linear-bn",
     "input_size": [112, 112],
     "preprocessing_version": "1",
     "threshold": 0.42,
@@ -485,6 +486,9 @@ class SpeciesPublic(BaseModel):
     )
     reembedding: dict[str, int] | None = Field(description="Progress of that re-embedding: done, total")
     embedding_dim: int | None
+    architecture: str | None = Field(
+        default=None, description="The serving model's backbone and neck: <backbone>-gap-<neck>"
+    )
     input_size: list[int] | None
     preprocessing_version: str | None
     threshold: float | None

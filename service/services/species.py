@@ -180,6 +180,7 @@ def describe(session: Session, registry: Registry, default_threshold: float) -> 
                 pending_model_version=pending.embedder.model_version if pending else None,
                 reembedding={"done": pending.done, "total": pending.total} if pending else None,
                 embedding_dim=card.embedding_dim if card else None,
+                architecture=card.architecture if card else None,
                 input_size=list(card.preprocess.input_size) if card else None,
                 preprocessing_version=card.preprocess.version if card else None,
                 threshold=threshold,

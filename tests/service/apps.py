@@ -32,15 +32,16 @@ def build_artifact(
     seed: int = 0,
     threshold: float | None = DOG_THRESHOLD,
     input_size: tuple[int, int] = (64, 64),
+    backbone: str = "resnet18",
 ) -> Path:
-    """A random ResNet18 at ``input_size`` (height, width) whose BatchNorm statistics come from
-    random inputs.
+    """A random network (ResNet18 unless ``backbone`` says otherwise) at ``input_size`` (height,
+    width) whose BatchNorm statistics come from random inputs.
 
     Without that calibration every photo embeds to nearly the same vector; with it, different
     synthetic individuals are far apart, so match and unknown decisions are meaningful.
     """
     torch.manual_seed(seed)
-    net = EmbeddingNet(embedding_dim=512)
+    net = EmbeddingNet(embedding_dim=512, backbone=backbone)
     for module in net.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = None
@@ -53,6 +54,7 @@ def build_artifact(
     card = ModelCard(
         species=species,
         embedding_dim=512,
+        architecture=net.architecture,
         preprocess=PreprocessSpec(input_size=input_size),
         threshold=threshold,
         threshold_far=0.01 if threshold is not None else None,

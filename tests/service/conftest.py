@@ -16,12 +16,13 @@ from service.settings import Settings
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """dog (calibrated threshold), cat (no threshold: the settings default applies; portrait input,
-    like the cow crops), dog_v2 (new weights)."""
+    like the cow crops), dog_v2 (new weights), dog_lite (an EfficientNet-Lite0 dog model)."""
     root = tmp_path_factory.mktemp("artifacts")
     return {
         "dog": build_artifact(root / "dog", "dog", seed=0),
         "cat": build_artifact(root / "cat", "cat", seed=1, threshold=None, input_size=(64, 32)),
         "dog_v2": build_artifact(root / "dog_v2", "dog", seed=2),
+        "dog_lite": build_artifact(root / "dog_lite", "dog", seed=3, backbone="efficientnet_lite0"),
     }
 
 

@@ -1,0 +1,54 @@
+"""The service builds whatever backbone the model card names: switching the dog model from ResNet18
+to EfficientNet-Lite0 re-embeds the gallery, and identify, verify and explain work on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from apps import READ, AppRunner, make_models_dir, make_settings
+from imagegen import jpeg
+
+
+def test_switching_to_an_efficientnet_lite_model_reembeds_and_serves_it(
+    database_url: str, tmp_path: Path, artifacts, runner: AppRunner  # noqa: ANN001
+) -> None:
+    models = make_models_dir(tmp_path, artifacts, dog="dog")
+    client = runner.start(make_settings(database_url, tmp_path, models, reembed_batch_size=4))
+    made = {}
+    for individual in range(800, 804):
+        files = [("images", (f"{s}.jpg", jpeg(individual, s), "image/jpeg")) for s in range(2)]
+        data = {"species": "dog", "external_id": f"d{individual}"}
+        response = client.post("/enroll", data=data, files=files)
+        assert response.status_code == 201, response.text
+        made[individual] = response.json()["individual"]["id"]
+    assert client.get("/species/dog", headers=READ).json()["architecture"] == "resnet18-gap-linear-bn"
+
+    make_models_dir(tmp_path, artifacts, dog="dog_lite")
+    assert client.post("/species/dog/reload").status_code == 202
+    assert client.app.state.runtime.reembedder.wait("dog", timeout=120)
+    species = client.get("/species/dog", headers=READ).json()
+    assert species["status"] == "ready", species
+    assert species["architecture"] == "efficientnet_lite0-gap-linear-bn" and species["index_size"] == 8
+
+    for individual, individual_id in made.items():
+        answer = client.post(
+            "/identify", data={"species": "dog"}, files={"image": jpeg(individual, 5)}, headers=READ
+        ).json()
+        assert answer["model_version"] == species["model_version"]
+        assert answer["best"]["individual_id"] == individual_id
+    verify = client.post(
+        "/verify",
+        data={"species": "dog", "individual_id": made[801]},
+        files={"image": jpeg(801, 7)},
+        headers=READ,
+    )
+    assert verify.status_code == 200 and verify.json()["similarity"] > 0
+    explained = client.post(
+        "/explain?format=json",
+        data={"species": "dog", "individual_id": made[802]},
+        files={"image": jpeg(802, 7)},
+        headers=READ,
+    )
+    assert explained.status_code == 200, explained.text
+    body = explained.json()
+    assert body["height"] == body["width"] == 64 and max(map(max, body["heatmap"])) > 0
