@@ -80,7 +80,10 @@ Threshold = Annotated[
     ),
 ]
 Decision = Literal["match", "unknown"]
-ThresholdSource = Literal["request", "model_card", "default"]
+IdentifyDecision = Literal["match", "uncertain", "unknown"]
+# open_set: the model card's table for the gallery's size and the configured target FPIR;
+# model_card: its pair threshold (cards without that table)
+ThresholdSource = Literal["request", "open_set", "model_card", "default"]
 
 EXAMPLE_UUID = "0b6f5a3e-8a55-4c44-9d1d-0e9a5f3c2b71"
 EXAMPLE_IMAGE_UUID = "5d2c1b7e-3f4a-4e8b-a1c9-7b6d5e4f3a21"
@@ -333,17 +336,30 @@ class IdentifyResult(BaseModel):
     )
     species: str
     model_version: str
-    decision: Decision = Field(
-        description="match when the best candidate reaches the threshold, else unknown"
+    decision: IdentifyDecision = Field(
+        description="match when the best candidate reaches the threshold; uncertain when it only reaches "
+        "the review threshold (a person should look); else unknown"
     )
     threshold: float
     threshold_source: ThresholdSource
     best: CandidatePublic | None = Field(
-        description="The matched individual; null when the decision is unknown"
+        description="The matched individual; null unless the decision is match"
     )
     candidates: list[CandidatePublic] = Field(description="Up to top_k individuals, best first, no repeats")
     gallery_size: int = Field(description="Enrolled images searched")
     timings: Timings | None = None
+    confidence: float | None = Field(
+        default=None,
+        description="Calibrated probability that the best candidate is the right animal (fitted on "
+        "validation individuals for this gallery size); null when the model card has no open-set table",
+    )
+    target_fpir: float | None = Field(
+        default=None, description="Share of never-enrolled animals the threshold lets through as match"
+    )
+    review_threshold: float | None = Field(
+        default=None, description="Lower edge of the uncertain band; null when there is none"
+    )
+    reason: str = Field(default="", description="Why this threshold: its source, in words")
 
 
 # Verify --------------------------------------------------------------------------------------------
