@@ -47,6 +47,8 @@ TARGET_FPIRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 """False-positive identification rates the table holds a threshold for."""
 CONFIDENCE_GRID = tuple(round(-0.2 + 0.025 * i, 3) for i in range(49))
 """Similarities at which the confidence curve is stored (-0.2 ... 1.0)."""
+MIN_INDIVIDUALS = 3
+"""Fewest individuals a calibration can use: one stranger and two enrolled (one own, one other)."""
 THRESHOLD_GRID = np.round(np.arange(-0.2, 1.0005, 0.001), 3)
 """Candidate thresholds (cosine similarity) the rates are evaluated at."""
 
@@ -228,8 +230,10 @@ def query_scores(
     labels = np.asarray(individuals)
     group_of = np.asarray(groups)
     names = sorted(set(labels.tolist()))
-    if len(names) < 4:
-        raise ValueError(f"open-set calibration needs at least 4 individuals, got {len(names)}")
+    if len(names) < MIN_INDIVIDUALS:
+        raise ValueError(
+            f"open-set calibration needs at least {MIN_INDIVIDUALS} individuals, got {len(names)}"
+        )
     genuine: list[float] = []
     distractors: list[np.ndarray] = []
     top2: list[tuple[float, float]] = []

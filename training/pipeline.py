@@ -32,7 +32,7 @@ from training.evaluate import (
 )
 from training.gradcam import gradcam_grid, gradcam_map, overlay
 from training.model import EmbeddingNet
-from training.open_set import OpenSetCalibration, calibrate_open_set
+from training.open_set import MIN_INDIVIDUALS, OpenSetCalibration, calibrate_open_set
 from training.preprocess import PreprocessSpec, normalize
 from training.report import write_report
 from training.train import (
@@ -117,9 +117,13 @@ def evaluate_species(
         return embedded[id(shard)]
 
     result, extra = run_protocols(embed, config, val, test, strangers)
-    open_set = calibrate_open_set(
-        embed(val), val.individuals, val.groups, seed=config.seed, repeats=config.eval_repeats
-    )
+    open_set = None
+    if len(set(val.individuals)) >= MIN_INDIVIDUALS:
+        open_set = calibrate_open_set(
+            embed(val), val.individuals, val.groups, seed=config.seed, repeats=config.eval_repeats
+        )
+    else:
+        log.warning("%d validation individuals: too few for the open-set table", len(set(val.individuals)))
     grid = gradcam_grid(gradcam_examples(model, test, spec, config.seed), ["query", "enrolled reference"])
     report = write_report(
         result, out_dir, title=title, card_info=card_info, gradcam_grid=grid, open_set=open_set
@@ -289,6 +293,7 @@ def evaluate_artifact(
     device: str = "auto",
     ignore_groups: bool = False,
     group_pattern: str | None = None,
+    as_species: str | None = None,
 ) -> SpeciesEvaluation:
     """Evaluate an exported model on the test individuals of its training split (or given data).
 
@@ -302,17 +307,31 @@ def evaluate_artifact(
         raise ValueError("give either ignore_groups or group_pattern, not both")
     loaded = load_artifact(artifact, resolve_device(device))
     card = loaded.card
+    if as_species is not None and as_species != card.species:
+        card = replace(card, species=as_species, relabelled_from=card.relabelled_from or card.species)
     config = card_config(card)
     if datasets:
         config = replace(config, datasets=tuple(datasets))
+        others = sorted({d.species for d in datasets if d.species not in (None, card.species)})
+        if others and len(others) == len(datasets):
+            raise ValueError(
+                f"the data is of species {', '.join(map(repr, others))} but the model is for "
+                f"{card.species!r}; to use this model for another species, say so with --as-species"
+            )
     if strangers:
         config = replace(config, strangers=strangers)
     if ignore_groups or group_pattern:
         config = regrouped(config, group_pattern)
     config = replace(config, datasets=tuple(d for d in config.datasets if d.species in (None, card.species)))
-    data = [d for d in prepare_data(config, card.preprocess) if d.species == card.species]
+    prepared = prepare_data(config, card.preprocess)
+    data = [d for d in prepared if d.species == card.species]
     if not data:
-        raise ValueError(f"no dataset of species {card.species!r} in the evaluation configuration")
+        found = sorted({d.species for d in prepared})
+        raise ValueError(
+            f"no dataset of species {card.species!r} in the evaluation configuration (found "
+            f"{', '.join(map(repr, found)) or 'none'}; to use this model for another species, say so "
+            "with --as-species)"
+        )
     return evaluate_species(
         loaded.model,
         card.preprocess,
