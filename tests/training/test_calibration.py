@@ -12,9 +12,9 @@ from test_train import tiny_config
 
 from training.artifact import load_artifact, read_card, sha256_file
 from training.calibration import calibrate_artifact, data_shard, evaluate_all_individuals
-from training.evaluate import calibrate_threshold, embed_pixels
 from training.cli import main
 from training.config import DatasetConfig
+from training.evaluate import calibrate_threshold, embed_pixels
 from training.pipeline import card_config, evaluate_artifact, export_run, split_part
 from training.train import fit
 
