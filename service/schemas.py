@@ -360,6 +360,10 @@ class IdentifyResult(BaseModel):
         default=None, description="Lower edge of the uncertain band; null when there is none"
     )
     reason: str = Field(default="", description="Why this threshold: its source, in words")
+    review_id: uuid.UUID | None = Field(
+        default=None,
+        description="The review-queue item kept for an uncertain answer (when ANIMALID_REVIEW_QUEUE is on)",
+    )
 
 
 # Verify --------------------------------------------------------------------------------------------
@@ -572,3 +576,48 @@ class ReadyResult(BaseModel):
     ready: bool
     database: dict[str, Any]
     species: list[SpeciesReadiness]
+
+
+# Review queue ---------------------------------------------------------------------------------------
+
+ReviewStatusName = Literal["pending", "confirmed", "new_individual", "rejected"]
+
+
+class ReviewItemPublic(BaseModel):
+    id: uuid.UUID
+    species: str
+    status: ReviewStatusName
+    model_version: str
+    candidates: list[CandidatePublic] = Field(description="The identify answer's candidates, best first")
+    similarity: float = Field(description="Similarity of the best candidate")
+    confidence: float | None
+    threshold: float = Field(description="The match threshold the answer was held against")
+    gallery_size: int
+    image_sha256: str
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None = Field(description="Fingerprint of the admin key that resolved it")
+    individual_id: uuid.UUID | None = Field(description="Whom the photo was enrolled to, once resolved")
+    image_id: uuid.UUID | None = Field(description="The enrolled image, once resolved")
+
+
+class ReviewItemsPublic(BaseModel):
+    data: list[ReviewItemPublic]
+    count: int = Field(description="Items matching the filters, all pages together")
+    offset: int
+    limit: int
+
+
+class ReviewResolve(BaseModel):
+    """confirm: the photo shows ``individual_id`` (it is enrolled to it); new_individual: an animal
+    not enrolled yet (created with ``external_id`` and ``name``, the photo enrolled); reject: neither
+    (nothing is enrolled)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"action": "confirm", "individual_id": EXAMPLE_UUID}]},
+    )
+    action: Literal["confirm", "new_individual", "reject"]
+    individual_id: uuid.UUID | None = None
+    external_id: ExternalId | None = None
+    name: Name | None = None

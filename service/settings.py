@@ -65,6 +65,10 @@ class Settings(BaseSettings):
         description="Identify: best candidates between the threshold for this FPIR and the target one are "
         "answered uncertain (no band when it is not above the target)",
     )
+    review_queue: bool = Field(
+        default=False,
+        description="Keep identify queries answered uncertain (photo and candidates) for an admin to resolve",
+    )
     default_top_k: int = Field(default=5, ge=1, description="Candidates returned when top_k is not given")
     max_top_k: int = Field(default=100, ge=1, description="Largest top_k an identify may ask for")
     warmup: bool = Field(default=True, description="Run one forward pass per model at start-up")

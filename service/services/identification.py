@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.db.repository import Repository
 from service.errors import IndividualNotFound, InvalidRequest, SpeciesMismatch
+from service.image_store import ImageStore
 from service.metrics import Metrics
 from service.ml.images import DecodedImage, decode_image
 from service.ml.registry import Registry, Serving
@@ -22,6 +23,7 @@ from service.schemas import (
     Timings,
     VerifyResult,
 )
+from service.services import review
 from training.artifact import ModelCard
 from training.open_set import OpenSetCalibration
 
@@ -138,7 +140,9 @@ def identify(
     top_k: int | None,
     threshold: float | None,
     include_timings: bool,
+    review_store: ImageStore | None = None,
 ) -> IdentifyResult:
+    """``review_store``: keep an uncertain answer in the review queue, its photo in this store."""
     top_k = limits.default_top_k if top_k is None else top_k
     if top_k > limits.max_top_k:
         raise InvalidRequest(f"top_k must be at most {limits.max_top_k}", max_top_k=limits.max_top_k)
@@ -168,7 +172,7 @@ def identify(
     point = operating_point(serving.embedder.card, limits, species, gallery_size, threshold)
     top = candidates[0].similarity if candidates else None
     decision = point.decide(top)
-    return IdentifyResult(
+    result = IdentifyResult(
         species=species,
         model_version=serving.model_version,
         decision=decision,
@@ -183,6 +187,9 @@ def identify(
         review_threshold=point.review_threshold,
         reason=point.reason,
     )
+    if decision == "uncertain" and review_store is not None:
+        result.review_id = review.keep(session, review_store, decoded, result)
+    return result
 
 
 @dataclass(frozen=True)

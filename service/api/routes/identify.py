@@ -68,4 +68,5 @@ def identify(
         fields.top_k,
         fields.threshold,
         fields.include_timings,
+        review_store=runtime.store if runtime.settings.review_queue else None,
     )
