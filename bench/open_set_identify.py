@@ -6,7 +6,8 @@ given artifact (default: the shipped dog model, whose card must hold the open-se
 `animalid calibrate`). The data are the artifact's *test* individuals, by the split recomputed from
 its card (never seen in training, nor in calibration):
 
-* a quarter of them (seeded) are strangers: never enrolled, every photo a query;
+* a quarter of them (seeded) are strangers: never enrolled, every photo a query (at each gallery
+  size, as many stranger dogs as a quarter of the dogs asked about, as in the calibration);
 * the others have about half their photos enrolled (`enrol_query_split`), the rest are queries;
 * the ~100-image gallery enrols a seeded subset of those dogs; the ~1,000-image gallery all of them
   plus, as further distractors, every photo of the artifact's validation individuals (not seen in
@@ -238,8 +239,13 @@ def main() -> int:
                 asked = [
                     (name, p) for name in enrolled if name in chosen.genuine for p in chosen.genuine[name]
                 ]
+                # strangers: a quarter of the dogs asked about, as in the calibration
+                n_asked = len({n for n, _ in asked})
+                n_strangers = round(n_asked * args.stranger_fraction / (1 - args.stranger_fraction))
+                stranger_names = list(dict.fromkeys(n for n, _ in chosen.strangers))[:n_strangers]
+                strangers = [(n, p) for n, p in chosen.strangers if n in stranger_names]
                 answers = []
-                for truth, photo in [*asked, *((None, p) for _, p in chosen.strangers)]:
+                for truth, photo in [*asked, *((None, p) for _, p in strangers)]:
                     answers.append(identify(client, species, photo) | {"truth": truth})
                 figs = figures(answers, card.threshold or 0.0)
                 figs["counts"] = {
@@ -247,8 +253,8 @@ def main() -> int:
                     "enrolled_individuals": len(enrolled),
                     "enrolled_test_individuals": sum(1 for n in enrolled if not n.startswith("pad-")),
                     "enrolled_queries": len(asked),
-                    "stranger_queries": len(chosen.strangers),
-                    "stranger_individuals": len({n for n, _ in chosen.strangers}),
+                    "stranger_queries": len(strangers),
+                    "stranger_individuals": len(stranger_names),
                 }
                 results[str(target)] = figs
                 print(json.dumps({"gallery": target, **figs}), flush=True)

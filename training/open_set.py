@@ -49,6 +49,9 @@ CONFIDENCE_GRID = tuple(round(-0.2 + 0.025 * i, 3) for i in range(49))
 """Similarities at which the confidence curve is stored (-0.2 ... 1.0)."""
 MIN_INDIVIDUALS = 3
 """Fewest individuals a calibration can use: one stranger and two enrolled (one own, one other)."""
+BOOTSTRAP_LEVEL = 0.9
+"""Thresholds are this quantile over bootstrap resamples of the validation strangers."""
+BOOTSTRAP_RESAMPLES = 200
 THRESHOLD_GRID = np.round(np.arange(-0.2, 1.0005, 0.001), 3)
 """Candidate thresholds (cosine similarity) the rates are evaluated at."""
 
@@ -62,6 +65,7 @@ class QueryScores:
     top2: np.ndarray  # (Q, 2) the two best individual scores in the whole validation gallery
     top1_correct: np.ndarray  # (Q,) bool: the best individual is the query's own
     images_per_individual: float  # enrolled images per enrolled individual (mean over repeats)
+    individual: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))  # (Q,) whose photo
 
     @property
     def is_stranger(self) -> np.ndarray:
@@ -75,23 +79,54 @@ def below(sorted_scores: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.searchsorted(sorted_scores, t, side="left") / sorted_scores.size
 
 
+def stranger_match_chance(
+    scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float
+) -> np.ndarray:
+    """(strangers, thresholds): each stranger query's chance of a ``match`` answer."""
+    k = max(float(gallery_individuals), 1.0)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    rows = [
+        1.0 - below(d, thresholds) ** k
+        for g, d in zip(scores.genuine, scores.distractors, strict=True)
+        if math.isnan(g)
+    ]
+    return np.array(rows) if rows else np.zeros((0, thresholds.size))
+
+
 def identification_rates(
     scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(FPIR, TPIR) at each threshold for galleries of ``gallery_individuals`` individuals."""
     k = max(float(gallery_individuals), 1.0)
     thresholds = np.asarray(thresholds, dtype=np.float64)
-    stranger = scores.is_stranger
-    fpir = np.zeros(thresholds.shape)
     tpir = np.zeros(thresholds.shape)
-    n_strangers, n_known = int(stranger.sum()), int((~stranger).sum())
+    n_known = int((~scores.is_stranger).sum())
     for g, d in zip(scores.genuine, scores.distractors, strict=True):
-        if math.isnan(g):
-            fpir += 1.0 - below(d, thresholds) ** k
-        else:
+        if not math.isnan(g):
             # the own individual is in the gallery; k - 1 distractors must all score below it
             tpir += (g >= thresholds) * float(below(d, np.array([g]))[0] ** (k - 1.0))
-    return fpir / max(n_strangers, 1), tpir / max(n_known, 1)
+    chance = stranger_match_chance(scores, thresholds, k)
+    fpir = chance.mean(axis=0) if len(chance) else np.zeros(thresholds.shape)
+    return fpir, tpir / max(n_known, 1)
+
+
+def bootstrap_weights(individuals: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples, queries) weights: each resample draws the queries' individuals with replacement
+    and weighs every query by how often its individual was drawn."""
+    names, index = np.unique(individuals, return_inverse=True)
+    draws = rng.integers(0, len(names), size=(resamples, len(names)))
+    counts = np.stack([np.bincount(row, minlength=len(names)) for row in draws])
+    return counts[:, index].astype(np.float64)
+
+
+def conservative_threshold(
+    thresholds: np.ndarray, chance: np.ndarray, weights: np.ndarray, target: float, level: float
+) -> float:
+    """The ``level`` quantile, over bootstrap resamples of the strangers (``weights``), of the
+    threshold that meets ``target``: a small validation set's luck is not taken as the truth."""
+    fpir = (weights @ chance) / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+    cuts = [threshold_for_fpir(thresholds, row, target) for row in fpir]
+    return float(np.quantile(cuts, level, method="higher"))
 
 
 def threshold_for_fpir(thresholds: np.ndarray, fpir: np.ndarray, target: float) -> float:
@@ -139,6 +174,9 @@ class OpenSetCalibration:
     confidence: list[list[float]]  # [gallery size][similarity]: P(best candidate is right)
     images_per_individual: float
     separation: dict[str, float] = field(default_factory=dict)  # AUROC of similarity and of margin
+    # Largest gallery (images) the validation data holds distinct individuals for; beyond it the
+    # table is an extrapolation (the strangers' highest distractor scores are all it has seen).
+    simulated_up_to: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     # Not stored in the card: the curves the report plots.
     curves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
@@ -153,6 +191,7 @@ class OpenSetCalibration:
             "confidence": [[round(v, 4) for v in row] for row in self.confidence],
             "images_per_individual": round(self.images_per_individual, 3),
             "separation": {k: round(v, 4) for k, v in self.separation.items()},
+            "simulated_up_to": self.simulated_up_to,
             "counts": dict(self.counts),
         }
 
@@ -170,6 +209,7 @@ class OpenSetCalibration:
             confidence=[[float(v) for v in row] for row in data["confidence"]],
             images_per_individual=float(data["images_per_individual"]),
             separation={str(k): float(v) for k, v in dict(data.get("separation") or {}).items()},
+            simulated_up_to=int(data.get("simulated_up_to") or 0),
             counts={str(k): int(v) for k, v in dict(data.get("counts") or {}).items()},
         )
         shapes_ok = (
@@ -238,6 +278,7 @@ def query_scores(
     distractors: list[np.ndarray] = []
     top2: list[tuple[float, float]] = []
     correct: list[bool] = []
+    whose: list[str] = []
     per_individual: list[float] = []
     for r in range(repeats):
         rng = random.Random(f"{seed}:open-set:{r}")
@@ -262,6 +303,7 @@ def query_scores(
             by_ind[:, j] = sim[:, enrol_labels == name].max(axis=1)
         for row, qi in zip(by_ind, queries, strict=True):
             own = labels[qi]
+            whose.append(str(own))
             mask = np.array([name != own for name in enrolled])
             genuine.append(float(row[~mask][0]) if (~mask).any() else math.nan)
             distractors.append(np.sort(row[mask].astype(np.float64)))
@@ -274,6 +316,7 @@ def query_scores(
         top2=np.array(top2),
         top1_correct=np.array(correct),
         images_per_individual=float(np.mean(per_individual)),
+        individual=np.array(whose),
     )
 
 
@@ -313,10 +356,17 @@ def calibrate_open_set(
     stranger_fraction: float = 0.25,
     gallery_sizes: Sequence[int] = GALLERY_SIZES,
     target_fpirs: Sequence[float] = TARGET_FPIRS,
+    level: float = BOOTSTRAP_LEVEL,
+    resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> OpenSetCalibration:
-    """The open-set table of validation embeddings (see the module docstring)."""
+    """The open-set table of validation embeddings (see the module docstring).
+
+    Each threshold is the ``level`` quantile over ``resamples`` bootstrap resamples of the stranger
+    individuals (``level`` 0.5: about the plain estimate; higher: more conservative).
+    """
     scores = query_scores(emb, individuals, groups, seed, repeats, stranger_fraction)
     rng = np.random.default_rng(seed)
+    weights = bootstrap_weights(scores.individual[scores.is_stranger], resamples, rng)
     thresholds: list[list[float]] = []
     tpir_rows: list[list[float]] = []
     confidence: list[list[float]] = []
@@ -325,7 +375,8 @@ def calibrate_open_set(
         k = size / scores.images_per_individual
         fpir, tpir = identification_rates(scores, THRESHOLD_GRID, k)
         curves[int(size)] = (THRESHOLD_GRID, fpir, 1.0 - tpir)
-        row_t = [threshold_for_fpir(THRESHOLD_GRID, fpir, f) for f in target_fpirs]
+        chance = stranger_match_chance(scores, THRESHOLD_GRID, k)
+        row_t = [conservative_threshold(THRESHOLD_GRID, chance, weights, f, level) for f in target_fpirs]
         thresholds.append(row_t)
         tpir_rows.append([float(np.interp(t, THRESHOLD_GRID, tpir)) for t in row_t])
         top, right = sampled_top1(scores, k, rng)
@@ -348,6 +399,9 @@ def calibrate_open_set(
         confidence=confidence,
         images_per_individual=scores.images_per_individual,
         separation=separation,
+        simulated_up_to=round(
+            scores.images_per_individual * float(np.mean([len(d) for d in scores.distractors]))
+        ),
         counts={
             "individuals": len(set(np.asarray(individuals).tolist())),
             "images": len(individuals),

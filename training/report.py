@@ -200,6 +200,13 @@ def open_set_lines(table: OpenSetCalibration, out: Path) -> list[str]:
     for size, thresholds, tpir in zip(table.gallery_sizes, table.thresholds, table.tpir, strict=True):
         cells = (f"{t:.3f} (TPIR {p:.3f})" for t, p in zip(thresholds, tpir, strict=True))
         lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
+    if table.simulated_up_to:
+        lines += [
+            "",
+            f"The validation data hold distinct individuals for galleries up to about "
+            f"{table.simulated_up_to:,} images; rows beyond are extrapolations that can only use the "
+            "highest scores seen, so their true FPIR is likely higher than the target.",
+        ]
     sep = table.separation
     if sep:
         lines += [

@@ -90,7 +90,13 @@ def operating_point(
             threshold=cut,
             source="open_set",
             reason=f"threshold {cut:.3f} keeps never-enrolled animals answered match at {fpir:g} (target "
-            f"FPIR) in a gallery of {gallery_size} images: the model card's open-set table, interpolated",
+            f"FPIR) in a gallery of {gallery_size} images: the model card's open-set table, interpolated"
+            + (
+                f"; the gallery is larger than the {table.simulated_up_to} images its validation data could "
+                "simulate, so the true FPIR is likely higher"
+                if 0 < table.simulated_up_to < gallery_size
+                else ""
+            ),
             review_threshold=review if review is not None and review < cut else None,
             target_fpir=fpir,
             table=table,

@@ -44,6 +44,11 @@ def test_operating_point_interpolates_the_table_for_the_gallery_size() -> None:
     assert point.review_threshold == pytest.approx(0.5)
     assert "100 images" in point.reason and "open-set table" in point.reason
     assert [point.decide(s) for s in (0.75, 0.6, 0.45, None)] == ["match", "uncertain", "unknown", "unknown"]
+    assert "larger than" not in point.reason
+    beyond = operating_point(
+        replace(card, open_set=replace(TABLE, simulated_up_to=50)), LIMITS, "dog", 100, None
+    )
+    assert "larger than the 50 images its validation data could simulate" in beyond.reason
     # cattle's own target FPIR is the review one: no band
     cattle = operating_point(card, LIMITS, "cattle", 100, None)
     assert cattle.threshold == pytest.approx(0.5) and cattle.review_threshold is None

@@ -10,7 +10,9 @@ import pytest
 from training.open_set import (
     OpenSetCalibration,
     QueryScores,
+    bootstrap_weights,
     calibrate_open_set,
+    conservative_threshold,
     identification_rates,
     isotonic,
     sampled_top1,
@@ -128,3 +130,18 @@ def test_calibration_of_clustered_embeddings(clusters) -> None:
     conf = np.array(table.confidence)
     assert (np.diff(conf, axis=1) >= -1e-9).all() and conf.min() >= 0 and conf.max() <= 1
     assert set(table.curves) == {10, 100, 1000}
+
+
+def test_conservative_threshold_is_a_quantile_over_resampled_strangers() -> None:
+    # Two strangers: A matches only at threshold .1, B at .1 and .2. Target FPIR .25.
+    # Resample {A, A}: FPIR .1/.2/.3 = 1, 0, 0 -> .2;  {B, B}: 1, 1, 0 -> .3;  {A, B}: 1, .5, 0 -> .3
+    thresholds = np.array([0.1, 0.2, 0.3])
+    chance = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    weights = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    assert conservative_threshold(thresholds, chance, weights, 0.25, 0.0) == 0.2
+    assert conservative_threshold(thresholds, chance, weights, 0.25, 0.5) == 0.3
+    # every resample draws as many individuals as there are, whole individuals at a time
+    drawn = bootstrap_weights(np.array(["a", "a", "b", "c"]), 50, np.random.default_rng(0))
+    assert drawn.shape == (50, 4)
+    assert (drawn[:, 0] == drawn[:, 1]).all()
+    assert (drawn[:, [0, 2, 3]].sum(axis=1) == 3).all()
