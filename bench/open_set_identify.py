@@ -6,8 +6,9 @@ given artifact (default: the shipped dog model, whose card must hold the open-se
 `animalid calibrate`). The data are the artifact's *test* individuals, by the split recomputed from
 its card (never seen in training, nor in calibration):
 
-* a quarter of them (seeded) are strangers: never enrolled, every photo a query (at each gallery
-  size, as many stranger dogs as a quarter of the dogs asked about, as in the calibration);
+* a quarter of them (seeded) are strangers: never enrolled, every photo a query (all of them at
+  each gallery size; in the confidence's calibration error they weigh as a quarter of the dogs
+  asked about, the mix the confidence was fitted on);
 * the others have about half their photos enrolled (`enrol_query_split`), the rest are queries;
 * the ~100-image gallery enrols a seeded subset of those dogs; the ~1,000-image gallery all of them
   plus, as further distractors, every photo of the artifact's validation individuals (not seen in
@@ -158,19 +159,24 @@ def identify(client: httpx.Client, species: str, photo: Path) -> dict:
     return response.json()
 
 
-def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error: bin-size-weighted |mean confidence - accuracy| over equal-width bins."""
+def ece(confidence: np.ndarray, correct: np.ndarray, weight: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: the weighted mean over equal-width confidence bins of
+    |mean confidence - accuracy|, each bin weighing its share of the (weighted) queries."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     total = 0.0
     for b in range(bins):
         mask = which == b
         if mask.any():
-            total += mask.mean() * abs(confidence[mask].mean() - correct[mask].mean())
+            w = weight[mask]
+            gap = abs(np.average(confidence[mask], weights=w) - np.average(correct[mask], weights=w))
+            total += w.sum() / weight.sum() * gap
     return float(total)
 
 
-def figures(answers: list[dict], pair_threshold: float) -> dict[str, dict[str, float]]:
+def figures(
+    answers: list[dict], pair_threshold: float, stranger_weight: float
+) -> dict[str, dict[str, float]]:
     """Per decision rule: FPIR, right matches of enrolled dogs, wrong matches among match answers."""
     stranger = np.array([a["truth"] is None for a in answers])
     top = np.array(
@@ -196,8 +202,13 @@ def figures(answers: list[dict], pair_threshold: float) -> dict[str, dict[str, f
             "matches": int(matched.sum()),
         }
     confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
+    weight = np.where(stranger, stranger_weight, 1.0)
     out["confidence"] = {
-        "ece": ece(confidence, right.astype(np.float64)),
+        "ece": ece(confidence, right.astype(np.float64), weight),
+        "ece_enrolled_only": ece(
+            confidence[~stranger], right[~stranger].astype(np.float64), weight[~stranger]
+        ),
+        "ece_unweighted": ece(confidence, right.astype(np.float64), np.ones(len(answers))),
         "mean_confidence": float(confidence.mean()),
         "top1_right": float(right.mean()),
     }
@@ -239,15 +250,17 @@ def main() -> int:
                 asked = [
                     (name, p) for name in enrolled if name in chosen.genuine for p in chosen.genuine[name]
                 ]
-                # strangers: a quarter of the dogs asked about, as in the calibration
+                strangers = chosen.strangers
+                stranger_names = sorted({n for n, _ in strangers})
+                # In the confidence's calibration error, strangers weigh as a quarter of the dogs
+                # asked about (as in the calibration), whatever their number here.
                 n_asked = len({n for n, _ in asked})
-                n_strangers = round(n_asked * args.stranger_fraction / (1 - args.stranger_fraction))
-                stranger_names = list(dict.fromkeys(n for n, _ in chosen.strangers))[:n_strangers]
-                strangers = [(n, p) for n, p in chosen.strangers if n in stranger_names]
+                stranger_weight = n_asked * args.stranger_fraction / (1 - args.stranger_fraction)
+                stranger_weight /= len(stranger_names)
                 answers = []
                 for truth, photo in [*asked, *((None, p) for _, p in strangers)]:
                     answers.append(identify(client, species, photo) | {"truth": truth})
-                figs = figures(answers, card.threshold or 0.0)
+                figs = figures(answers, card.threshold or 0.0, stranger_weight)
                 figs["counts"] = {
                     "gallery_images": answers[-1]["gallery_size"],
                     "enrolled_individuals": len(enrolled),

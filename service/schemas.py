@@ -511,6 +511,9 @@ class SpeciesPublic(BaseModel):
     threshold_source: ThresholdSource | None
     threshold_far: float | None
     metrics: dict[str, Any] = Field(description="Evaluation metrics from the model card")
+    trained_for: str | None = Field(
+        default=None, description="The species the model was trained for, when its card was relabelled"
+    )
     device: str | None
     index_on_gpu: bool | None
     index_size: int | None
@@ -583,7 +586,35 @@ class ReadyResult(BaseModel):
 ReviewStatusName = Literal["pending", "confirmed", "new_individual", "rejected"]
 
 
+REVIEW_EXAMPLE = {
+    "id": EXAMPLE_SOURCE_UUID,
+    "species": "dog",
+    "status": "pending",
+    "model_version": "dog-3f6c2a9d81b0",
+    "candidates": [
+        {
+            "individual_id": EXAMPLE_UUID,
+            "external_id": "kennel-7/rex",
+            "name": "Rex",
+            "similarity": 0.66,
+            "image_id": EXAMPLE_IMAGE_UUID,
+        }
+    ],
+    "similarity": 0.66,
+    "confidence": 0.41,
+    "threshold": 0.70,
+    "gallery_size": 1250,
+    "image_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "created_at": EXAMPLE_TS,
+    "resolved_at": None,
+    "resolved_by": None,
+    "individual_id": None,
+    "image_id": None,
+}
+
+
 class ReviewItemPublic(BaseModel):
+    model_config = _examples(REVIEW_EXAMPLE)
     id: uuid.UUID
     species: str
     status: ReviewStatusName
@@ -602,6 +633,7 @@ class ReviewItemPublic(BaseModel):
 
 
 class ReviewItemsPublic(BaseModel):
+    model_config = _examples({"data": [REVIEW_EXAMPLE], "count": 1, "offset": 0, "limit": 50})
     data: list[ReviewItemPublic]
     count: int = Field(description="Items matching the filters, all pages together")
     offset: int

@@ -109,3 +109,19 @@ def test_identify_answers_with_the_table(
     assert other["confidence"] == pytest.approx((other["candidates"][0]["similarity"] + 1) / 2, abs=1e-6)
     asked = ask(jpeg(300, 7), threshold="-1")
     assert (asked["decision"], asked["threshold_source"]) == ("match", "request")
+
+
+def test_a_relabelled_card_serves_another_species_and_says_what_it_was_trained_for(
+    runner: AppRunner, database_url: str, tmp_path: Path, dog_with_table: Path
+) -> None:
+    lion = write_card(
+        replace(read_card(dog_with_table), species="lion", relabelled_from="dog"),
+        tmp_path / "lion",
+        weights_from=dog_with_table,
+    )
+    models = make_models_dir(tmp_path, {"lion": lion, "dog": dog_with_table}, lion="lion", cat="dog")
+    client = runner.start(make_settings(database_url, tmp_path, models))
+    species = {s["name"]: s for s in client.get("/species", headers=READ).json()["data"]}
+    assert (species["lion"]["status"], species["lion"]["trained_for"]) == ("ready", "dog")
+    assert species["cat"]["status"] == "disabled"
+    assert "animalid calibrate ARTIFACT --as-species cat" in species["cat"]["reason"]

@@ -14,14 +14,17 @@ from test_open_set_decision import dog_with_table  # noqa: F401  (fixture)
 from service.db.repository import Repository
 
 
-def test_uncertain_answers_are_kept_and_resolved(
-    runner: AppRunner,
-    database_url: str,
-    tmp_path: Path,
-    dog_with_table: Path,  # noqa: F811
-) -> None:
+@pytest.fixture
+def start(runner: AppRunner, database_url: str, tmp_path: Path, dog_with_table: Path):  # noqa: F811
+    """Start an app serving the dog model whose card answers every non-identical photo uncertain."""
     models = make_models_dir(tmp_path, {"dog": dog_with_table}, dog="dog")
-    client = runner.start(make_settings(database_url, tmp_path, models, review_fpir=0.1, review_queue=True))
+    return lambda **overrides: runner.start(
+        make_settings(database_url, tmp_path, models, review_fpir=0.1, **overrides)
+    )
+
+
+def test_uncertain_answers_are_kept_and_resolved(start) -> None:  # noqa: ANN001
+    client = start(review_queue=True)
     rex = enroll(client, 300)["individual"]
     enroll(client, 301)
 
@@ -91,17 +94,9 @@ def test_uncertain_answers_are_kept_and_resolved(
     ]
 
 
-@pytest.mark.parametrize("status", ["pending"])
-def test_without_the_queue_nothing_is_kept(
-    status: str,
-    runner: AppRunner,
-    database_url: str,
-    tmp_path: Path,
-    dog_with_table: Path,  # noqa: F811
-) -> None:
-    models = make_models_dir(tmp_path, {"dog": dog_with_table}, dog="dog")
-    client = runner.start(make_settings(database_url, tmp_path, models, review_fpir=0.1))
+def test_without_the_queue_nothing_is_kept(start) -> None:  # noqa: ANN001
+    client = start()
     enroll(client, 300)
     answer = client.post("/identify", data={"species": "dog"}, files={"image": jpeg(300, 7)}).json()
     assert (answer["decision"], answer["review_id"]) == ("uncertain", None)
-    assert client.get("/review", params={"status": status}).json()["count"] == 0
+    assert client.get("/review", params={"status": "pending"}).json()["count"] == 0

@@ -33,7 +33,9 @@ def list_items(
     registry: RegistryDep,
     pagination: PageDep,
     species: Annotated[str | None, Query(description="Only this species", examples=["dog"])] = None,
-    status: Annotated[ReviewStatusName | None, Query(description="Only this status")] = None,
+    status: Annotated[
+        ReviewStatusName | None, Query(description="Only this status", examples=["pending"])
+    ] = None,
 ) -> ReviewItemsPublic:
     return review.list_items(session, registry, species, status, pagination)
 
