@@ -11,7 +11,7 @@ import anyio
 from fastapi import FastAPI
 
 from service import __version__
-from service.api.routes import enroll, explain, health, identify, individuals, species, verify
+from service.api.routes import enroll, explain, health, identify, individuals, review, species, verify
 from service.api.upload_limit import UploadLimitMiddleware
 from service.errors import ConfigurationError, install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None, on_startup: StartupHook | None 
         individuals.router,
         species.router,
         health.router,
+        review.router,
     ):
         app.include_router(router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

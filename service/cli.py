@@ -45,14 +45,12 @@ def limit_threads(settings: Settings) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from service import listening
     from service.app import create_app
 
     settings = _settings(args)
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level.lower()
-    )
+    sock = listening.bind(settings.host, settings.port)  # before anything slow: a taken port fails now
+    listening.serve(create_app(settings), sock, args.log_level.lower())
     return 0
 
 
@@ -72,9 +70,7 @@ def _redacted(url: str) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service import demo
+    from service import demo, listening
     from service.app import create_app
     from service.db import migrate
     from service.runtime import Runtime
@@ -96,6 +92,7 @@ def _demo(args: argparse.Namespace) -> int:
         models_dir=paths.models,
         auth_disabled=True,
     )
+    sock = listening.bind(settings.host, settings.port)  # before migrating: a taken port fails now
     print("AnimalID demo: authentication is DISABLED (demo only; never expose this server).")
     print(f"database: {_redacted(settings.database_url)}; images: {settings.image_store_dir}")
     migrate.upgrade(settings.database_url)
@@ -117,7 +114,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"API docs: http://{settings.host}:{settings.port}/docs", flush=True)
 
     app = create_app(settings, on_startup=ready)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level.lower())
+    listening.serve(app, sock, args.log_level.lower())
     return 0
 
 

@@ -76,6 +76,16 @@ class ExternalIdConflict(ServiceError):
     code = "external_id_conflict"
 
 
+class ReviewNotFound(ServiceError):
+    status_code = 404
+    code = "review_not_found"
+
+
+class ReviewAlreadyResolved(ServiceError):
+    status_code = 409
+    code = "review_already_resolved"
+
+
 class IndexUpdateFailed(ServiceError):
     """The request's rows are committed but the search index could not take their vectors."""
 

@@ -46,6 +46,9 @@ class Runtime:
             default_threshold=self.settings.default_threshold,
             default_top_k=self.settings.default_top_k,
             max_top_k=self.settings.max_top_k,
+            target_fpir=self.settings.target_fpir,
+            target_fpir_by_species=dict(self.settings.target_fpir_by_species),
+            review_fpir=self.settings.review_fpir,
         )
 
     def close(self) -> None:

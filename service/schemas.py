@@ -80,7 +80,10 @@ Threshold = Annotated[
     ),
 ]
 Decision = Literal["match", "unknown"]
-ThresholdSource = Literal["request", "model_card", "default"]
+IdentifyDecision = Literal["match", "uncertain", "unknown"]
+# open_set: the model card's table for the gallery's size and the configured target FPIR;
+# model_card: its pair threshold (cards without that table)
+ThresholdSource = Literal["request", "open_set", "model_card", "default"]
 
 EXAMPLE_UUID = "0b6f5a3e-8a55-4c44-9d1d-0e9a5f3c2b71"
 EXAMPLE_IMAGE_UUID = "5d2c1b7e-3f4a-4e8b-a1c9-7b6d5e4f3a21"
@@ -333,17 +336,34 @@ class IdentifyResult(BaseModel):
     )
     species: str
     model_version: str
-    decision: Decision = Field(
-        description="match when the best candidate reaches the threshold, else unknown"
+    decision: IdentifyDecision = Field(
+        description="match when the best candidate reaches the threshold; uncertain when it only reaches "
+        "the review threshold (a person should look); else unknown"
     )
     threshold: float
     threshold_source: ThresholdSource
     best: CandidatePublic | None = Field(
-        description="The matched individual; null when the decision is unknown"
+        description="The matched individual; null unless the decision is match"
     )
     candidates: list[CandidatePublic] = Field(description="Up to top_k individuals, best first, no repeats")
     gallery_size: int = Field(description="Enrolled images searched")
     timings: Timings | None = None
+    confidence: float | None = Field(
+        default=None,
+        description="Calibrated probability that the best candidate is the right animal (fitted on "
+        "validation individuals for this gallery size); null when the model card has no open-set table",
+    )
+    target_fpir: float | None = Field(
+        default=None, description="Share of never-enrolled animals the threshold lets through as match"
+    )
+    review_threshold: float | None = Field(
+        default=None, description="Lower edge of the uncertain band; null when there is none"
+    )
+    reason: str = Field(default="", description="Why this threshold: its source, in words")
+    review_id: uuid.UUID | None = Field(
+        default=None,
+        description="The review-queue item kept for an uncertain answer (when ANIMALID_REVIEW_QUEUE is on)",
+    )
 
 
 # Verify --------------------------------------------------------------------------------------------
@@ -495,6 +515,9 @@ class SpeciesPublic(BaseModel):
     threshold_source: ThresholdSource | None
     threshold_far: float | None
     metrics: dict[str, Any] = Field(description="Evaluation metrics from the model card")
+    trained_for: str | None = Field(
+        default=None, description="The species the model was trained for, when its card was relabelled"
+    )
     device: str | None
     index_on_gpu: bool | None
     index_size: int | None
@@ -560,3 +583,77 @@ class ReadyResult(BaseModel):
     ready: bool
     database: dict[str, Any]
     species: list[SpeciesReadiness]
+
+
+# Review queue ---------------------------------------------------------------------------------------
+
+ReviewStatusName = Literal["pending", "confirmed", "new_individual", "rejected"]
+
+
+REVIEW_EXAMPLE = {
+    "id": EXAMPLE_SOURCE_UUID,
+    "species": "dog",
+    "status": "pending",
+    "model_version": "dog-3f6c2a9d81b0",
+    "candidates": [
+        {
+            "individual_id": EXAMPLE_UUID,
+            "external_id": "kennel-7/rex",
+            "name": "Rex",
+            "similarity": 0.66,
+            "image_id": EXAMPLE_IMAGE_UUID,
+        }
+    ],
+    "similarity": 0.66,
+    "confidence": 0.41,
+    "threshold": 0.70,
+    "gallery_size": 1250,
+    "image_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "created_at": EXAMPLE_TS,
+    "resolved_at": None,
+    "resolved_by": None,
+    "individual_id": None,
+    "image_id": None,
+}
+
+
+class ReviewItemPublic(BaseModel):
+    model_config = _examples(REVIEW_EXAMPLE)
+    id: uuid.UUID
+    species: str
+    status: ReviewStatusName
+    model_version: str
+    candidates: list[CandidatePublic] = Field(description="The identify answer's candidates, best first")
+    similarity: float = Field(description="Similarity of the best candidate")
+    confidence: float | None
+    threshold: float = Field(description="The match threshold the answer was held against")
+    gallery_size: int
+    image_sha256: str
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None = Field(description="Fingerprint of the admin key that resolved it")
+    individual_id: uuid.UUID | None = Field(description="Whom the photo was enrolled to, once resolved")
+    image_id: uuid.UUID | None = Field(description="The enrolled image, once resolved")
+
+
+class ReviewItemsPublic(BaseModel):
+    model_config = _examples({"data": [REVIEW_EXAMPLE], "count": 1, "offset": 0, "limit": 50})
+    data: list[ReviewItemPublic]
+    count: int = Field(description="Items matching the filters, all pages together")
+    offset: int
+    limit: int
+
+
+class ReviewResolve(BaseModel):
+    """confirm: the photo shows ``individual_id`` (it is enrolled to it); new_individual: an animal
+    not enrolled yet (created with ``external_id`` and ``name``, the photo enrolled); reject: neither
+    (nothing is enrolled)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"action": "confirm", "individual_id": EXAMPLE_UUID}]},
+    )
+    action: Literal["confirm", "new_individual", "reject"]
+    individual_id: uuid.UUID | None = None
+    external_id: ExternalId | None = None
+    name: Name | None = None

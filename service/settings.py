@@ -47,6 +47,28 @@ class Settings(BaseSettings):
     default_threshold: float = Field(
         default=0.5, ge=-1.0, le=1.0, description="Cosine threshold when a model card has no calibrated one"
     )
+    target_fpir: float = Field(
+        default=0.01,
+        gt=0.0,
+        lt=1.0,
+        description="Identify: share of never-enrolled animals that may be answered match (false-positive "
+        "identification rate); the threshold for it at the gallery's size comes from the model card",
+    )
+    target_fpir_by_species: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per-species target FPIR, JSON, e.g. {"cattle": 0.05}; others use target_fpir',
+    )
+    review_fpir: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="Identify: best candidates between the threshold for this FPIR and the target one are "
+        "answered uncertain (no band when it is not above the target)",
+    )
+    review_queue: bool = Field(
+        default=False,
+        description="Keep identify queries answered uncertain (photo and candidates) for an admin to resolve",
+    )
     default_top_k: int = Field(default=5, ge=1, description="Candidates returned when top_k is not given")
     max_top_k: int = Field(default=100, ge=1, description="Largest top_k an identify may ask for")
     warmup: bool = Field(default=True, description="Run one forward pass per model at start-up")
@@ -59,6 +81,14 @@ class Settings(BaseSettings):
         default=32, gt=0, description="Images per batch when re-embedding after a model change"
     )
     explain_max_side: int = Field(default=512, gt=0, description="Longest side of the Grad-CAM overlay PNG")
+
+    @field_validator("target_fpir_by_species")
+    @classmethod
+    def _fpirs_are_rates(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not 0.0 < v < 1.0}
+        if bad:
+            raise ValueError(f"target FPIRs must lie strictly between 0 and 1, got {bad}")
+        return value
 
     @field_validator("database_url")
     @classmethod

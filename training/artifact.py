@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from training import __version__
 from training.model import ARCHITECTURE, EmbeddingNet, parse_architecture
+from training.open_set import OpenSetCalibration
 from training.preprocess import PREPROCESS_VERSION, PreprocessSpec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -47,6 +49,11 @@ class ModelCard:
     weights_sha256: str = ""
     weights_dtype: str = "float32"
     format_version: int = FORMAT_VERSION
+    # Thresholds per gallery size and target FPIR, and the confidence curve (training/open_set.py);
+    # None for cards written before open-set calibration existed.
+    open_set: OpenSetCalibration | None = None
+    # The species the weights were trained for, when the card was relabelled for another one.
+    relabelled_from: str | None = None
 
     @property
     def model_version(self) -> str:
@@ -74,6 +81,8 @@ class ModelCard:
             "code_version": self.code_version,
             "weights_sha256": self.weights_sha256,
             "weights_dtype": self.weights_dtype,
+            "open_set": None if self.open_set is None else self.open_set.to_dict(),
+            "relabelled_from": self.relabelled_from,
         }
 
     @classmethod
@@ -102,6 +111,8 @@ class ModelCard:
                 code_version=str(data.get("code_version", "")),
                 weights_sha256=str(data["weights_sha256"]),
                 weights_dtype=str(data.get("weights_dtype", "float32")),
+                open_set=OpenSetCalibration.from_dict(data["open_set"]) if data.get("open_set") else None,
+                relabelled_from=None if data.get("relabelled_from") is None else str(data["relabelled_from"]),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ArtifactError(f"invalid model card: {exc!r}") from exc
@@ -160,6 +171,27 @@ def export_artifact(model: EmbeddingNet, card: ModelCard, out_dir: str | Path, f
     card.weights_dtype = "float16" if fp16 else "float32"
     card.embedding_dim = model.embedding_dim
     (out / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
+    return out
+
+
+def write_card(card: ModelCard, out_dir: str | Path, weights_from: str | Path | None = None) -> Path:
+    """Write ``card`` into ``out_dir``; with ``weights_from``, copy that artifact's weights beside it.
+
+    The weights must be the ones the card pins: a card is never paired with other weights.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if weights_from is not None and Path(weights_from).resolve() != out.resolve():
+        partial = (out / WEIGHTS_FILE).with_suffix(".partial")
+        shutil.copyfile(Path(weights_from) / WEIGHTS_FILE, partial)
+        partial.chmod(0o644)
+        partial.replace(out / WEIGHTS_FILE)
+    weights = out / WEIGHTS_FILE
+    if not weights.is_file() or sha256_file(weights) != card.weights_sha256:
+        raise ArtifactError(f"{weights} is missing or not the weights the card pins")
+    partial_card = out / (CARD_FILE + ".partial")
+    partial_card.write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
+    partial_card.replace(out / CARD_FILE)
     return out
 
 

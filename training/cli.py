@@ -59,6 +59,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="inference device"
     )
+    evaluate.add_argument(
+        "--all-individuals",
+        action="store_true",
+        help="use every individual of the --dataset as a test individual, decided with the model card's "
+        "own calibration (no split, no recalibration on that data)",
+    )
+    evaluate.add_argument(
+        "--as-species",
+        metavar="SPECIES",
+        help="evaluate the model as a model for SPECIES (data labelled with another species than the card's)",
+    )
     grouping = evaluate.add_mutually_exclusive_group()
     grouping.add_argument(
         "--ignore-groups",
@@ -73,6 +84,34 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="group key to use instead of the one the model was trained with (regex over file names)",
     )
     evaluate.set_defaults(func=_evaluate)
+
+    calibrate = subparsers.add_parser(
+        "calibrate",
+        help="write a copy of an artifact whose card holds the open-set table (thresholds per gallery size)",
+        description="Simulates galleries of several sizes on validation individuals (by default the "
+        "artifact's own, its split recomputed from the card) and stores, per gallery size, the threshold "
+        "for each target FPIR and the confidence curve. With --dataset every individual of that data is "
+        "used instead and the pair threshold is recalibrated on it; with --as-species the card is "
+        "relabelled for that species (and records the species it was trained for), so the service serves "
+        "it from that species' folder.",
+    )
+    calibrate.add_argument(
+        "artifact", type=Path, help="artifact folder (model.safetensors + model_card.json)"
+    )
+    calibrate.add_argument(
+        "--out", type=Path, required=True, help="artifact folder to write (may be ARTIFACT: card replaced)"
+    )
+    calibrate.add_argument(
+        "--dataset", action="append", metavar="SOURCE[:SPECIES]", help="calibrate on this data"
+    )
+    calibrate.add_argument(
+        "--source", metavar="PATH", help="where the card's own training data lives now (manifest or folder)"
+    )
+    calibrate.add_argument("--as-species", metavar="SPECIES", help="relabel the card for SPECIES")
+    calibrate.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="inference device"
+    )
+    calibrate.set_defaults(func=_calibrate)
 
     gradcam = subparsers.add_parser(
         "gradcam", help="Grad-CAM heatmap of an image's similarity to a reference image, as PNG"
@@ -106,20 +145,47 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from training.calibration import evaluate_all_individuals
     from training.pipeline import evaluate_artifact
 
     datasets = [DatasetConfig.parse(d) for d in args.dataset] if args.dataset else None
     strangers = DatasetConfig.parse(args.strangers) if args.strangers else None
-    result = evaluate_artifact(
-        args.artifact,
-        args.out,
-        datasets,
-        strangers,
-        args.device,
-        ignore_groups=args.ignore_groups,
-        group_pattern=args.group_pattern,
-    )
+    if args.all_individuals:
+        if not datasets:
+            raise SystemExit("--all-individuals needs --dataset (the data to test on)")
+        if args.ignore_groups or args.group_pattern:
+            raise SystemExit("--all-individuals takes the group key from --dataset's data as read")
+        result = evaluate_all_individuals(
+            args.artifact, args.out, datasets, strangers, args.as_species, args.device
+        )
+    else:
+        result = evaluate_artifact(
+            args.artifact,
+            args.out,
+            datasets,
+            strangers,
+            args.device,
+            ignore_groups=args.ignore_groups,
+            group_pattern=args.group_pattern,
+            as_species=args.as_species,
+        )
     print(json.dumps({"report": str(result.report), "threshold": result.threshold, **result.metrics()}))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from training.calibration import calibrate_artifact
+
+    datasets = [DatasetConfig.parse(d) for d in args.dataset] if args.dataset else None
+    out, table = calibrate_artifact(
+        args.artifact, args.out, datasets, args.source, args.as_species, args.device
+    )
+    summary = {
+        f"threshold_fpir_{f:g}_at_{n}": round(table.threshold(n, f), 4)
+        for n in (100, 1000)
+        for f in (0.01, 0.05)
+    }
+    print(json.dumps({"artifact": str(out), **summary, **table.separation}))
     return 0
 
 

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from training.evaluate import (
 )
 from training.gradcam import gradcam_grid, gradcam_map, overlay
 from training.model import EmbeddingNet
+from training.open_set import MIN_INDIVIDUALS, OpenSetCalibration, calibrate_open_set
 from training.preprocess import PreprocessSpec, normalize
 from training.report import write_report
 from training.train import (
@@ -56,6 +57,7 @@ class SpeciesEvaluation:
     result: EvaluationResult
     report: Path
     paper: dict[str, float]  # the DogFaceNet paper's protocols
+    open_set: OpenSetCalibration | None = None  # the 1:N table from validation individuals
 
     def metrics(self) -> dict[str, Any]:
         """What the model card records."""
@@ -110,11 +112,25 @@ def evaluate_species(
 ) -> SpeciesEvaluation:
     """Calibrate the threshold on validation individuals, evaluate on test ones, write the report."""
     device = next(model.parameters()).device
-    result, extra = run_protocols(
-        lambda shard: embed_pixels(model, shard.pixels, spec, device), config, val, test, strangers
-    )
+    embedded: dict[int, np.ndarray] = {}
+
+    def embed(shard: Shard) -> np.ndarray:
+        if id(shard) not in embedded:
+            embedded[id(shard)] = embed_pixels(model, shard.pixels, spec, device)
+        return embedded[id(shard)]
+
+    result, extra = run_protocols(embed, config, val, test, strangers)
+    open_set = None
+    if len(set(val.individuals)) >= MIN_INDIVIDUALS:
+        open_set = calibrate_open_set(
+            embed(val), val.individuals, val.groups, seed=config.seed, repeats=config.eval_repeats
+        )
+    else:
+        log.warning("%d validation individuals: too few for the open-set table", len(set(val.individuals)))
     grid = gradcam_grid(gradcam_examples(model, test, spec, config.seed), ["query", "enrolled reference"])
-    report = write_report(result, out_dir, title=title, card_info=card_info, gradcam_grid=grid)
+    report = write_report(
+        result, out_dir, title=title, card_info=card_info, gradcam_grid=grid, open_set=open_set
+    )
     with report.open("a") as fh:
         fh.write(
             "\n## DogFaceNet paper protocols (Mougeot et al. 2019)\n\n"
@@ -126,7 +142,7 @@ def evaluate_species(
             f"| one-shot identification rank-5 | "
             f"{extra['one_shot_rank5']:.4f} ± {extra['one_shot_rank5_std']:.4f} |\n"
         )
-    return SpeciesEvaluation(test.species, result.threshold, result, report, extra)
+    return SpeciesEvaluation(test.species, result.threshold, result, report, extra, open_set)
 
 
 def run_protocols(
@@ -219,6 +235,7 @@ def export_run(
         card.threshold = evaluation.threshold
         card.threshold_far = config.target_far
         card.metrics = evaluation.metrics()
+        card.open_set = evaluation.open_set
         export_artifact(model, card, target, fp16=config.fp16_export if fp16 is None else fp16)
         log.info("exported %s to %s", d.species, target)
         written.append(target)
@@ -252,16 +269,22 @@ def held_out(card: ModelCard, source: str | Path | None = None) -> Dataset:
 
     ``source`` reads the same data from another place than the one recorded at training time.
     """
+    return split_part(card, "test", source)
+
+
+def split_part(card: ModelCard, part: Literal["val", "test"], source: str | Path | None = None) -> Dataset:
+    """Every photo of the artifact's validation or test individuals, by the split it was trained with."""
     config = card_config(card)
+    species = card.relabelled_from or card.species
     # A dataset configured without a species takes it from its manifest: read to find out.
-    for ds_cfg in (d for d in config.datasets if d.species in (None, card.species)):
+    for ds_cfg in (d for d in config.datasets if d.species in (None, species)):
         if source is not None:
             ds_cfg = replace(ds_cfg, source=str(source))
         dataset, split = split_dataset(config, ds_cfg)
-        if dataset.samples and dataset.samples[0].species == card.species:
-            test = set(split.test)
-            return Dataset(tuple(s for s in dataset.samples if s.individual in test), dataset.source)
-    raise ValueError(f"no dataset of species {card.species!r} in the model's training configuration")
+        if dataset.samples and dataset.samples[0].species == species:
+            keep = set(getattr(split, part))
+            return Dataset(tuple(s for s in dataset.samples if s.individual in keep), dataset.source)
+    raise ValueError(f"no dataset of species {species!r} in the model's training configuration")
 
 
 def regrouped(config: TrainConfig, group_pattern: str | None) -> TrainConfig:
@@ -277,6 +300,7 @@ def evaluate_artifact(
     device: str = "auto",
     ignore_groups: bool = False,
     group_pattern: str | None = None,
+    as_species: str | None = None,
 ) -> SpeciesEvaluation:
     """Evaluate an exported model on the test individuals of its training split (or given data).
 
@@ -290,17 +314,31 @@ def evaluate_artifact(
         raise ValueError("give either ignore_groups or group_pattern, not both")
     loaded = load_artifact(artifact, resolve_device(device))
     card = loaded.card
+    if as_species is not None and as_species != card.species:
+        card = replace(card, species=as_species, relabelled_from=card.relabelled_from or card.species)
     config = card_config(card)
     if datasets:
         config = replace(config, datasets=tuple(datasets))
+        others = sorted({d.species for d in datasets if d.species not in (None, card.species)})
+        if others and len(others) == len(datasets):
+            raise ValueError(
+                f"the data is of species {', '.join(map(repr, others))} but the model is for "
+                f"{card.species!r}; to use this model for another species, say so with --as-species"
+            )
     if strangers:
         config = replace(config, strangers=strangers)
     if ignore_groups or group_pattern:
         config = regrouped(config, group_pattern)
     config = replace(config, datasets=tuple(d for d in config.datasets if d.species in (None, card.species)))
-    data = [d for d in prepare_data(config, card.preprocess) if d.species == card.species]
+    prepared = prepare_data(config, card.preprocess)
+    data = [d for d in prepared if d.species == card.species]
     if not data:
-        raise ValueError(f"no dataset of species {card.species!r} in the evaluation configuration")
+        found = sorted({d.species for d in prepared})
+        raise ValueError(
+            f"no dataset of species {card.species!r} in the evaluation configuration (found "
+            f"{', '.join(map(repr, found)) or 'none'}; to use this model for another species, say so "
+            "with --as-species)"
+        )
     return evaluate_species(
         loaded.model,
         card.preprocess,

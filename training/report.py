@@ -14,10 +14,13 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
+    from training.open_set import OpenSetCalibration
+
 ROC_PNG = "roc.png"
 CMC_PNG = "cmc.png"
 HISTOGRAM_PNG = "similarity_histogram.png"
 GRADCAM_PNG = "gradcam.png"
+OPEN_SET_PNG = "open_set_fpir_fnir.png"
 HARDEST_ROWS = 10  # individuals listed in the report's "lowest top-1" table
 
 _LABELS = {
@@ -161,6 +164,63 @@ def _plot_histogram(result: EvaluationResult, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _plot_open_set(table: OpenSetCalibration, path: Path) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    for size, (thresholds, fpir, fnir) in sorted(table.curves.items()):
+        (line,) = ax.plot(thresholds, fpir, label=f"{size:,} images")
+        ax.plot(thresholds, fnir, linestyle="--", color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_ylim(1e-4, 1.0)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("threshold (cosine similarity of the best candidate)")
+    ax.set_ylabel("FPIR (solid), FNIR (dashed)")
+    ax.set_title("Open-set identification by gallery size, validation")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower left", fontsize="x-small", ncols=2)
+    fig.savefig(path, dpi=120)
+
+
+def open_set_lines(table: OpenSetCalibration, out: Path) -> list[str]:
+    """The report's section on the open-set table (and its plot when the curves are at hand)."""
+    counts = table.counts
+    lines = [
+        "## Open-set calibration (1:N search)",
+        "",
+        f"Simulated galleries on validation individuals ({counts.get('individuals', 0)} individuals, "
+        f"{counts.get('images', 0)} images, {counts.get('repeats', 0)} repeats; a quarter of the "
+        "individuals never enrolled, half of each other individual's images enrolled; "
+        f"{table.images_per_individual:.2f} enrolled images per individual). Threshold for each target "
+        "FPIR (share of never-enrolled animals answered `match`) and the TPIR it leaves (enrolled "
+        "animals answered `match` with the right individual):",
+        "",
+        "| gallery images | " + " | ".join(f"FPIR {f:g}" for f in table.target_fpirs) + " |",
+        "|---|" + "---|" * len(table.target_fpirs),
+    ]
+    for size, thresholds, tpir in zip(table.gallery_sizes, table.thresholds, table.tpir, strict=True):
+        cells = (f"{t:.3f} (TPIR {p:.3f})" for t, p in zip(thresholds, tpir, strict=True))
+        lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
+    if table.simulated_up_to:
+        lines += [
+            "",
+            f"The validation data hold distinct individuals for galleries up to about "
+            f"{table.simulated_up_to:,} images; rows beyond are extrapolations that can only use the "
+            "highest scores seen, so their true FPIR is likely higher than the target.",
+        ]
+    sep = table.separation
+    if sep:
+        lines += [
+            "",
+            f"Telling enrolled (rightly ranked) from never-enrolled queries, AUROC: top-1 similarity "
+            f"{sep.get('similarity_auroc', float('nan')):.4f}, rank-1 minus rank-2 margin "
+            f"{sep.get('margin_auroc', float('nan')):.4f}. The decision uses the similarity.",
+        ]
+    if table.curves:
+        _plot_open_set(table, out / OPEN_SET_PNG)
+        lines += ["", f"![FPIR and FNIR by gallery size]({OPEN_SET_PNG})"]
+    return [*lines, ""]
+
+
 def write_report(
     result: EvaluationResult,
     out_dir: str | Path,
@@ -168,6 +228,7 @@ def write_report(
     title: str,
     card_info: dict[str, Any],
     gradcam_grid: Image.Image | None = None,
+    open_set: OpenSetCalibration | None = None,
 ) -> Path:
     """Write ``report.md`` (tables, mean ± sd over repeats), ``metrics.json`` and the plots into
     ``out_dir``; returns the path of ``report.md``."""
@@ -239,6 +300,8 @@ def write_report(
             *_mean_sd_table(result.open_set),
             "",
         ]
+    if open_set is not None:
+        lines += open_set_lines(open_set, out)
     if gradcam_grid is not None:
         gradcam_grid.save(out / GRADCAM_PNG)
         lines += [

@@ -173,3 +173,33 @@ class AuditEntry(Base):
     actor: Mapped[str] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class ReviewStatus:
+    PENDING = "pending"
+    CONFIRMED = "confirmed"  # the photo was enrolled to an existing individual
+    NEW_INDIVIDUAL = "new_individual"  # the photo was enrolled as a new individual
+    REJECTED = "rejected"
+
+
+class ReviewItem(Base):
+    """An identify answered ``uncertain``, kept (photo and candidates) for a person to decide."""
+
+    __tablename__ = "review_items"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    species_id: Mapped[int] = mapped_column(ForeignKey("species.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=ReviewStatus.PENDING, index=True)
+    storage_path: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(128))
+    candidates: Mapped[list[dict[str, Any]]] = mapped_column(JsonDoc, default=list)
+    similarity: Mapped[float] = mapped_column(Float)
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold: Mapped[float] = mapped_column(Float)
+    gallery_size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    resolved_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    individual_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    image_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)

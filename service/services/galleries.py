@@ -29,7 +29,9 @@ def load_embedder(species: str, path: Path, device: torch.device, warmup: bool) 
     loaded = load_artifact(path, device)
     if loaded.card.species != species:
         raise ArtifactError(
-            f"the model card is for species {loaded.card.species!r} but the folder is {species!r}"
+            f"the model card is for species {loaded.card.species!r} but the folder is {species!r} (to "
+            f"serve it for {species!r}, write a relabelled copy: animalid calibrate ARTIFACT --as-species "
+            f"{species} --dataset PHOTOS:{species} --out DIR)"
         )
     embedder = Embedder(loaded, device)
     if warmup:

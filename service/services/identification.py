@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy.orm import Session
 
 from service.db.repository import Repository
 from service.errors import IndividualNotFound, InvalidRequest, SpeciesMismatch
+from service.image_store import ImageStore
 from service.metrics import Metrics
 from service.ml.images import DecodedImage, decode_image
 from service.ml.registry import Registry, Serving
-from service.schemas import CandidatePublic, IdentifyResult, ThresholdSource, Timings, VerifyResult
+from service.schemas import (
+    CandidatePublic,
+    IdentifyDecision,
+    IdentifyResult,
+    ThresholdSource,
+    Timings,
+    VerifyResult,
+)
+from service.services import review
 from training.artifact import ModelCard
+from training.open_set import OpenSetCalibration
 
 
 def effective_threshold(
@@ -35,6 +45,71 @@ class Limits:
     default_threshold: float
     default_top_k: int
     max_top_k: int
+    target_fpir: float = 0.01
+    target_fpir_by_species: dict[str, float] = field(default_factory=dict)
+    review_fpir: float = 0.05
+
+    def fpir_for(self, species: str) -> float:
+        return self.target_fpir_by_species.get(species, self.target_fpir)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """How an identify answer is decided: the match threshold, the lower edge of the uncertain band,
+    the confidence table, and why."""
+
+    threshold: float
+    source: ThresholdSource
+    reason: str
+    review_threshold: float | None = None
+    target_fpir: float | None = None
+    table: OpenSetCalibration | None = None
+
+    def decide(self, similarity: float | None) -> IdentifyDecision:
+        if similarity is None:
+            return "unknown"
+        if similarity >= self.threshold:
+            return "match"
+        if self.review_threshold is not None and similarity >= self.review_threshold:
+            return "uncertain"
+        return "unknown"
+
+
+def operating_point(
+    card: ModelCard | None, limits: Limits, species: str, gallery_size: int, requested: float | None
+) -> OperatingPoint:
+    """The request's threshold; else the card's open-set threshold for this gallery size and the
+    species' target FPIR (with an uncertain band down to the review FPIR's threshold); else, for a
+    card without that table, its pair threshold; else the configured default."""
+    table = card.open_set if card is not None else None
+    if requested is None and table is not None:
+        fpir = limits.fpir_for(species)
+        cut = table.threshold(gallery_size, fpir)
+        review = table.threshold(gallery_size, limits.review_fpir) if limits.review_fpir > fpir else None
+        return OperatingPoint(
+            threshold=cut,
+            source="open_set",
+            reason=f"threshold {cut:.3f} keeps never-enrolled animals answered match at {fpir:g} (target "
+            f"FPIR) in a gallery of {gallery_size} images: the model card's open-set table, interpolated"
+            + (
+                f"; the gallery is larger than the {table.simulated_up_to} images its validation data could "
+                "simulate, so the true FPIR is likely higher"
+                if 0 < table.simulated_up_to < gallery_size
+                else ""
+            ),
+            review_threshold=review if review is not None and review < cut else None,
+            target_fpir=fpir,
+            table=table,
+        )
+    cut, source = effective_threshold(card, limits.default_threshold, requested)
+    reasons = {
+        "request": f"threshold {cut:.3f} given with the request",
+        "model_card": f"the model card has no open-set table: its pair threshold {cut:.3f} (calibrated on "
+        f"image pairs at FAR {card.threshold_far if card else None}) is used, which does not account for "
+        "the gallery's size",
+        "default": f"the model card has no calibrated threshold: the configured default {cut:.3f}",
+    }
+    return OperatingPoint(threshold=cut, source=source, reason=reasons[source], table=table)
 
 
 class Stopwatch:
@@ -71,7 +146,9 @@ def identify(
     top_k: int | None,
     threshold: float | None,
     include_timings: bool,
+    review_store: ImageStore | None = None,
 ) -> IdentifyResult:
+    """``review_store``: keep an uncertain answer in the review queue, its photo in this store."""
     top_k = limits.default_top_k if top_k is None else top_k
     if top_k > limits.max_top_k:
         raise InvalidRequest(f"top_k must be at most {limits.max_top_k}", max_top_k=limits.max_top_k)
@@ -98,19 +175,27 @@ def identify(
         for c in found
         if c.individual_id in labels  # deleted between the search and this read
     ]
-    cut, source = effective_threshold(serving.embedder.card, limits.default_threshold, threshold)
-    matched = bool(candidates) and candidates[0].similarity >= cut
-    return IdentifyResult(
+    point = operating_point(serving.embedder.card, limits, species, gallery_size, threshold)
+    top = candidates[0].similarity if candidates else None
+    decision = point.decide(top)
+    result = IdentifyResult(
         species=species,
         model_version=serving.model_version,
-        decision="match" if matched else "unknown",
-        threshold=cut,
-        threshold_source=source,
-        best=candidates[0] if matched else None,
+        decision=decision,
+        threshold=point.threshold,
+        threshold_source=point.source,
+        best=candidates[0] if decision == "match" else None,
         candidates=candidates,
         gallery_size=gallery_size,
         timings=clock.timings() if include_timings else None,
+        confidence=None if point.table is None or top is None else point.table.probability(top, gallery_size),
+        target_fpir=point.target_fpir,
+        review_threshold=point.review_threshold,
+        reason=point.reason,
     )
+    if decision == "uncertain" and review_store is not None:
+        result.review_id = review.keep(session, review_store, decoded, result)
+    return result
 
 
 @dataclass(frozen=True)

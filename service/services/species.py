@@ -187,6 +187,7 @@ def describe(session: Session, registry: Registry, default_threshold: float) -> 
                 threshold_source=source,
                 threshold_far=card.threshold_far if card else None,
                 metrics=dict(card.metrics) if card else {},
+                trained_for=card.relabelled_from if card else None,
                 device=str(embedder.device) if embedder else None,
                 index_on_gpu=serving.gallery.on_gpu if serving else None,
                 index_size=len(serving.gallery) if serving else None,

@@ -218,6 +218,10 @@ def test_openapi_documents_every_endpoint_with_examples(client: TestClient) -> N
         ("get", "/health"),
         ("get", "/ready"),
         ("get", "/metrics"),
+        ("get", "/review"),
+        ("get", "/review/{review_id}"),
+        ("get", "/review/{review_id}/image"),
+        ("post", "/review/{review_id}/resolve"),
     }
     operations = {(m, p): op for p, item in spec["paths"].items() for m, op in item.items()}
     assert set(operations) == expected

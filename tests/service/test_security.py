@@ -33,6 +33,10 @@ ADMIN_ONLY = {
     ("post", "/individuals/{individual_id}/merge"),
     ("delete", "/individuals/{individual_id}/images/{image_id}"),
     ("post", "/species/{name}/reload"),
+    ("get", "/review"),
+    ("get", "/review/{review_id}"),
+    ("get", "/review/{review_id}/image"),
+    ("post", "/review/{review_id}/resolve"),
 }
 
 
@@ -42,7 +46,7 @@ def operations(client: TestClient) -> list[tuple[str, str]]:
 
 
 def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  # noqa: ANN201
-    url = path.format(individual_id=uuid.uuid4(), image_id=uuid.uuid4(), name="dog")
+    url = path.format(individual_id=uuid.uuid4(), image_id=uuid.uuid4(), name="dog", review_id=uuid.uuid4())
     return client.request(method, url, headers=headers)
 
 

@@ -40,9 +40,13 @@ async def identify_input(request: Request) -> IdentifyInput:
         "Searches the species' gallery and returns up to `top_k` individuals, best first, each once, "
         "with the "
         "similarity of its best-matching enrolled image. `decision` is `match` when the best similarity "
-        "reaches the threshold (the request's, else the model card's calibrated one, else the configured "
-        "default) and `unknown` otherwise: an animal nobody enrolled is not forced onto its nearest "
-        "neighbour. `include_timings=true` adds decode, embed and search times. Needs the read scope."
+        "reaches the threshold and `unknown` otherwise: an animal nobody enrolled is not forced onto its "
+        "nearest neighbour. The threshold is the request's, else the one the model card's open-set table "
+        "gives for the gallery's size and the species' target FPIR (share of never-enrolled animals "
+        "answered `match`), else the card's pair threshold, else the configured default; `reason` says "
+        "which. With the table, answers between the review threshold and the threshold are `uncertain`, "
+        "and `confidence` is the calibrated probability that the best candidate is right. "
+        "`include_timings=true` adds decode, embed and search times. Needs the read scope."
     ),
     openapi_extra=image_body(IdentifyFields, IdentifyJSON, {"image": (True, False, "The photo to identify")}),
     responses=error_responses(400, 401, 403, 404, 413, 415, 422, 503),
@@ -64,4 +68,5 @@ def identify(
         fields.top_k,
         fields.threshold,
         fields.include_timings,
+        review_store=runtime.store if runtime.settings.review_queue else None,
     )

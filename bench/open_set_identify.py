@@ -1,0 +1,291 @@
+"""Open-set identification through a running server: measured FPIR, right matches, wrong matches,
+and the calibration of the confidence, at gallery sizes of about 100 and 1,000 images.
+
+The server is `animalid serve` in a subprocess on a free loopback port (SQLite, no GPU), serving the
+given artifact (default: the shipped dog model, whose card must hold the open-set table: see
+`animalid calibrate`). The data are the artifact's *test* individuals, by the split recomputed from
+its card (never seen in training, nor in calibration):
+
+* a quarter of them (seeded) are strangers: never enrolled, every photo a query (all of them at
+  each gallery size; in the confidence's calibration error they weigh as a quarter of the dogs
+  asked about, the mix the confidence was fitted on);
+* the others have about half their photos enrolled (`enrol_query_split`), the rest are queries;
+* the ~100-image gallery enrols a seeded subset of those dogs; the ~1,000-image gallery all of them
+  plus, as further distractors, every photo of the artifact's validation individuals (not seen in
+  training; only enrolled, never queried), whole dogs at a time until the size is reached.
+
+The server runs with target FPIR 1% and review FPIR 5%: `match` answers are the decisions at 1%,
+`match` or `uncertain` those at 5%. Also shown, from the same answers: the card's pair threshold
+(the decision before open-set calibration).
+
+    python bench/open_set_identify.py --data ../shared/data/dogfacenet/manifest.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from training.artifact import read_card
+from training.data import Sample, enrol_query_split
+from training.pipeline import split_part
+
+REPO = Path(__file__).resolve().parents[1]
+SPECIES_KEY = "bench-admin-key"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--artifact", type=Path, default=REPO / "service" / "demo" / "models" / "dog")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="where the card's training data lives (manifest or folder)"
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="gallery sizes (images)")
+    parser.add_argument("--target-fpir", type=float, default=0.01)
+    parser.add_argument("--review-fpir", type=float, default=0.05)
+    parser.add_argument("--stranger-fraction", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    return parser.parse_args()
+
+
+@dataclass
+class Plan:
+    """Who is enrolled with which photos, and which photos are asked about."""
+
+    enrol: dict[str, list[Path]]  # individual -> photos, in enrolment order (test dogs first)
+    genuine: dict[str, list[Path]]  # enrolled test individual -> query photos
+    strangers: list[tuple[str, Path]]
+
+
+def plan(test: list[Sample], padding: list[Sample], stranger_fraction: float, seed: int) -> Plan:
+    rng = random.Random(seed)
+    names = sorted({s.individual for s in test})
+    rng.shuffle(names)
+    n_strangers = round(len(names) * stranger_fraction)
+    strangers = set(names[:n_strangers])
+    known = [s for s in test if s.individual not in strangers]
+    enrol_idx, query_idx = enrol_query_split([s.individual for s in known], [s.group for s in known], rng)
+    enrol: dict[str, list[Path]] = defaultdict(list)
+    genuine: dict[str, list[Path]] = defaultdict(list)
+    order = {name: i for i, name in enumerate(names)}
+    for i in sorted(enrol_idx, key=lambda i: order[known[i].individual]):
+        enrol[known[i].individual].append(known[i].path)
+    for i in query_idx:
+        genuine[known[i].individual].append(known[i].path)
+    pad: dict[str, list[Path]] = defaultdict(list)
+    for s in padding:
+        pad[f"pad-{s.individual}"].append(s.path)
+    pad_names = sorted(pad)
+    rng.shuffle(pad_names)
+    for name in pad_names:
+        enrol[name] = pad[name]
+    return Plan(
+        dict(enrol), dict(genuine), [(s.individual, s.path) for s in test if s.individual in strangers]
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(root: Path, artifact: Path, args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
+    (root / "models").mkdir()
+    (root / "models" / read_card(artifact).species).symlink_to(artifact.resolve(), target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANIMALID_")}
+    env.update(
+        ANIMALID_DATABASE_URL=f"sqlite:///{root / 'animalid.db'}", ANIMALID_MODELS_DIR=str(root / "models"),
+        ANIMALID_IMAGE_STORE_DIR=str(root / "images"), ANIMALID_API_KEYS=f"{SPECIES_KEY}:admin",
+        ANIMALID_CPU_THREADS=str(args.threads), ANIMALID_TARGET_FPIR=str(args.target_fpir),
+        ANIMALID_REVIEW_FPIR=str(args.review_fpir), ANIMALID_MAX_TOP_K="5", PYTHONPATH=str(REPO),
+    )  # fmt: skip
+    subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=root, env=env, check=True)
+    log = (root / "server.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
+         "--port", str(port)],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit((root / "server.log").read_text()[-3000:])
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.terminate()
+    raise SystemExit("the server did not become ready in 300 s")
+
+
+def enroll(client: httpx.Client, species: str, individual: str, photos: list[Path]) -> int:
+    for start in range(0, len(photos), 32):
+        files = [
+            ("images", (p.name, p.read_bytes(), "application/octet-stream"))
+            for p in photos[start : start + 32]
+        ]
+        response = client.post("/enroll", data={"species": species, "external_id": individual}, files=files)
+        response.raise_for_status()
+    return len(photos)
+
+
+def identify(client: httpx.Client, species: str, photo: Path) -> dict:
+    response = client.post(
+        "/identify", data={"species": species, "top_k": "2"}, files={"image": photo.read_bytes()}
+    )
+    response.raise_for_status()
+    return response.json()
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, weight: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: the weighted mean over equal-width confidence bins of
+    |mean confidence - accuracy|, each bin weighing its share of the (weighted) queries."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            w = weight[mask]
+            gap = abs(np.average(confidence[mask], weights=w) - np.average(correct[mask], weights=w))
+            total += w.sum() / weight.sum() * gap
+    return float(total)
+
+
+def figures(
+    answers: list[dict], pair_threshold: float, stranger_weight: float
+) -> dict[str, dict[str, float]]:
+    """Per decision rule: FPIR, right matches of enrolled dogs, wrong matches among match answers."""
+    stranger = np.array([a["truth"] is None for a in answers])
+    top = np.array(
+        [a["candidates"][0]["external_id"] if a["candidates"] else None for a in answers], dtype=object
+    )
+    sim = np.array([a["candidates"][0]["similarity"] if a["candidates"] else -1.0 for a in answers])
+    right = np.array([a["truth"] is not None and t == a["truth"] for a, t in zip(answers, top, strict=True)])
+    decisions = np.array([a["decision"] for a in answers])
+    rules = {
+        "target FPIR 1% (match)": decisions == "match",
+        "target FPIR 5% (match or uncertain)": np.isin(decisions, ["match", "uncertain"]),
+        f"pair threshold {pair_threshold:.3f} (before)": sim >= pair_threshold,
+    }
+    out = {}
+    for name, matched in rules.items():
+        out[name] = {
+            "fpir": float(matched[stranger].mean()),
+            "enrolled_match_right": float((matched & right)[~stranger].mean()),
+            "wrong_among_matches": float((matched & ~right).sum() / max(matched.sum(), 1)),
+            "wrong_among_enrolled_matches": float(
+                (matched & ~right)[~stranger].sum() / max(matched[~stranger].sum(), 1)
+            ),
+            "matches": int(matched.sum()),
+        }
+    confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
+    weight = np.where(stranger, stranger_weight, 1.0)
+    out["confidence"] = {
+        "ece": ece(confidence, right.astype(np.float64), weight),
+        "ece_enrolled_only": ece(
+            confidence[~stranger], right[~stranger].astype(np.float64), weight[~stranger]
+        ),
+        "ece_unweighted": ece(confidence, right.astype(np.float64), np.ones(len(answers))),
+        "mean_confidence": float(confidence.mean()),
+        "top1_right": float(right.mean()),
+    }
+    out["threshold"] = {
+        "match": float(answers[-1]["threshold"]),
+        "review": float(answers[-1]["review_threshold"]),
+    }
+    return out
+
+
+def main() -> int:
+    args = parse_args()
+    card = read_card(args.artifact)
+    if card.open_set is None:
+        raise SystemExit(f"{args.artifact}: the model card has no open-set table (run `animalid calibrate`)")
+    test = list(split_part(card, "test", args.data).samples)
+    padding = list(split_part(card, "val", args.data).samples)
+    chosen = plan(test, padding, args.stranger_fraction, args.seed)
+    species = card.species
+    results: dict[str, object] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="animalid-open-set-") as tmp:
+        port = free_port()
+        server = start_server(Path(tmp), args.artifact, args, port)
+        try:
+            client = httpx.Client(
+                base_url=f"http://127.0.0.1:{port}", headers={"x-api-key": SPECIES_KEY}, timeout=120
+            )
+            enrolled: list[str] = []
+            size = 0
+            for target in sorted(args.sizes):
+                for name, photos in chosen.enrol.items():
+                    if size >= target:
+                        break
+                    if name in enrolled:
+                        continue
+                    size += enroll(client, species, name, photos)
+                    enrolled.append(name)
+                asked = [
+                    (name, p) for name in enrolled if name in chosen.genuine for p in chosen.genuine[name]
+                ]
+                strangers = chosen.strangers
+                stranger_names = sorted({n for n, _ in strangers})
+                # In the confidence's calibration error, strangers weigh as a quarter of the dogs
+                # asked about (as in the calibration), whatever their number here.
+                n_asked = len({n for n, _ in asked})
+                stranger_weight = n_asked * args.stranger_fraction / (1 - args.stranger_fraction)
+                stranger_weight /= len(stranger_names)
+                answers = []
+                for truth, photo in [*asked, *((None, p) for _, p in strangers)]:
+                    answers.append(identify(client, species, photo) | {"truth": truth})
+                figs = figures(answers, card.threshold or 0.0, stranger_weight)
+                figs["counts"] = {
+                    "gallery_images": answers[-1]["gallery_size"],
+                    "enrolled_individuals": len(enrolled),
+                    "enrolled_test_individuals": sum(1 for n in enrolled if not n.startswith("pad-")),
+                    "enrolled_queries": len(asked),
+                    "stranger_queries": len(strangers),
+                    "stranger_individuals": len(stranger_names),
+                }
+                results[str(target)] = figs
+                print(json.dumps({"gallery": target, **figs}), flush=True)
+        finally:
+            server.terminate()
+            server.wait(30)
+    meta = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "artifact": str(args.artifact),
+        "model_version": card.model_version,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(meta))
+    if args.out:
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""/identify decides with the model card's open-set table: threshold for the gallery's size and the
+species' target FPIR, an uncertain band, a calibrated confidence, and the reason."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from apps import READ, AppRunner, build_artifact, make_models_dir, make_settings
+from imagegen import jpeg
+from test_identify import enroll
+
+from service.services.identification import Limits, operating_point
+from training.artifact import read_card, write_card
+from training.open_set import OpenSetCalibration
+
+TABLE = OpenSetCalibration(
+    gallery_sizes=[10, 1000],
+    target_fpirs=[0.01, 0.1],
+    thresholds=[[0.6, 0.4], [0.8, 0.6]],
+    tpir=[[0.5, 0.7], [0.3, 0.5]],
+    confidence_similarity=[-1.0, 1.0],
+    confidence=[[0.0, 1.0], [0.0, 1.0]],
+    images_per_individual=2.0,
+)
+LIMITS = Limits(
+    max_pixels=10**6,
+    default_threshold=0.5,
+    default_top_k=5,
+    max_top_k=10,
+    target_fpir=0.01,
+    target_fpir_by_species={"cattle": 0.1},
+    review_fpir=0.1,
+)
+
+
+def test_operating_point_interpolates_the_table_for_the_gallery_size() -> None:
+    card = replace(read_card_stub(), open_set=TABLE)
+    # 100 images: halfway in log size -> .7 at FPIR .01, .5 at FPIR .1 (the review edge)
+    point = operating_point(card, LIMITS, "dog", 100, None)
+    assert (point.source, point.target_fpir) == ("open_set", 0.01)
+    assert point.threshold == pytest.approx(0.7)
+    assert point.review_threshold == pytest.approx(0.5)
+    assert "100 images" in point.reason and "open-set table" in point.reason
+    assert [point.decide(s) for s in (0.75, 0.6, 0.45, None)] == ["match", "uncertain", "unknown", "unknown"]
+    assert "larger than" not in point.reason
+    beyond = operating_point(
+        replace(card, open_set=replace(TABLE, simulated_up_to=50)), LIMITS, "dog", 100, None
+    )
+    assert "larger than the 50 images its validation data could simulate" in beyond.reason
+    # cattle's own target FPIR is the review one: no band
+    cattle = operating_point(card, LIMITS, "cattle", 100, None)
+    assert cattle.threshold == pytest.approx(0.5) and cattle.review_threshold is None
+    # a request's threshold wins, without a band
+    asked = operating_point(card, LIMITS, "dog", 100, 0.3)
+    assert (asked.source, asked.threshold, asked.review_threshold) == ("request", 0.3, None)
+
+
+def test_a_card_without_the_table_falls_back_to_its_pair_threshold_and_says_so() -> None:
+    card = replace(read_card_stub(), threshold=0.61, threshold_far=0.001, open_set=None)
+    point = operating_point(card, LIMITS, "dog", 100, None)
+    assert (point.source, point.threshold, point.table) == ("model_card", 0.61, None)
+    assert "no open-set table" in point.reason and "0.001" in point.reason
+    no_threshold = operating_point(replace(card, threshold=None), LIMITS, "dog", 100, None)
+    assert (no_threshold.source, no_threshold.threshold) == ("default", 0.5)
+
+
+_STUB: dict[str, Path] = {}
+
+
+def read_card_stub():
+    return read_card(_STUB["dog"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dog_with_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random test dog model with an open-set table: match only at similarity >= .9999 (the very
+    same photo), uncertain down to -1 (anything else), confidence (s + 1) / 2."""
+    root = tmp_path_factory.mktemp("open-set-dog")
+    path = build_artifact(root / "dog", "dog", seed=0)
+    table = replace(TABLE, gallery_sizes=[1, 10**6], thresholds=[[0.9999, -1.0], [0.9999, -1.0]])
+    write_card(replace(read_card(path), open_set=table), path)
+    _STUB["dog"] = path
+    return path
+
+
+def test_identify_answers_with_the_table(
+    runner: AppRunner, database_url: str, tmp_path: Path, dog_with_table: Path
+) -> None:
+    models = make_models_dir(tmp_path, {"dog": dog_with_table}, dog="dog")
+    client = runner.start(make_settings(database_url, tmp_path, models, review_fpir=0.1))
+    enroll(client, 300, shots=range(2))
+    enroll(client, 301, shots=range(2))
+
+    def ask(image: bytes, **fields: str) -> dict:
+        data = {"species": "dog", **fields}
+        response = client.post("/identify", data=data, files={"image": image}, headers=READ)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    same = ask(jpeg(300, 0))
+    assert (same["decision"], same["threshold_source"], same["target_fpir"]) == ("match", "open_set", 0.01)
+    assert same["threshold"] == pytest.approx(0.9999) and same["review_threshold"] == pytest.approx(-1.0)
+    assert same["confidence"] == pytest.approx((same["candidates"][0]["similarity"] + 1) / 2, abs=1e-6)
+    assert "4 images" in same["reason"]
+    other = ask(jpeg(300, 7))
+    assert (other["decision"], other["best"]) == ("uncertain", None)
+    assert other["confidence"] == pytest.approx((other["candidates"][0]["similarity"] + 1) / 2, abs=1e-6)
+    asked = ask(jpeg(300, 7), threshold="-1")
+    assert (asked["decision"], asked["threshold_source"]) == ("match", "request")
+
+
+def test_a_relabelled_card_serves_another_species_and_says_what_it_was_trained_for(
+    runner: AppRunner, database_url: str, tmp_path: Path, dog_with_table: Path
+) -> None:
+    lion = write_card(
+        replace(read_card(dog_with_table), species="lion", relabelled_from="dog"),
+        tmp_path / "lion",
+        weights_from=dog_with_table,
+    )
+    models = make_models_dir(tmp_path, {"lion": lion, "dog": dog_with_table}, lion="lion", cat="dog")
+    client = runner.start(make_settings(database_url, tmp_path, models))
+    species = {s["name"]: s for s in client.get("/species", headers=READ).json()["data"]}
+    assert (species["lion"]["status"], species["lion"]["trained_for"]) == ("ready", "dog")
+    assert species["cat"]["status"] == "disabled"
+    assert "animalid calibrate ARTIFACT --as-species cat" in species["cat"]["reason"]

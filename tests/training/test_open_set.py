@@ -1,0 +1,147 @@
+"""training.open_set against hand-worked examples (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from training.open_set import (
+    OpenSetCalibration,
+    QueryScores,
+    bootstrap_weights,
+    calibrate_open_set,
+    conservative_threshold,
+    identification_rates,
+    isotonic,
+    sampled_top1,
+    threshold_for_fpir,
+)
+
+# One stranger whose best scores against four other individuals are .2 .4 .6 .8, and one enrolled
+# query: .7 with its own individual, .1 and .75 with two others.
+SCORES = QueryScores(
+    genuine=np.array([math.nan, 0.7]),
+    distractors=[np.array([0.2, 0.4, 0.6, 0.8]), np.array([0.1, 0.75])],
+    top2=np.array([[0.8, 0.6], [0.75, 0.7]]),
+    top1_correct=np.array([False, False]),
+    images_per_individual=2.0,
+)
+
+
+def test_rates_for_a_gallery_of_two_individuals() -> None:
+    # k = 2 individuals in the gallery.
+    # t = .5: the stranger's distractors below .5: 2 of 4 -> F = .5; FPIR = 1 - .5^2 = .75.
+    #         the enrolled query: .7 >= .5, and its one distractor (k - 1 = 1) is below .7 with
+    #         probability 1/2 (.1 yes, .75 no) -> TPIR = .5.
+    # t = .8: F = 3/4 -> FPIR = 1 - 9/16 = .4375; .7 < .8 -> TPIR = 0.
+    # t = .9: F = 1 -> FPIR = 0.
+    fpir, tpir = identification_rates(SCORES, np.array([0.5, 0.8, 0.9]), 2)
+    np.testing.assert_allclose(fpir, [0.75, 0.4375, 0.0])
+    np.testing.assert_allclose(tpir, [0.5, 0.0, 0.0])
+
+
+def test_a_larger_gallery_raises_fpir_and_lowers_tpir() -> None:
+    # k = 4 at t = .5: FPIR = 1 - .5^4 = .9375; TPIR = .5^3 = .125
+    fpir, tpir = identification_rates(SCORES, np.array([0.5]), 4)
+    np.testing.assert_allclose(fpir, [0.9375])
+    np.testing.assert_allclose(tpir, [0.125])
+
+
+def test_threshold_for_fpir_is_the_smallest_that_meets_the_target() -> None:
+    thresholds = np.array([0.1, 0.2, 0.3, 0.4])
+    fpir = np.array([0.5, 0.2, 0.05, 0.0])
+    assert threshold_for_fpir(thresholds, fpir, 0.2) == 0.2
+    assert threshold_for_fpir(thresholds, fpir, 0.1) == 0.3
+    assert threshold_for_fpir(thresholds, fpir, 0.0) == 0.4
+
+
+def test_isotonic_pools_adjacent_violators() -> None:
+    # y = 0 1 0 1 1 at x = 1..5: the violating pair (1, 0) at x = 2, 3 pools to .5 at x = 2.5.
+    xs, ys = isotonic(np.array([5.0, 1, 3, 2, 4]), np.array([1.0, 0, 0, 1, 1]))
+    np.testing.assert_allclose(xs, [1.0, 2.5, 4.0, 5.0])
+    np.testing.assert_allclose(ys, [0.0, 0.5, 1.0, 1.0])
+    # 1 0 0: everything pools to the mean 1/3 at the mean x 2
+    xs, ys = isotonic(np.array([1.0, 2, 3]), np.array([1.0, 0, 0]))
+    np.testing.assert_allclose(xs, [2.0])
+    np.testing.assert_allclose(ys, [1 / 3])
+
+
+def test_sampled_top1_follows_the_distribution_of_the_maximum() -> None:
+    # The stranger, k = 2: max of two draws from {.2, .4, .6, .8} is .8 with probability
+    # 1 - (3/4)^2 = 7/16.
+    stranger_only = QueryScores(
+        genuine=np.array([math.nan]),
+        distractors=[np.array([0.2, 0.4, 0.6, 0.8])],
+        top2=np.zeros((1, 2)),
+        top1_correct=np.array([False]),
+        images_per_individual=1.0,
+    )
+    top, right = sampled_top1(stranger_only, 2, np.random.default_rng(0), draws=20000)
+    assert not right.any()
+    assert abs(float(np.mean(top == 0.8)) - 7 / 16) < 0.01
+
+
+TABLE = OpenSetCalibration(
+    gallery_sizes=[10, 1000],
+    target_fpirs=[0.01, 0.1],
+    thresholds=[[0.6, 0.4], [0.8, 0.6]],
+    tpir=[[0.5, 0.7], [0.3, 0.5]],
+    confidence_similarity=[0.0, 1.0],
+    confidence=[[0.0, 1.0], [0.0, 0.5]],
+    images_per_individual=2.0,
+)
+
+
+def test_table_interpolates_in_log_gallery_size_and_log_fpir() -> None:
+    # 100 is halfway between 10 and 1000 in log: thresholds .7 (FPIR .01) and .5 (FPIR .1);
+    # FPIR .0316 is halfway between .01 and .1 in log: .6
+    assert TABLE.threshold(100, 0.01) == pytest.approx(0.7)
+    assert TABLE.threshold(100, 0.1) == pytest.approx(0.5)
+    assert TABLE.threshold(100, math.sqrt(0.001)) == pytest.approx(0.6)
+    # clamped outside the table
+    assert TABLE.threshold(1, 0.01) == pytest.approx(0.6)
+    assert TABLE.threshold(10**6, 0.001) == pytest.approx(0.8)
+    assert TABLE.expected_tpir(100, 0.01) == pytest.approx(0.4)
+    # confidence at similarity .5: .5 at 10 images, .25 at 1000, .375 at 100
+    assert TABLE.probability(0.5, 100) == pytest.approx(0.375)
+
+
+def test_table_round_trips_and_refuses_mismatched_shapes() -> None:
+    again = OpenSetCalibration.from_dict(TABLE.to_dict())
+    assert again.to_dict() == TABLE.to_dict()
+    bad = TABLE.to_dict() | {"thresholds": [[0.6, 0.4]]}
+    with pytest.raises(ValueError, match="rows and columns"):
+        OpenSetCalibration.from_dict(bad)
+
+
+def test_calibration_of_clustered_embeddings(clusters) -> None:
+    emb, individuals, groups = clusters(40, 6, noise=0.12, seed=3)
+    table = calibrate_open_set(emb, individuals, groups, seed=0, repeats=2, gallery_sizes=(10, 100, 1000))
+    thresholds = np.array(table.thresholds)
+    # a larger gallery needs a higher threshold for the same FPIR; a lower FPIR a higher one too
+    assert (np.diff(thresholds, axis=0) >= 0).all()
+    assert (np.diff(thresholds, axis=1) <= 0).all()
+    assert table.images_per_individual == pytest.approx(3.0)
+    # 30 enrolled individuals x 3 queries x 2 repeats; 10 strangers x 6 images x 2 repeats
+    assert table.counts["enrolled_queries"] == 180
+    assert table.counts["stranger_queries"] == 120
+    conf = np.array(table.confidence)
+    assert (np.diff(conf, axis=1) >= -1e-9).all() and conf.min() >= 0 and conf.max() <= 1
+    assert set(table.curves) == {10, 100, 1000}
+
+
+def test_conservative_threshold_is_a_quantile_over_resampled_strangers() -> None:
+    # Two strangers: A matches only at threshold .1, B at .1 and .2. Target FPIR .25.
+    # Resample {A, A}: FPIR .1/.2/.3 = 1, 0, 0 -> .2;  {B, B}: 1, 1, 0 -> .3;  {A, B}: 1, .5, 0 -> .3
+    thresholds = np.array([0.1, 0.2, 0.3])
+    chance = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    weights = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    assert conservative_threshold(thresholds, chance, weights, 0.25, 0.0) == 0.2
+    assert conservative_threshold(thresholds, chance, weights, 0.25, 0.5) == 0.3
+    # every resample draws as many individuals as there are, whole individuals at a time
+    drawn = bootstrap_weights(np.array(["a", "a", "b", "c"]), 50, np.random.default_rng(0))
+    assert drawn.shape == (50, 4)
+    assert (drawn[:, 0] == drawn[:, 1]).all()
+    assert (drawn[:, [0, 2, 3]].sum(axis=1) == 3).all()

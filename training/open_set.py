@@ -1,0 +1,413 @@
+"""Open-set calibration of 1:N identification: thresholds per gallery size, and a confidence.
+
+A pair threshold (false-accept rate on image pairs) says little about a search: a stranger is
+compared with every enrolled individual, and the chance that one of them scores above the
+threshold grows with the gallery. This module simulates galleries on validation individuals:
+
+* per seeded repeat, a share of the individuals is never enrolled (strangers: every image a query);
+  the others have about half their images enrolled and the rest queried (groups kept together);
+* for every query, its best similarity to each enrolled individual: the *genuine* score (its own
+  individual) and the *distractor* scores (every other enrolled individual);
+* a gallery of ``n`` images holds ``k = n / m`` individuals (``m`` enrolled images per individual
+  on average): the query's own individual (for an enrolled one) plus distractors drawn at random
+  from its distractor scores. With ``F_q(t)`` the share of query ``q``'s distractor scores below
+  ``t``, the chance that none of ``k`` reaches ``t`` is ``F_q(t) ** k``. So, exactly for the
+  empirical distributions and for any gallery size (also larger than the validation data):
+
+  - FPIR(t, n), strangers answered ``match``:  mean over strangers of ``1 - F_s(t) ** k``
+  - TPIR(t, n), enrolled queries answered ``match`` with the right individual:
+    mean over them of ``[g_q >= t] * F_q(g_q) ** (k - 1)``
+  - FNIR = 1 - TPIR.
+
+Drawing distractors per *individual* (its best image) keeps the images of one animal together,
+which is how the service ranks (best image per individual).
+
+The confidence that the best candidate is right is an isotonic regression of "top-1 is the
+query's individual" on the top-1 similarity, fitted on queries drawn the same way (top-1 of the
+sampled gallery) at each gallery size. Everything is stored as plain numbers in the model card, so
+the service interpolates tables and needs no fitted estimator object.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from training.data import enrol_query_split
+from training.metrics import open_set_auroc
+
+GALLERY_SIZES = (10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
+"""Gallery sizes (enrolled images) of the calibration table."""
+TARGET_FPIRS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+"""False-positive identification rates the table holds a threshold for."""
+CONFIDENCE_GRID = tuple(round(-0.2 + 0.025 * i, 3) for i in range(49))
+"""Similarities at which the confidence curve is stored (-0.2 ... 1.0)."""
+MIN_INDIVIDUALS = 3
+"""Fewest individuals a calibration can use: one stranger and two enrolled (one own, one other)."""
+BOOTSTRAP_LEVEL = 0.9
+"""Thresholds are this quantile over bootstrap resamples of the validation strangers."""
+BOOTSTRAP_RESAMPLES = 200
+THRESHOLD_GRID = np.round(np.arange(-0.2, 1.0005, 0.001), 3)
+"""Candidate thresholds (cosine similarity) the rates are evaluated at."""
+
+
+@dataclass(frozen=True)
+class QueryScores:
+    """Per query: its genuine score (nan for a stranger) and sorted distractor scores."""
+
+    genuine: np.ndarray  # (Q,) float64, nan for strangers
+    distractors: list[np.ndarray]  # Q sorted float64 arrays
+    top2: np.ndarray  # (Q, 2) the two best individual scores in the whole validation gallery
+    top1_correct: np.ndarray  # (Q,) bool: the best individual is the query's own
+    images_per_individual: float  # enrolled images per enrolled individual (mean over repeats)
+    individual: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))  # (Q,) whose photo
+
+    @property
+    def is_stranger(self) -> np.ndarray:
+        return np.isnan(self.genuine)
+
+
+def below(sorted_scores: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Share of ``sorted_scores`` strictly below each value of ``t``."""
+    if sorted_scores.size == 0:
+        return np.ones(np.shape(t))
+    return np.searchsorted(sorted_scores, t, side="left") / sorted_scores.size
+
+
+def stranger_match_chance(
+    scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float
+) -> np.ndarray:
+    """(strangers, thresholds): each stranger query's chance of a ``match`` answer."""
+    k = max(float(gallery_individuals), 1.0)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    rows = [
+        1.0 - below(d, thresholds) ** k
+        for g, d in zip(scores.genuine, scores.distractors, strict=True)
+        if math.isnan(g)
+    ]
+    return np.array(rows) if rows else np.zeros((0, thresholds.size))
+
+
+def identification_rates(
+    scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(FPIR, TPIR) at each threshold for galleries of ``gallery_individuals`` individuals."""
+    k = max(float(gallery_individuals), 1.0)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    tpir = np.zeros(thresholds.shape)
+    n_known = int((~scores.is_stranger).sum())
+    for g, d in zip(scores.genuine, scores.distractors, strict=True):
+        if not math.isnan(g):
+            # the own individual is in the gallery; k - 1 distractors must all score below it
+            tpir += (g >= thresholds) * float(below(d, np.array([g]))[0] ** (k - 1.0))
+    chance = stranger_match_chance(scores, thresholds, k)
+    fpir = chance.mean(axis=0) if len(chance) else np.zeros(thresholds.shape)
+    return fpir, tpir / max(n_known, 1)
+
+
+def bootstrap_weights(individuals: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples, queries) weights: each resample draws the queries' individuals with replacement
+    and weighs every query by how often its individual was drawn."""
+    names, index = np.unique(individuals, return_inverse=True)
+    draws = rng.integers(0, len(names), size=(resamples, len(names)))
+    counts = np.stack([np.bincount(row, minlength=len(names)) for row in draws])
+    return counts[:, index].astype(np.float64)
+
+
+def conservative_threshold(
+    thresholds: np.ndarray, chance: np.ndarray, weights: np.ndarray, target: float, level: float
+) -> float:
+    """The ``level`` quantile, over bootstrap resamples of the strangers (``weights``), of the
+    threshold that meets ``target``: a small validation set's luck is not taken as the truth."""
+    fpir = (weights @ chance) / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+    cuts = [threshold_for_fpir(thresholds, row, target) for row in fpir]
+    return float(np.quantile(cuts, level, method="higher"))
+
+
+def threshold_for_fpir(thresholds: np.ndarray, fpir: np.ndarray, target: float) -> float:
+    """The smallest threshold whose FPIR is at most ``target`` (FPIR falls as the threshold rises)."""
+    ok = np.flatnonzero(fpir <= target)
+    return float(thresholds[ok[0]]) if ok.size else float(thresholds[-1])
+
+
+def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing least-squares fit of ``y`` on ``x`` (pool adjacent violators).
+
+    Returns (block x means, block y means): the fit as a step curve whose knots can be linearly
+    interpolated.
+    """
+    order = np.argsort(x, kind="stable")
+    xs, ys = np.asarray(x, np.float64)[order], np.asarray(y, np.float64)[order]
+    # blocks: [sum_y, sum_x, count]
+    sums_y: list[float] = []
+    sums_x: list[float] = []
+    counts: list[int] = []
+    for xv, yv in zip(xs, ys, strict=True):
+        sums_y.append(float(yv))
+        sums_x.append(float(xv))
+        counts.append(1)
+        while len(counts) > 1 and sums_y[-2] / counts[-2] > sums_y[-1] / counts[-1]:
+            # pop first: ``a[-2] += a.pop()`` would add to the wrong element
+            y_last, x_last, n_last = sums_y.pop(), sums_x.pop(), counts.pop()
+            sums_y[-1] += y_last
+            sums_x[-1] += x_last
+            counts[-1] += n_last
+    c = np.array(counts, dtype=np.float64)
+    return np.array(sums_x) / c, np.array(sums_y) / c
+
+
+@dataclass
+class OpenSetCalibration:
+    """What the model card stores: thresholds and TPIR per (gallery size, target FPIR), the
+    confidence curve per gallery size, and how the scores separate strangers."""
+
+    gallery_sizes: list[int]
+    target_fpirs: list[float]
+    thresholds: list[list[float]]  # [gallery size][target fpir]
+    tpir: list[list[float]]
+    confidence_similarity: list[float]
+    confidence: list[list[float]]  # [gallery size][similarity]: P(best candidate is right)
+    images_per_individual: float
+    separation: dict[str, float] = field(default_factory=dict)  # AUROC of similarity and of margin
+    # Largest gallery (images) the validation data holds distinct individuals for; beyond it the
+    # table is an extrapolation (the strangers' highest distractor scores are all it has seen).
+    simulated_up_to: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    # Not stored in the card: the curves the report plots.
+    curves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gallery_sizes": list(self.gallery_sizes),
+            "target_fpirs": list(self.target_fpirs),
+            "thresholds": [[round(v, 4) for v in row] for row in self.thresholds],
+            "tpir": [[round(v, 4) for v in row] for row in self.tpir],
+            "confidence_similarity": list(self.confidence_similarity),
+            "confidence": [[round(v, 4) for v in row] for row in self.confidence],
+            "images_per_individual": round(self.images_per_individual, 3),
+            "separation": {k: round(v, 4) for k, v in self.separation.items()},
+            "simulated_up_to": self.simulated_up_to,
+            "counts": dict(self.counts),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OpenSetCalibration:
+        sizes = [int(v) for v in data["gallery_sizes"]]
+        fpirs = [float(v) for v in data["target_fpirs"]]
+        grid = [float(v) for v in data["confidence_similarity"]]
+        table = cls(
+            gallery_sizes=sizes,
+            target_fpirs=fpirs,
+            thresholds=[[float(v) for v in row] for row in data["thresholds"]],
+            tpir=[[float(v) for v in row] for row in data["tpir"]],
+            confidence_similarity=grid,
+            confidence=[[float(v) for v in row] for row in data["confidence"]],
+            images_per_individual=float(data["images_per_individual"]),
+            separation={str(k): float(v) for k, v in dict(data.get("separation") or {}).items()},
+            simulated_up_to=int(data.get("simulated_up_to") or 0),
+            counts={str(k): int(v) for k, v in dict(data.get("counts") or {}).items()},
+        )
+        shapes_ok = (
+            len(sizes) > 0
+            and sizes == sorted(sizes)
+            and fpirs == sorted(fpirs)
+            and len(table.thresholds) == len(sizes) == len(table.tpir) == len(table.confidence)
+            and all(len(r) == len(fpirs) for r in table.thresholds + table.tpir)
+            and all(len(r) == len(grid) for r in table.confidence)
+        )
+        if not shapes_ok:
+            raise ValueError("open_set table: rows and columns do not match its gallery sizes and FPIRs")
+        return table
+
+    def _size_weights(self, gallery_size: int) -> tuple[int, int, float]:
+        """Rows bracketing ``gallery_size`` and the weight of the upper one (linear in log size)."""
+        sizes = np.log(np.asarray(self.gallery_sizes, dtype=np.float64))
+        x = math.log(max(gallery_size, 1))
+        if x <= sizes[0]:
+            return 0, 0, 0.0
+        if x >= sizes[-1]:
+            last = len(sizes) - 1
+            return last, last, 0.0
+        hi = int(np.searchsorted(sizes, x))
+        lo = hi - 1
+        return lo, hi, float((x - sizes[lo]) / (sizes[hi] - sizes[lo]))
+
+    def _row(self, table: list[list[float]], gallery_size: int) -> np.ndarray:
+        lo, hi, w = self._size_weights(gallery_size)
+        return (1 - w) * np.asarray(table[lo]) + w * np.asarray(table[hi])
+
+    def threshold(self, gallery_size: int, target_fpir: float) -> float:
+        """Threshold for ``target_fpir`` at ``gallery_size`` images: linear in log gallery size
+        and in log FPIR between the stored points, clamped to the table's range."""
+        row = self._row(self.thresholds, gallery_size)
+        return float(np.interp(math.log(target_fpir), np.log(self.target_fpirs), row))
+
+    def expected_tpir(self, gallery_size: int, target_fpir: float) -> float:
+        row = self._row(self.tpir, gallery_size)
+        return float(np.interp(math.log(target_fpir), np.log(self.target_fpirs), row))
+
+    def probability(self, similarity: float, gallery_size: int) -> float:
+        """Calibrated probability that the best candidate, at this similarity, is the right animal."""
+        row = self._row(self.confidence, gallery_size)
+        return float(np.clip(np.interp(similarity, self.confidence_similarity, row), 0.0, 1.0))
+
+
+def query_scores(
+    emb: np.ndarray,
+    individuals: Sequence[str],
+    groups: Sequence[str],
+    seed: int,
+    repeats: int,
+    stranger_fraction: float = 0.25,
+) -> QueryScores:
+    """Genuine and per-individual distractor scores of every query over ``repeats`` seeded splits."""
+    emb = np.asarray(emb, dtype=np.float32)
+    labels = np.asarray(individuals)
+    group_of = np.asarray(groups)
+    names = sorted(set(labels.tolist()))
+    if len(names) < MIN_INDIVIDUALS:
+        raise ValueError(
+            f"open-set calibration needs at least {MIN_INDIVIDUALS} individuals, got {len(names)}"
+        )
+    genuine: list[float] = []
+    distractors: list[np.ndarray] = []
+    top2: list[tuple[float, float]] = []
+    correct: list[bool] = []
+    whose: list[str] = []
+    per_individual: list[float] = []
+    for r in range(repeats):
+        rng = random.Random(f"{seed}:open-set:{r}")
+        shuffled = names[:]
+        rng.shuffle(shuffled)
+        n_strangers = min(max(1, round(len(names) * stranger_fraction)), len(names) - 2)
+        strangers = set(shuffled[:n_strangers])
+        known_idx = np.flatnonzero([lab not in strangers for lab in labels])
+        enrol_local, query_local = enrol_query_split(
+            labels[known_idx].tolist(), group_of[known_idx].tolist(), rng
+        )
+        enrol = known_idx[enrol_local]
+        stranger_idx = np.flatnonzero([lab in strangers for lab in labels])
+        queries = np.concatenate([known_idx[query_local], stranger_idx])
+        enrolled = sorted(set(labels[enrol].tolist()))
+        per_individual.append(len(enrol) / len(enrolled))
+        sim = emb[queries] @ emb[enrol].T  # (Q, E)
+        # best image per enrolled individual
+        by_ind = np.full((len(queries), len(enrolled)), -np.inf, dtype=np.float32)
+        enrol_labels = labels[enrol]
+        for j, name in enumerate(enrolled):
+            by_ind[:, j] = sim[:, enrol_labels == name].max(axis=1)
+        for row, qi in zip(by_ind, queries, strict=True):
+            own = labels[qi]
+            whose.append(str(own))
+            mask = np.array([name != own for name in enrolled])
+            genuine.append(float(row[~mask][0]) if (~mask).any() else math.nan)
+            distractors.append(np.sort(row[mask].astype(np.float64)))
+            order = np.argsort(-row)
+            top2.append((float(row[order[0]]), float(row[order[1]])))
+            correct.append(enrolled[order[0]] == own)
+    return QueryScores(
+        genuine=np.array(genuine),
+        distractors=distractors,
+        top2=np.array(top2),
+        top1_correct=np.array(correct),
+        images_per_individual=float(np.mean(per_individual)),
+        individual=np.array(whose),
+    )
+
+
+def sampled_top1(
+    scores: QueryScores, gallery_individuals: float, rng: np.random.Generator, draws: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 similarity and whether it is the query's own individual, for ``draws`` random galleries
+    of ``gallery_individuals`` individuals per query (the maximum of k distractors is drawn by
+    inverting its distribution ``F(t) ** k``)."""
+    k = max(float(gallery_individuals), 1.0)
+    top: list[float] = []
+    right: list[bool] = []
+    for g, d in zip(scores.genuine, scores.distractors, strict=True):
+        kd = k if math.isnan(g) else k - 1.0
+        for u in rng.random(draws):
+            if d.size == 0 or kd < 1.0:
+                best_d = -math.inf
+            else:
+                # P(max <= d[j]) = ((j + 1) / m) ** kd  ->  j = ceil(m * u ** (1 / kd)) - 1
+                j = min(max(math.ceil(d.size * u ** (1.0 / kd)) - 1, 0), d.size - 1)
+                best_d = float(d[j])
+            if not math.isnan(g) and g >= best_d:
+                top.append(float(g))
+                right.append(True)
+            else:
+                top.append(best_d)
+                right.append(False)
+    return np.array(top), np.array(right)
+
+
+def calibrate_open_set(
+    emb: np.ndarray,
+    individuals: Sequence[str],
+    groups: Sequence[str],
+    seed: int = 0,
+    repeats: int = 5,
+    stranger_fraction: float = 0.25,
+    gallery_sizes: Sequence[int] = GALLERY_SIZES,
+    target_fpirs: Sequence[float] = TARGET_FPIRS,
+    level: float = BOOTSTRAP_LEVEL,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> OpenSetCalibration:
+    """The open-set table of validation embeddings (see the module docstring).
+
+    Each threshold is the ``level`` quantile over ``resamples`` bootstrap resamples of the stranger
+    individuals (``level`` 0.5: about the plain estimate; higher: more conservative).
+    """
+    scores = query_scores(emb, individuals, groups, seed, repeats, stranger_fraction)
+    rng = np.random.default_rng(seed)
+    weights = bootstrap_weights(scores.individual[scores.is_stranger], resamples, rng)
+    thresholds: list[list[float]] = []
+    tpir_rows: list[list[float]] = []
+    confidence: list[list[float]] = []
+    curves = {}
+    for size in gallery_sizes:
+        k = size / scores.images_per_individual
+        fpir, tpir = identification_rates(scores, THRESHOLD_GRID, k)
+        curves[int(size)] = (THRESHOLD_GRID, fpir, 1.0 - tpir)
+        chance = stranger_match_chance(scores, THRESHOLD_GRID, k)
+        row_t = [conservative_threshold(THRESHOLD_GRID, chance, weights, f, level) for f in target_fpirs]
+        thresholds.append(row_t)
+        tpir_rows.append([float(np.interp(t, THRESHOLD_GRID, tpir)) for t in row_t])
+        top, right = sampled_top1(scores, k, rng)
+        finite = np.isfinite(top)
+        xs, ys = isotonic(top[finite], right[finite].astype(np.float64))
+        confidence.append(np.interp(CONFIDENCE_GRID, xs, ys).tolist())
+    stranger = scores.is_stranger
+    known_right = ~stranger & scores.top1_correct
+    margin = scores.top2[:, 0] - scores.top2[:, 1]
+    separation = {
+        "similarity_auroc": open_set_auroc(scores.top2[known_right, 0], scores.top2[stranger, 0]),
+        "margin_auroc": open_set_auroc(margin[known_right], margin[stranger]),
+    }
+    return OpenSetCalibration(
+        gallery_sizes=[int(s) for s in gallery_sizes],
+        target_fpirs=[float(f) for f in target_fpirs],
+        thresholds=thresholds,
+        tpir=tpir_rows,
+        confidence_similarity=list(CONFIDENCE_GRID),
+        confidence=confidence,
+        images_per_individual=scores.images_per_individual,
+        separation=separation,
+        simulated_up_to=round(
+            scores.images_per_individual * float(np.mean([len(d) for d in scores.distractors]))
+        ),
+        counts={
+            "individuals": len(set(np.asarray(individuals).tolist())),
+            "images": len(individuals),
+            "repeats": repeats,
+            "stranger_queries": int(stranger.sum()),
+            "enrolled_queries": int((~stranger).sum()),
+        },
+        curves=curves,
+    )
