@@ -185,13 +185,17 @@ def load_dataset(
     group_pattern: str | None = None,
     exclude_individuals: str | None = None,
     skip_bad: bool = False,
+    verify_images: bool = True,
 ) -> Dataset:
-    """A manifest CSV or a per-individual folder."""
+    """A manifest CSV or a per-individual folder. ``verify_images=False`` leaves decoding to the
+    reader of the files (``animalid enroll`` lets the service judge each photo)."""
     path = Path(source)
     if path.is_dir():
         if not species:
             raise DatasetError(f"{path}: a folder dataset needs its species")
-        return read_folder(path, species=species, group_pattern=group_pattern, skip_bad=skip_bad)
+        return read_folder(
+            path, species=species, group_pattern=group_pattern, skip_bad=skip_bad, verify_images=verify_images
+        )
     if not path.is_file():
         raise DatasetError(f"{path}: no such manifest or folder")
     return read_manifest(
@@ -200,6 +204,7 @@ def load_dataset(
         group_pattern=group_pattern,
         exclude_individuals=exclude_individuals,
         skip_bad=skip_bad,
+        verify_images=verify_images,
     )
 
 

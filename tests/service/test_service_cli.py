@@ -38,7 +38,7 @@ def test_parser_has_the_service_commands_and_the_training_ones() -> None:
 
 def test_parser_works_without_training_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "training.cli", None)  # as if the module did not exist
-    assert subcommands(cli.build_parser()) == {"serve", "migrate", "demo"}
+    assert subcommands(cli.build_parser()) == {"serve", "migrate", "demo", "enroll", "identify"}
 
 
 def test_migrate_creates_the_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
@@ -88,7 +88,8 @@ def test_demo_enrolls_the_gallery_once(
 
 
 def test_curl_command_is_ready_to_run() -> None:
-    command = demo.curl_command("0.0.0.0", 8123, "dog", Path("/data/queries/my dog.jpg"))
+    url = make_settings("sqlite://", Path("/"), Path("/"), host="0.0.0.0", port=8123).api_url
+    command = demo.curl_command(url, "dog", Path("/data/queries/my dog.jpg"))
     assert shlex.split(command) == [
         "curl", "-s", "-F", "species=dog", "-F", "image=@/data/queries/my dog.jpg", "http://127.0.0.1:8123/identify",
     ]  # fmt: skip
