@@ -17,11 +17,11 @@ from service.runtime import Runtime
 from service.security import Principal, Scope
 from service.services import enrollment
 from service.services.enrollment import EnrollCommand
+from training.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DEMO_ACTOR = Principal(scope=Scope.ADMIN, fingerprint="demo")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -41,12 +41,6 @@ def test_the_tour_names_no_placeholder() -> None:
         assert (ROOT / photo).is_file(), photo
     for endpoint in ("/enroll", "/identify", "/verify", "/explain", "/individuals", "/species"):
         assert f"$API{endpoint}" in block
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_the_readme_tour_runs_against_the_demo(tmp_path: Path) -> None:

@@ -25,12 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
-from training.preprocess import PreprocessSpec, open_image, to_uint8_tensor
+from training.preprocess import IMAGE_SUFFIXES, PreprocessSpec, open_image, to_uint8_tensor
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".ppm"}
-
 
 class DatasetError(ValueError):
     """A manifest or folder cannot be used; the message names the file and line."""

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from apps import ADMIN_KEY, READ_KEY, make_models_dir
 from databases import postgres_schema
+from ports import free_port
 
 from service import cli
 
@@ -121,11 +122,3 @@ def test_serve_on_an_unmigrated_postgres_says_what_to_run(
         "animalid serve: error: the database schema is at revision none, this code needs 0001: "
         "run `animalid migrate` (with the same ANIMALID_DATABASE_URL) first"
     ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

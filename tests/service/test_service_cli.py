@@ -14,6 +14,7 @@ import httpx
 import pytest
 from apps import AppRunner, make_models_dir, make_settings
 from imagegen import jpeg
+from ports import free_port
 from sqlalchemy import create_engine, inspect
 
 from service import cli, demo
@@ -98,7 +99,7 @@ def test_curl_command_is_ready_to_run() -> None:
 def test_demo_command_serves_and_its_curl_identifies(tmp_path: Path, artifacts: dict[str, Path]) -> None:
     gallery, queries = make_gallery(tmp_path)
     models = make_models_dir(tmp_path, artifacts, dog="dog")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANIMALID_")}
     env.update({"ANIMALID_CPU_THREADS": "1", "PYTHONPATH": str(REPO)})
     process = subprocess.Popen(
@@ -144,14 +145,6 @@ def test_demo_without_a_model_says_so(tmp_path: Path, capsys) -> None:  # noqa: 
     code = cli.main(["demo", "--models-dir", str(tmp_path / "none"), "--data-dir", str(tmp_path / "d")])
     assert code == 2
     assert re.search(r"no demo model found", capsys.readouterr().err)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_cpu_threads_reach_the_worker_threads_through_the_environment(
