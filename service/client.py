@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from service.schemas import (
     EnrollResult,
@@ -97,7 +97,10 @@ class AnimalIDClient:
             raise ServerUnreachable(f"cannot reach the API at {self._http.base_url}: {exc}") from exc
         if response.is_error:
             raise _api_error(response)
-        return schema.model_validate(response.json())
+        try:
+            return schema.model_validate(response.json())
+        except (ValueError, ValidationError) as exc:  # not JSON, or not this API's answer
+            raise ClientError(f"{method} {response.url} did not answer as the AnimalID API does") from exc
 
     def species(self) -> SpeciesList:
         return self._request("GET", "/species", SpeciesList)

@@ -13,7 +13,8 @@ from imagegen import jpeg
 
 from service import cli, folder_enroll
 from service.app import create_app
-from service.client import AnimalIDClient, ApiError
+from service.client import AnimalIDClient, ApiError, ClientError
+from service.schemas import SpeciesList
 
 
 @pytest.fixture
@@ -50,6 +51,9 @@ def test_client_enrolls_and_identifies(server: str) -> None:
         with pytest.raises(ApiError) as refused:
             client.identify("cow", ("q.jpg", jpeg(7, 2)))
         assert refused.value.status == 404 and refused.value.code == "species_not_found"
+        for path in ("/docs", "/health"):  # an HTML page; JSON of another shape
+            with pytest.raises(ClientError, match="did not answer as the AnimalID API does"):
+                client._request("GET", path, SpeciesList)
 
 
 def test_enroll_twice_enrolls_nothing_twice(
