@@ -9,6 +9,7 @@ from functools import partial
 
 import anyio
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service import __version__
 from service.api.routes import enroll, explain, health, identify, individuals, review, species, verify
@@ -44,6 +45,8 @@ TAGS = [
     {"name": "species", "description": "Loaded models, thresholds and evaluation metrics"},
     {"name": "operations", "description": "Health, readiness and metrics"},
 ]
+
+DOCS_ASSETS_URL = "/docs-assets"
 
 StartupHook = Callable[[Runtime], None]
 
@@ -83,7 +86,10 @@ def create_app(settings: Settings | None = None, on_startup: StartupHook | None 
         finally:
             await anyio.to_thread.run_sync(runtime.close)
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their scripts and styles from this server (the files ship in
+    # the fastapi-offline package), never from a CDN: self-hosted machines often have no internet.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS_URL,
         title="AnimalID",
         version=__version__,
         description=DESCRIPTION,

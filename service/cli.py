@@ -1,22 +1,30 @@
-"""The ``animalid`` command: ``serve``, ``migrate`` and ``demo`` here; the training package adds
-``train``, ``evaluate``, ``export`` and ``gradcam``. Each sub-command sets ``func(args) -> int``.
+"""The ``animalid`` command: ``serve``, ``migrate`` and ``demo`` here, ``enroll`` and ``identify``
+as clients of a running service; the training package adds ``train``, ``evaluate``, ``export`` and
+``gradcam``. Each sub-command sets ``func(args) -> int``.
 
 Heavy modules (torch, uvicorn, the app) are imported inside the commands that need them, so
-``animalid --help`` answers at once.
+``animalid --help`` answers at once. A user's mistake (a missing folder, a bad option value, an
+unreachable database or server) ends the command with one line on stderr and exit status 2;
+``--log-level DEBUG`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service import __version__
 from service.errors import ConfigurationError
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.client import AnimalIDClient
 
 log = logging.getLogger("animalid")
 
@@ -44,12 +52,29 @@ def limit_threads(settings: Settings) -> None:
             os.environ.setdefault(name, str(settings.cpu_threads))
 
 
+def prepare_database(database_url: str) -> None:
+    """Before serving: the embedded SQLite database migrates itself; any other must already be at
+    the code's revision (``animalid migrate`` is a deliberate step on a shared server)."""
+    from service.db import migrate
+    from service.db.session import is_sqlite, make_engine
+
+    if is_sqlite(database_url):
+        migrate.upgrade(database_url)
+        return
+    engine = make_engine(database_url)
+    try:
+        migrate.require_head(engine, database_url)
+    finally:
+        engine.dispose()
+
+
 def _serve(args: argparse.Namespace) -> int:
     from service import listening
     from service.app import create_app
 
     settings = _settings(args)
     sock = listening.bind(settings.host, settings.port)  # before anything slow: a taken port fails now
+    prepare_database(settings.database_url)
     listening.serve(create_app(settings), sock, args.log_level.lower())
     return 0
 
@@ -105,17 +130,65 @@ def _demo(args: argparse.Namespace) -> int:
         )
         queries = demo.image_files(paths.queries)
         print("try it:")
-        print(
-            "  "
-            + demo.curl_command(
-                settings.host, settings.port, summary.species, queries[0] if queries else None
-            )
-        )
-        print(f"API docs: http://{settings.host}:{settings.port}/docs", flush=True)
+        print("  " + demo.curl_command(settings.api_url, summary.species, queries[0] if queries else None))
+        print(f"API docs: {settings.api_url}/docs", flush=True)
 
     app = create_app(settings, on_startup=ready)
     listening.serve(app, sock, args.log_level.lower())
     return 0
+
+
+def _client(args: argparse.Namespace) -> AnimalIDClient:
+    from service.client import AnimalIDClient
+
+    settings = _settings(args)
+    key = args.api_key if args.api_key is not None else settings.client_api_key.get_secret_value()
+    return AnimalIDClient(args.url or settings.api_url, api_key=key or None)
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from service import folder_enroll
+
+    plan = folder_enroll.photos_by_individual(args.source, args.species)
+    total = folder_enroll.count_photos(plan)
+    with (
+        _client(args) as client,
+        tqdm(total=total, unit="photo", desc="enroll", disable=args.quiet, file=sys.stderr) as bar,
+    ):
+        summary = folder_enroll.enroll_folder(client, plan, args.species, args.batch_size, bar.update)
+    print("\n".join(summary.lines()))
+    return 1 if summary.refused else 0
+
+
+def _identify(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for photo in args.photos:
+            result = client.identify(args.species, photo, top_k=args.top_k)
+            if args.json:
+                print(json.dumps({"photo": str(photo)} | result.model_dump(mode="json")))
+                continue
+            candidates = ", ".join(
+                f"{c.external_id or c.individual_id} {c.similarity:.3f}" for c in result.candidates
+            )
+            best = result.best
+            answer = (
+                f"match {best.external_id or best.individual_id} ({best.similarity:.3f})"
+                if best is not None
+                else "unknown"
+            )
+            print(
+                f"{photo}: {answer} at threshold {result.threshold:.3f}; candidates: {candidates or 'none'}"
+            )
+    return 0
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", help="the API's address (default: ANIMALID_CLIENT_URL, else ANIMALID_HOST:PORT)"
+    )
+    parser.add_argument("--api-key", help="API key (default: ANIMALID_CLIENT_API_KEY)")
 
 
 def _add_training_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -172,8 +245,50 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--queries-dir", type=Path, help="instead of the bundled service/demo/queries")
     demo.set_defaults(func=_demo)
 
+    enroll = sub.add_parser(
+        "enroll",
+        help="enroll a folder per animal (or a manifest) through the API",
+        description="Enroll SOURCE through a running service: a folder holding one sub-folder of photos per "
+        "animal (its name is the animal's external id), or a CSV manifest path,individual[,species]. "
+        "Photos an animal already has are not sent again, so a second run (or the rest of an interrupted "
+        "one) enrolls nothing twice. Photos the service refuses are listed with the reason at the end; "
+        "the exit status is then 1.",
+    )
+    enroll.add_argument("source", type=Path, help="folder of per-animal folders, or a manifest CSV")
+    enroll.add_argument(
+        "--species", required=True, help="species to enroll into (a manifest's other rows are left out)"
+    )
+    enroll.add_argument(
+        "--batch-size", type=_positive, default=16, help="photos per request (default: %(default)s)"
+    )
+    enroll.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_client_options(enroll)
+    # ValueError: training.data's DatasetError (no such folder or manifest, a bad manifest row).
+    enroll.set_defaults(func=_enroll, user_errors=(ValueError, OSError))
+
+    identify = sub.add_parser(
+        "identify",
+        help="identify photos through the API",
+        description="Ask a running service who each PHOTO shows; one line per photo (or JSON with --json).",
+    )
+    identify.add_argument("photos", nargs="+", type=Path, metavar="PHOTO", help="photo to identify")
+    identify.add_argument("--species", required=True, help="species of the animals")
+    identify.add_argument("--top-k", type=_positive, help="candidates to list (default: the service's)")
+    identify.add_argument(
+        "--json", action="store_true", help="print the API's answer, one JSON line per photo"
+    )
+    _add_client_options(identify)
+    identify.set_defaults(func=_identify, user_errors=(OSError,))
+
     _add_training_commands(sub)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,9 +304,40 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("serve", "demo"):
             limit_threads(_settings(args))
         return int(args.func(args))
-    except ConfigurationError as exc:
-        print(f"animalid: {exc}", file=sys.stderr)
+    except user_errors(args) as exc:
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"animalid {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def user_errors(args: argparse.Namespace) -> tuple[type[BaseException], ...]:
+    """What ends a command with one line instead of a traceback: configuration, database and server
+    connection errors everywhere, plus what the command declares (``set_defaults(user_errors=...)``)."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import OperationalError
+
+    from service.client import ClientError
+
+    return (
+        ConfigurationError,
+        ValidationError,
+        OperationalError,
+        ClientError,
+        *getattr(args, "user_errors", ()),
+    )
+
+
+def one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OperationalError):
+        return f"cannot use the database: {one_line(exc.orig) if exc.orig is not None else exc}"
+    if isinstance(exc, ValidationError):  # the settings: say which variable and why
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return f"invalid settings: {'; '.join(problems)}"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

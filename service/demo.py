@@ -17,11 +17,11 @@ from service.runtime import Runtime
 from service.security import Principal, Scope
 from service.services import enrollment
 from service.services.enrollment import EnrollCommand
+from training.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 DEMO_ACTOR = Principal(scope=Scope.ADMIN, fingerprint="demo")
 
 
@@ -96,10 +96,6 @@ def enroll_gallery(runtime: Runtime, gallery: Path, species: str | None = None) 
     return GallerySummary(species=name, individuals=individuals, images_added=added, images_present=present)
 
 
-def curl_command(host: str, port: int, species: str, query: Path | None) -> str:
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+def curl_command(api_url: str, species: str, query: Path | None) -> str:
     image = str(query) if query is not None else "photo.jpg"
-    return (
-        f"curl -s -F species={shlex.quote(species)} -F image=@{shlex.quote(image)} "
-        f"http://{shown_host}:{port}/identify"
-    )
+    return f"curl -s -F species={shlex.quote(species)} -F image=@{shlex.quote(image)} {api_url}/identify"

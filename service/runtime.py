@@ -7,14 +7,11 @@ from dataclasses import dataclass
 
 import faiss
 import torch
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.migrate import MIGRATIONS_DIR, alembic_config
+from service.db.migrate import require_head
 from service.db.session import make_engine, make_sessionmaker
-from service.errors import ConfigurationError
 from service.image_store import ImageStore
 from service.metrics import Metrics
 from service.ml.embedder import resolve_device
@@ -56,21 +53,6 @@ class Runtime:
         self.engine.dispose()
 
 
-def check_schema(engine: Engine, database_url: str) -> None:
-    """Refuse to start on a database the migrations have not brought to head."""
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
-    head = None
-    if MIGRATIONS_DIR.is_dir():
-        head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
-    if current is None or (head is not None and current != head):
-        raise ConfigurationError(
-            f"the database schema is at revision {current or 'none'}, "
-            f"this code needs {head or 'a migrated schema'}: "
-            "run `animalid migrate` first"
-        )
-
-
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = resolve_device(settings.device)
     if settings.cpu_threads is not None:
@@ -81,7 +63,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     use_gpu_index = settings.device != "cpu" and gpu_count() > 0
     engine = make_engine(settings.database_url)
     try:
-        check_schema(engine, settings.database_url)
+        require_head(engine, settings.database_url)
         sessions = make_sessionmaker(engine)
         registry = Registry(device=device, use_gpu_index=use_gpu_index)
         store = ImageStore(settings.image_store_dir)

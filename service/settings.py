@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     )
     explain_max_side: int = Field(default=512, gt=0, description="Longest side of the Grad-CAM overlay PNG")
 
+    client_url: str | None = Field(
+        default=None,
+        description="Where `animalid enroll` and `identify` send requests; default: this host and port",
+    )
+    client_api_key: SecretStr = Field(
+        default=SecretStr(""), description="API key sent by `animalid enroll` and `animalid identify`"
+    )
+
     @field_validator("target_fpir_by_species")
     @classmethod
     def _fpirs_are_rates(cls, value: dict[str, float]) -> dict[str, float]:
@@ -96,6 +104,14 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("database_url must not be empty")
         return value
+
+    @property
+    def api_url(self) -> str:
+        """The API's base URL for a client on this machine."""
+        if self.client_url:
+            return self.client_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
 
     @cached_property
     def keyring(self) -> ApiKeyring:

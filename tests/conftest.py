@@ -7,6 +7,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from browser import browser_state
 from databases import BACKENDS, postgres_state, postgres_url, provisioned_database
 
 
@@ -42,6 +43,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             f"NOTICE: {skipped} Postgres test(s) were SKIPPED: no Postgres at {postgres_url()} "
             f"({postgres_state.error}). Set ANIMALID_TEST_POSTGRES_URL to run them; with CI set they fail.",
+            yellow=True,
+            bold=True,
+        )
+    if browser_state.skipped:
+        terminalreporter.write_line(
+            f"NOTICE: {browser_state.skipped} browser test(s) were SKIPPED: no headless Chromium "
+            "(apt-get install chromium); with CI set they fail.",
             yellow=True,
             bold=True,
         )

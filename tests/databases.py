@@ -79,6 +79,14 @@ def provisioned_database(backend: str, folder: Path) -> Iterator[str]:
         migrate.upgrade(url)
         yield url
         return
+    with postgres_schema() as url:
+        migrate.upgrade(url)
+        yield url
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh, empty schema on the test server (not migrated); yields its SQLAlchemy URL."""
     require_postgres()
     schema = f"t_{uuid.uuid4().hex[:16]}"
     admin = libpq(postgres_url())
@@ -90,7 +98,6 @@ def provisioned_database(backend: str, folder: Path) -> Iterator[str]:
         .render_as_string(hide_password=False)
     )
     try:
-        migrate.upgrade(url)
         yield url
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:

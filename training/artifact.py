@@ -40,6 +40,8 @@ class ModelCard:
     threshold: float | None = None  # cosine similarity; None until calibrated
     threshold_far: float | None = None  # the false-accept rate it was chosen for (validation)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # What a reader must know before trusting the figures (e.g. a threshold resting on few animals).
+    warnings: list[str] = field(default_factory=list)
     training_config: dict[str, Any] = field(default_factory=dict)
     dataset_fingerprint: str = ""
     architecture: str = ARCHITECTURE  # <backbone>-gap-<neck>
@@ -75,6 +77,7 @@ class ModelCard:
             "threshold": self.threshold,
             "threshold_far": self.threshold_far,
             "metrics": self.metrics,
+            "warnings": self.warnings,
             "training_config": self.training_config,
             "dataset_fingerprint": self.dataset_fingerprint,
             "created_at": self.created_at,
@@ -103,6 +106,7 @@ class ModelCard:
                 threshold=None if data.get("threshold") is None else float(data["threshold"]),
                 threshold_far=None if data.get("threshold_far") is None else float(data["threshold_far"]),
                 metrics=dict(data.get("metrics") or {}),
+                warnings=[str(w) for w in data.get("warnings") or []],
                 training_config=dict(data.get("training_config") or {}),
                 dataset_fingerprint=str(data.get("dataset_fingerprint", "")),
                 architecture=str(data["architecture"]),

@@ -147,5 +147,9 @@ def evaluate_all_individuals(
         title=f"{card.model_version}: every individual of {datasets[0].source}",
         card_info=card.to_dict() | {"open_set": "(see card)"},
         open_set=card.open_set,
+        warnings=card.warnings,
     )
-    return SpeciesEvaluation(card.species, card.threshold, result, report, {})
+    calibrated_on = int(card.metrics.get("calibration_individuals", 0))
+    return SpeciesEvaluation(
+        card.species, card.threshold, result, report, {}, calibrated_on, list(card.warnings)
+    )

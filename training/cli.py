@@ -6,11 +6,19 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
+import yaml
+
+from training.artifact import ArtifactError
 from training.config import DatasetConfig, add_config_arguments, config_from_args
 
 log = logging.getLogger(__name__)
+
+# A user's mistakes (a missing dataset, a bad option value, a broken YAML file or artifact) end a
+# command with one line, not a traceback: the configuration and the data readers raise these.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, ArtifactError, OSError, yaml.YAMLError)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -21,14 +29,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "with --config; command-line options override it. The run writes OUT_DIR/NAME/{config.yaml,log.jsonl,"
         "checkpoint.pt} and, unless --no-export, one evaluated artifact per species in "
         "OUT_DIR/NAME/artifacts/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/NAME/checkpoint.pt")
     train.add_argument(
         "--no-export", action="store_true", help="skip exporting and evaluating after training"
     )
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, user_errors=USER_ERRORS)
 
     export = subparsers.add_parser(
         "export",
@@ -40,7 +47,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--species", action="append", help="export only this species (repeatable)")
     export.add_argument("--fp16", action="store_true", default=None, help="store weights in float16")
-    export.set_defaults(func=_export)
+    export.set_defaults(func=_export, user_errors=USER_ERRORS)
 
     evaluate = subparsers.add_parser(
         "evaluate",
@@ -83,7 +90,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         metavar="REGEX",
         help="group key to use instead of the one the model was trained with (regex over file names)",
     )
-    evaluate.set_defaults(func=_evaluate)
+    evaluate.set_defaults(func=_evaluate, user_errors=USER_ERRORS)
 
     calibrate = subparsers.add_parser(
         "calibrate",
@@ -120,7 +127,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     gradcam.add_argument("image", type=Path, help="image to explain")
     gradcam.add_argument("reference", type=Path, help="reference image (e.g. the enrolled photo)")
     gradcam.add_argument("--out", type=Path, required=True, help="PNG to write")
-    gradcam.set_defaults(func=_gradcam)
+    gradcam.set_defaults(func=_gradcam, user_errors=USER_ERRORS)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -216,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_commands(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except USER_ERRORS as exc:
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"animalid-train {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

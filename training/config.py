@@ -305,14 +305,23 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             flag,
             dest=f"cfg_{f.name}",
             default=None,
+            type=base if base in (int, float) else str,
             metavar=kind.upper(),
-            help=f"{f.metadata.get('help', '')} (default: {f.default!r})",
+            help=f"{f.metadata.get('help', '')}{_default_text(f.default)}",
         )
     parser.add_argument(
         "--strangers",
         metavar="SOURCE[:SPECIES]",
         help="extra never-seen animals used as open-set queries in evaluation",
     )
+
+
+def _default_text(value: Any) -> str:
+    """`` (default: X)`` for a help line; nothing for an unset (None) default."""
+    if value is None:
+        return ""
+    shown = str(value).lower() if isinstance(value, bool) else repr(value)
+    return f" (default: {shown})"
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -25,12 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
-from training.preprocess import PreprocessSpec, open_image, to_uint8_tensor
+from training.preprocess import IMAGE_SUFFIXES, PreprocessSpec, open_image, to_uint8_tensor
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".ppm"}
-
 
 class DatasetError(ValueError):
     """A manifest or folder cannot be used; the message names the file and line."""
@@ -185,13 +182,17 @@ def load_dataset(
     group_pattern: str | None = None,
     exclude_individuals: str | None = None,
     skip_bad: bool = False,
+    verify_images: bool = True,
 ) -> Dataset:
-    """A manifest CSV or a per-individual folder."""
+    """A manifest CSV or a per-individual folder. ``verify_images=False`` leaves decoding to the
+    reader of the files (``animalid enroll`` lets the service judge each photo)."""
     path = Path(source)
     if path.is_dir():
         if not species:
             raise DatasetError(f"{path}: a folder dataset needs its species")
-        return read_folder(path, species=species, group_pattern=group_pattern, skip_bad=skip_bad)
+        return read_folder(
+            path, species=species, group_pattern=group_pattern, skip_bad=skip_bad, verify_images=verify_images
+        )
     if not path.is_file():
         raise DatasetError(f"{path}: no such manifest or folder")
     return read_manifest(
@@ -200,6 +201,7 @@ def load_dataset(
         group_pattern=group_pattern,
         exclude_individuals=exclude_individuals,
         skip_bad=skip_bad,
+        verify_images=verify_images,
     )
 
 

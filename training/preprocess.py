@@ -17,10 +17,34 @@ import torch
 from PIL import Image, ImageOps
 
 PREPROCESS_VERSION = "1"
-# Decoders the product accepts; anything else is rejected before pixel data is read.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
-# PGM is accepted by the training package only: the ORL human control set ships as PGM.
-TRAINING_FORMATS = (*ALLOWED_FORMATS, "PPM")
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    decoder: str  # Pillow's format name
+    label: str  # for people
+    extension: str  # of a stored original
+    media_type: str
+    suffixes: tuple[str, ...]  # file names a folder or manifest reader takes
+
+
+# The one list of image formats, for training and serving alike: a photo that trains a model can be
+# enrolled and identified. Anything else is rejected before pixel data is read. Netpbm (Pillow's
+# "PPM" decoder: PGM, PPM, PBM) is here because the ORL human control set ships as PGM.
+IMAGE_FORMATS = (
+    ImageFormat("JPEG", "JPEG", "jpg", "image/jpeg", (".jpg", ".jpeg")),
+    ImageFormat("PNG", "PNG", "png", "image/png", (".png",)),
+    ImageFormat("WEBP", "WebP", "webp", "image/webp", (".webp",)),
+    ImageFormat("BMP", "BMP", "bmp", "image/bmp", (".bmp",)),
+    ImageFormat("PPM", "PGM/PPM", "pnm", "image/x-portable-anymap", (".pgm", ".ppm", ".pbm", ".pnm")),
+)
+ALLOWED_FORMATS = tuple(f.decoder for f in IMAGE_FORMATS)
+IMAGE_SUFFIXES = frozenset(suffix for f in IMAGE_FORMATS for suffix in f.suffixes)
+FORMATS_TEXT = ", ".join(f.label for f in IMAGE_FORMATS[:-1]) + f" or {IMAGE_FORMATS[-1].label}"
+
+
+def image_format(decoder: str) -> ImageFormat:
+    return next(f for f in IMAGE_FORMATS if f.decoder == decoder)
 
 
 @dataclass(frozen=True)
@@ -51,7 +75,7 @@ class PreprocessSpec:
 
 
 def open_image(
-    source: str | Path | bytes | BinaryIO, formats: tuple[str, ...] = TRAINING_FORMATS
+    source: str | Path | bytes | BinaryIO, formats: tuple[str, ...] = ALLOWED_FORMATS
 ) -> Image.Image:
     """Decode an image by its content and return it as RGB.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -229,9 +230,10 @@ def write_report(
     card_info: dict[str, Any],
     gradcam_grid: Image.Image | None = None,
     open_set: OpenSetCalibration | None = None,
+    warnings: Sequence[str] = (),
 ) -> Path:
     """Write ``report.md`` (tables, mean ± sd over repeats), ``metrics.json`` and the plots into
-    ``out_dir``; returns the path of ``report.md``."""
+    ``out_dir``; returns the path of ``report.md``. ``warnings`` open the report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _plot_roc(result, out / ROC_PNG)
@@ -242,6 +244,7 @@ def write_report(
     at = result.at_threshold
 
     lines = [f"# {title}", ""]
+    lines += [line for warning in warnings for line in (f"> **Warning:** {warning}", "")]
     lines += [
         f"Test set: {counts['individuals']} individuals never seen in training, {counts['images']} images. "
         f"{counts['single_group_individuals']} individuals have a single group (clip), so their enrol and "

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from service.schemas import ErrorBody
+from training.preprocess import FORMATS_TEXT
 
 ERROR_EXAMPLES = {
     400: ("bad_request", "malformed request"),
@@ -15,7 +16,7 @@ ERROR_EXAMPLES = {
     404: ("species_not_found", "unknown species 'wolf'"),
     409: ("species_mismatch", "individual 0b6f... is not a dog"),
     413: ("payload_too_large", "the request body exceeds 10485760 bytes"),
-    415: ("unsupported_media_type", "image is not a JPEG, PNG, WebP or BMP image"),
+    415: ("unsupported_media_type", f"image is not a {FORMATS_TEXT} image"),
     422: ("image_unreadable", "image could not be decoded as JPEG"),
     503: ("species_unavailable", "species 'cat' is not serving: the artifact is corrupt"),
 }

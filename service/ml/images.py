@@ -1,7 +1,8 @@
 """Uploaded bytes -> a checked RGB image, using the training package's decoder.
 
 Order of checks, cheapest first and before any pixel data is decoded: non-empty, magic bytes of an
-allowed format (JPEG, PNG, WebP, BMP; never the file name or the client's content type), header
+allowed format (``training.preprocess.IMAGE_FORMATS``: JPEG, PNG, WebP, BMP, PGM/PPM; never the
+file name or the client's content type), header
 dimensions against the pixel cap, then the full decode by :func:`training.preprocess.open_image`
 with the same format allow-list. Pillow's own decompression-bomb limit stays in force.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import ImageTooLarge, ImageUnreadable, InvalidRequest, UnsupportedMediaType
-from training.preprocess import ALLOWED_FORMATS, open_image
+from training.preprocess import ALLOWED_FORMATS, FORMATS_TEXT, image_format, open_image
 
 _SIGNATURES: tuple[tuple[str, bytes], ...] = (
     ("JPEG", b"\xff\xd8\xff"),
@@ -51,7 +52,7 @@ class DecodedImage:
 
     @property
     def extension(self) -> str:
-        return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}[self.format]
+        return image_format(self.format).extension
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -61,6 +62,9 @@ def sniff_format(data: bytes) -> str | None:
     for name, magic in _SIGNATURES:
         if data.startswith(magic):
             return name
+    # Netpbm: "P1".."P6" then whitespace (PBM, PGM, PPM, plain or raw); not PFM's "Pf"/"PF".
+    if len(data) >= 3 and data[:1] == b"P" and data[1:2] in b"123456" and data[2:3].isspace():
+        return "PPM"
     return None
 
 
@@ -90,7 +94,7 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image") -> DecodedI
     fmt = sniff_format(data)
     if fmt is None:
         raise UnsupportedMediaType(
-            f"{field} is not a JPEG, PNG, WebP or BMP image", field=field, detected=describe_other(data)
+            f"{field} is not a {FORMATS_TEXT} image", field=field, detected=describe_other(data)
         )
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as header:

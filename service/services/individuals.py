@@ -25,6 +25,7 @@ from service.schemas import (
     MergeResult,
 )
 from service.security import Principal
+from training.preprocess import image_format
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def image_file(
     path = store.absolute(image.storage_path)
     if not path.is_file():
         raise ImageNotFound(f"the stored file of image {image_id} is missing", image_id=str(image_id))
-    return path, f"image/{image.format.lower()}"
+    return path, image_format(image.format).media_type
 
 
 def delete_image(

@@ -4,20 +4,19 @@ package's offline evaluation, with the trained dog model on real DogFaceNet phot
 Both sides use the study's protocol on the same split: half of each individual's photos enrolled
 (over ``POST /enroll``), the rest identified (over ``POST /identify``), against the offline
 ``embed_pixels`` + ``identification_ranks`` of the training package. The bundled demo gallery (real
-photos, shipped with the project) always runs; the dog model's held-out test dogs from
-``../shared/data/dogfacenet`` run where that folder exists (``ANIMALID_SHARED_DATA`` points
-elsewhere).
+photos, shipped with the project) always runs; the dog model's held-out test dogs from the shared
+DogFaceNet (found by ``tests/shared_data.py``) run where it exists.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 from apps import TestClient, make_models_dir, make_settings
+from shared_data import shared_manifest
 
 from service.app import create_app
 from training.artifact import load_artifact
@@ -29,8 +28,6 @@ from training.pipeline import held_out
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "service" / "demo"
 DOG_MODEL = DEMO / "models" / "dog"
-SHARED_DATA = Path(os.environ.get("ANIMALID_SHARED_DATA", ROOT.parent / "shared" / "data"))
-DOGFACENET = SHARED_DATA / "dogfacenet" / "manifest.csv"
 SPLIT_SEED = 7
 # Batched (enroll) and single-image (identify) forward passes differ in the last float bits, so two
 # individuals scoring within this of each other may swap places; no other disagreement is allowed.
@@ -43,9 +40,7 @@ def demo_gallery() -> Dataset:
 
 def held_out_dogs() -> Dataset:
     """The test individuals of the split the demo dog model was trained with."""
-    if not DOGFACENET.is_file():
-        pytest.skip(f"DogFaceNet not found at {DOGFACENET} (set ANIMALID_SHARED_DATA)")
-    return held_out(load_artifact(DOG_MODEL).card, source=DOGFACENET)
+    return held_out(load_artifact(DOG_MODEL).card, source=shared_manifest("dogfacenet"))
 
 
 def offline_identification(dataset: Dataset, enrol: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -6,7 +6,6 @@ import asyncio
 import io
 import socket
 import struct
-import threading
 import time
 import uuid
 import zlib
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from apps import ADMIN, ADMIN_KEY, READ, make_models_dir, make_settings
+from apps import live_server as serve
 from fastapi.testclient import TestClient
 from imagegen import encode, jpeg, photo
 from PIL import Image
@@ -195,33 +194,12 @@ def test_a_body_under_the_limit_is_parsed(shared_client: TestClient) -> None:
     assert status == 400 and b"malformed_body" in body  # it reached the JSON parser
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def live_server(database_url: str, tmp_path: Path, artifacts: dict[str, Path]) -> Iterator[int]:
     """The app under uvicorn on a loopback port, in a thread of this process."""
     models = make_models_dir(tmp_path, artifacts, dog="dog")
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(make_settings(database_url, tmp_path, models)),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(30)
+    with serve(create_app(make_settings(database_url, tmp_path, models))) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def test_real_server_answers_413_before_the_body_is_sent(live_server: int) -> None:
@@ -282,6 +260,7 @@ def corpus() -> dict[str, tuple[bytes, int, str | None]]:
     sixteen = io.BytesIO()
     Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(sixteen, format="PNG")
     rgba = encode(photo(6).convert("RGBA"), "PNG")
+    pgm = encode(photo(7).convert("L"), "PPM")
     return {
         "empty": (b"", 422, "image_unreadable"),
         "text": (b"hello, I am a photo", 415, "unsupported_media_type"),
@@ -306,6 +285,11 @@ def corpus() -> dict[str, tuple[bytes, int, str | None]]:
         "cmyk_jpeg": (cmyk, 200, None),
         "png_16_bit_grey": (sixteen.getvalue(), 200, None),
         "png_rgba": (rgba, 200, None),
+        "pgm": (pgm, 200, None),  # ORL's human faces are PGM files: training takes them, so does the service
+        "ppm": (encode(photo(7), "PPM"), 200, None),
+        "pgm_plain": (b"P2\n4 4\n255\n" + b"10 200 30 40\n" * 4, 200, None),
+        "pgm_truncated": (pgm[: len(pgm) // 2], 422, "image_unreadable"),
+        "pfm_float": (b"Pf\n2 2\n-1.0\n" + b"\0" * 16, 415, "unsupported_media_type"),
     }
 
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from apps import AppRunner, make_models_dir, make_settings
 from imagegen import jpeg
+from ports import free_port
 from sqlalchemy import create_engine, inspect
 
 from service import cli, demo
@@ -38,7 +39,7 @@ def test_parser_has_the_service_commands_and_the_training_ones() -> None:
 
 def test_parser_works_without_training_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "training.cli", None)  # as if the module did not exist
-    assert subcommands(cli.build_parser()) == {"serve", "migrate", "demo"}
+    assert subcommands(cli.build_parser()) == {"serve", "migrate", "demo", "enroll", "identify"}
 
 
 def test_migrate_creates_the_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
@@ -88,7 +89,8 @@ def test_demo_enrolls_the_gallery_once(
 
 
 def test_curl_command_is_ready_to_run() -> None:
-    command = demo.curl_command("0.0.0.0", 8123, "dog", Path("/data/queries/my dog.jpg"))
+    url = make_settings("sqlite://", Path("/"), Path("/"), host="0.0.0.0", port=8123).api_url
+    command = demo.curl_command(url, "dog", Path("/data/queries/my dog.jpg"))
     assert shlex.split(command) == [
         "curl", "-s", "-F", "species=dog", "-F", "image=@/data/queries/my dog.jpg", "http://127.0.0.1:8123/identify",
     ]  # fmt: skip
@@ -97,7 +99,7 @@ def test_curl_command_is_ready_to_run() -> None:
 def test_demo_command_serves_and_its_curl_identifies(tmp_path: Path, artifacts: dict[str, Path]) -> None:
     gallery, queries = make_gallery(tmp_path)
     models = make_models_dir(tmp_path, artifacts, dog="dog")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANIMALID_")}
     env.update({"ANIMALID_CPU_THREADS": "1", "PYTHONPATH": str(REPO)})
     process = subprocess.Popen(
@@ -143,14 +145,6 @@ def test_demo_without_a_model_says_so(tmp_path: Path, capsys) -> None:  # noqa: 
     code = cli.main(["demo", "--models-dir", str(tmp_path / "none"), "--data-dir", str(tmp_path / "d")])
     assert code == 2
     assert re.search(r"no demo model found", capsys.readouterr().err)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_cpu_threads_reach_the_worker_threads_through_the_environment(

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from shared_data import shared_manifest
 from synthetic import make_folder_dataset, write_manifest
 
 from training.data import (
@@ -22,7 +23,6 @@ from training.data import (
 from training.preprocess import PreprocessSpec, open_image
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture
@@ -165,11 +165,10 @@ def test_every_study_config_keys_cattle_clips_the_same_way():
     assert len(patterns) == 1, patterns
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 def test_real_manifests_read_and_cattle_clips_are_groups():
     study = yaml.safe_load((REPO / "configs" / "study" / "cattle-scratch.yaml").read_text())
     cattle = read_manifest(
-        SHARED / "holstein_cowface" / "manifest.csv",
+        shared_manifest("holstein_cowface"),
         group_pattern=study["datasets"][0]["group_pattern"],
         exclude_individuals=r"^openset-",
         verify_images=False,
@@ -182,10 +181,10 @@ def test_real_manifests_read_and_cattle_clips_are_groups():
     # left as its own group (which would let frames of its clip leak across enrol and query).
     unkeyed = [s.path.name for s in cattle.samples if s.group == f"{s.individual}/{s.path.name}"]
     assert not unkeyed, unkeyed[:5]
-    dogs = read_manifest(SHARED / "dogfacenet" / "manifest.csv", verify_images=False)
+    dogs = read_manifest(shared_manifest("dogfacenet"), verify_images=False)
     png_inside = [s for s in dogs.samples if s.path.read_bytes()[:4] == b"\x89PNG"]
     assert png_inside and open_image(png_inside[0].path).mode == "RGB"
-    humans = read_manifest(SHARED / "orl_faces" / "manifest.csv", verify_images=False)
+    humans = read_manifest(shared_manifest("orl_faces"), verify_images=False)
     assert open_image(humans.samples[0].path).mode == "RGB"
 
 

@@ -103,6 +103,8 @@ def test_export_then_load_gives_identical_embeddings_and_transfer_starts_from_it
     assert card.threshold is not None and card.threshold_far == 1e-3
     assert {"top1", "top1_std", "map", "eer"} <= set(card.metrics)
     assert (artifact / "report" / "report.md").is_file()
+    assert card.metrics["calibration_individuals"] == 2
+    assert card.warnings and "calibrated on 2 validation individuals, fewer than 30" in card.warnings[0]
     # transfer: a new run initialised from the artifact starts from its weights, with a new head
     config = tiny_config(
         tmp_path / "transfer", {"sheep": animals}, init_from=str(artifact), freeze_stages=2, epochs=1
@@ -309,3 +311,25 @@ def test_held_out_finds_its_species_among_joint_datasets_configured_without_one(
         assert {s.individual for s in samples} == set(split.test)
     with pytest.raises(ValueError, match="no dataset of species 'cow'"):
         held_out(ModelCard("cow", 8, PreprocessSpec(), training_config=config.to_dict()))
+
+
+def test_few_calibration_individuals_warn_and_the_paper_section_is_for_dogs_only(tmp_path, animals):
+    from training.model import EmbeddingNet
+    from training.pipeline import MIN_CALIBRATION_INDIVIDUALS, calibration_warnings, evaluate_species
+
+    spec = PreprocessSpec(input_size=(32, 32))
+    torch.manual_seed(0)
+    model = EmbeddingNet(embedding_dim=32).eval()
+    for species in ("dog", "human"):
+        config = tiny_config(tmp_path / species, {species: animals})
+        (data,) = prepare_data(config, spec)
+        out = tmp_path / species / "report"
+        evaluation = evaluate_species(model, spec, config, data.val, data.test, None, out, species, {})
+        text = evaluation.report.read_text()
+        count = len(set(data.val.individuals))
+        assert count < MIN_CALIBRATION_INDIVIDUALS
+        assert evaluation.metrics()["calibration_individuals"] == count
+        warning = f"> **Warning:** the decision threshold was calibrated on {count} validation individuals"
+        assert warning in text
+        assert ("DogFaceNet paper protocols" in text) == (species == "dog"), species
+    assert calibration_warnings(MIN_CALIBRATION_INDIVIDUALS) == []

@@ -13,6 +13,7 @@ from service.ml.images import decode_base64
 from service.schemas import EnrollFields, EnrollJSON, EnrollResult
 from service.services import enrollment
 from service.services.enrollment import EnrollCommand
+from training.preprocess import FORMATS_TEXT
 
 router = APIRouter(tags=["enroll"])
 
@@ -53,7 +54,7 @@ async def enroll_command(request: Request, runtime: RuntimeDep) -> EnrollCommand
         "request again indexes them. Needs the admin scope."
     ),
     openapi_extra=image_body(
-        EnrollFields, EnrollJSON, {"images": (True, True, "One or more JPEG, PNG, WebP or BMP images")}
+        EnrollFields, EnrollJSON, {"images": (True, True, f"One or more {FORMATS_TEXT} images")}
     ),
     responses=error_responses(
         400,

@@ -25,6 +25,7 @@ from service.schemas import (
 )
 from service.services import individuals
 from service.services.individuals import Page
+from training.preprocess import IMAGE_FORMATS
 
 router = APIRouter(prefix="/individuals", tags=["individuals"])
 
@@ -156,7 +157,7 @@ def get_image(
         403,
         404,
         422,
-        extra={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}, "image/bmp": {}}}},
+        extra={200: {"content": {f.media_type: {} for f in IMAGE_FORMATS}}},
     ),
 )
 def get_image_file(
