@@ -34,6 +34,11 @@ class EmbeddingNet(nn.Module):
         """The last residual block: the layer Grad-CAM reads."""
         return self.backbone.layer4[-1]
 
+    @property
+    def fine_gradcam_layer(self) -> nn.Module:
+        """The third residual stage: twice the last stage's resolution, for the finer LayerCAM map."""
+        return self.backbone.layer3[-1]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.neck(self.backbone(images))
 
