@@ -49,26 +49,20 @@ def test_map_follows_the_reference(tiny_model):
     np.testing.assert_array_equal(cam, gradcam_map(tiny_model, image, reference))  # deterministic
 
 
-def test_map_matches_pytorch_grad_cam(tiny_model):
-    from pytorch_grad_cam import GradCAM
+@pytest.mark.parametrize(
+    ("oracle_name", "layer_name", "ours"),
+    [("GradCAM", "gradcam_layer", gradcam_map), ("LayerCAM", "fine_gradcam_layer", layercam_map)],
+    ids=["gradcam", "layercam"],
+)
+def test_map_matches_pytorch_grad_cam(tiny_model, oracle_name, layer_name, ours):
+    import pytorch_grad_cam
 
     model = EmbeddingNet(embedding_dim=32)
     model.load_state_dict(tiny_model.state_dict())
     image, reference = _inputs(size=(64, 96))
-    with GradCAM(model, [model.gradcam_layer]) as oracle:
+    with getattr(pytorch_grad_cam, oracle_name)(model, [getattr(model, layer_name)]) as oracle:
         expected = oracle(image[None], [lambda out: F.cosine_similarity(out, reference, dim=0)])[0]
-    np.testing.assert_allclose(gradcam_map(tiny_model, image, reference), expected, atol=1e-4)
-
-
-def test_layercam_matches_pytorch_grad_cam_on_the_fine_layer(tiny_model):
-    from pytorch_grad_cam import LayerCAM
-
-    model = EmbeddingNet(embedding_dim=32)
-    model.load_state_dict(tiny_model.state_dict())
-    image, reference = _inputs(size=(64, 96))
-    with LayerCAM(model, [model.fine_gradcam_layer]) as oracle:
-        expected = oracle(image[None], [lambda out: F.cosine_similarity(out, reference, dim=0)])[0]
-    np.testing.assert_allclose(layercam_map(tiny_model, image, reference), expected, atol=1e-4)
+    np.testing.assert_allclose(ours(tiny_model, image, reference), expected, atol=1e-4)
 
 
 def test_the_fine_layer_maps_at_a_finer_grid(tiny_model):
