@@ -1,10 +1,13 @@
-"""Grad-CAM for embedding models: which regions make an image similar to a reference.
+"""Heat maps for embedding models: which regions make an image similar to a reference.
 
 The target is the cosine similarity between the image's embedding and a reference embedding (for
-example an enrolled photo of the matched individual); the layer is ``model.gradcam_layer``.
+example an enrolled photo of the matched individual). Two maps: Grad-CAM on ``model.gradcam_layer``
+(the last stage) and LayerCAM on ``model.fine_gradcam_layer`` (an earlier, finer one), the map the
+service and the reports show because its deletion curve falls fastest (:func:`deletion_curve`,
+docs/results.md). :func:`explanation_panel` draws a query and its reference side by side.
 
-This is a small hook-based implementation rather than ``pytorch_grad_cam.GradCAM`` (grad-cam
-1.5.7, which the tests use as the oracle), because the service runs it on a shared, live model:
+This is a small hook-based implementation rather than ``pytorch_grad_cam.GradCAM`` / ``LayerCAM``
+(grad-cam 1.5.7, which the tests use as the oracle), because the service runs it on a shared, live model:
 GradCAM calls ``model.eval()`` and never restores the mode, back-propagates into every parameter's
 ``.grad`` (left behind on the served weights), fails with "element 0 of tensors does not require
 grad" when the parameters do not require gradients (a frozen or inference-only model), records the
