@@ -116,13 +116,20 @@ def test_rejects_a_batch(tiny_model):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_runs_on_the_model_device(tiny_model):
+@pytest.mark.parametrize("heat_map", [gradcam_map, layercam_map], ids=["gradcam", "layercam"])
+def test_runs_on_the_model_device(tiny_model, heat_map):
     model = EmbeddingNet(embedding_dim=32)
     model.load_state_dict(tiny_model.state_dict())
     model.eval().cuda()
     image, reference = _inputs()
-    cam = gradcam_map(model, image.cuda(), reference.cuda())
-    np.testing.assert_allclose(cam, gradcam_map(tiny_model, image, reference), atol=1e-3)
+    cam = heat_map(model, image.cuda(), reference.cuda())
+    np.testing.assert_allclose(cam, heat_map(tiny_model, image, reference), atol=1e-3)
+    order = np.random.default_rng(0).permutation(64 * 64)
+    np.testing.assert_allclose(
+        deletion_curve(model, image.cuda(), reference.cuda(), order, steps=4),
+        deletion_curve(tiny_model, image, reference, order, steps=4),
+        atol=1e-3,
+    )
 
 
 def test_overlay_blends_a_jet_heatmap_at_the_image_size():
