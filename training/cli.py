@@ -121,7 +121,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     calibrate.set_defaults(func=_calibrate)
 
     gradcam = subparsers.add_parser(
-        "gradcam", help="Grad-CAM heatmap of an image's similarity to a reference image, as PNG"
+        "gradcam", help="Heat maps of an image's and a reference image's similarity, side by side, as PNG"
     )
     gradcam.add_argument("artifact", type=Path, help="artifact folder")
     gradcam.add_argument("image", type=Path, help="image to explain")
@@ -200,7 +200,7 @@ def _gradcam(args: argparse.Namespace) -> int:
     import torch
 
     from training.artifact import load_artifact
-    from training.gradcam import gradcam_map, overlay
+    from training.gradcam import explanation_panel, layercam_map
     from training.preprocess import open_image, preprocess
 
     loaded = load_artifact(args.artifact)
@@ -208,10 +208,11 @@ def _gradcam(args: argparse.Namespace) -> int:
     image, reference = open_image(args.image), open_image(args.reference)
     batch = torch.stack([preprocess(image, spec), preprocess(reference, spec)])
     emb = loaded.model.embed(batch)
-    cam = gradcam_map(loaded.model, batch[0], emb[1])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    overlay(image.resize((spec.input_size[1], spec.input_size[0])), cam).save(args.out)
+    cams = [layercam_map(loaded.model, batch[0], emb[1]), layercam_map(loaded.model, batch[1], emb[0])]
     similarity = float(emb[0] @ emb[1])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    panel = explanation_panel((image, cams[0]), (reference, cams[1]), similarity, args.reference.name)
+    panel.save(args.out)
     print(json.dumps({"png": str(args.out), "similarity": round(similarity, 4)}))
     return 0
 

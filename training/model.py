@@ -93,6 +93,11 @@ class EmbeddingNet(nn.Module):
         with torch.no_grad():
             layer.weight.copy_(weights)
 
+    @property
+    def fine_gradcam_layer(self) -> nn.Module:
+        """A block at twice the last block's resolution (1/16 of the input), for the finer LayerCAM map."""
+        return self.spec.fine_gradcam_layer(self.backbone)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.neck(self.backbone(images))
 

@@ -30,7 +30,7 @@ from training.evaluate import (
     one_shot_identification,
     pair_verification_accuracy,
 )
-from training.gradcam import gradcam_grid, gradcam_map, overlay
+from training.gradcam import explanation_panel, gradcam_grid, layercam_map
 from training.model import EmbeddingNet
 from training.open_set import MIN_INDIVIDUALS, OpenSetCalibration, calibrate_open_set
 from training.preprocess import PreprocessSpec, normalize
@@ -99,7 +99,8 @@ def strangers_of(strangers: Shard | None, species: str) -> Shard | None:
 
 
 def gradcam_examples(model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, seed: int, count: int = 4):
-    """(title, [query overlay, enrolled reference overlay]) rows for a few test individuals."""
+    """(title, [panel]) rows for a few test individuals: a query and an enrolled reference side by
+    side, each with its LayerCAM map of the similarity to the other."""
     rng = random.Random(seed)
     enrol, query = enrol_query_split(shard.individuals, shard.groups, rng)
     device = next(model.parameters()).device
@@ -110,11 +111,12 @@ def gradcam_examples(model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, se
         e = next(i for i in enrol if shard.individuals[i] == individual)
         images = [normalize(shard.pixels[i], spec).to(device) for i in (q, e)]
         emb = model.embed(torch.stack(images))
-        cams = [gradcam_map(model, images[0], emb[1]), gradcam_map(model, images[1], emb[0])]
+        cams = [layercam_map(model, images[0], emb[1]), layercam_map(model, images[1], emb[0])]
         pictures = [Image.fromarray(shard.pixels[i].permute(1, 2, 0).numpy()) for i in (q, e)]
-        rows.append(
-            (f"{shard.species} {individual}", [overlay(p, c) for p, c in zip(pictures, cams, strict=True)])
+        panel = explanation_panel(
+            (pictures[0], cams[0]), (pictures[1], cams[1]), float(emb[0] @ emb[1]), "enrolled photo", tile=160
         )
+        rows.append((f"{shard.species} {individual}", [panel]))
     return rows
 
 
@@ -146,7 +148,7 @@ def evaluate_species(
         )
     else:
         log.warning("%d validation individuals: too few for the open-set table", len(set(val.individuals)))
-    grid = gradcam_grid(gradcam_examples(model, test, spec, config.seed), ["query", "enrolled reference"])
+    grid = gradcam_grid(gradcam_examples(model, test, spec, config.seed), ["query and enrolled reference"])
     calibration_individuals = len(set(val.individuals))
     warnings = calibration_warnings(calibration_individuals)
     report = write_report(

@@ -310,7 +310,8 @@ def write_report(
         lines += [
             "## Grad-CAM",
             "",
-            "Regions raising the cosine similarity to the reference image (red: most).",
+            "For a few test individuals, a query and an enrolled photo side by side, each with its "
+            "LayerCAM heat map: what in that photo raises its cosine similarity to the other (red: most).",
             "",
             f"![Grad-CAM]({GRADCAM_PNG})",
             "",

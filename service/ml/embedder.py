@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.errors import ConfigurationError
 from training.artifact import LoadedModel, ModelCard
-from training.gradcam import gradcam_map
+from training.gradcam import layercam_map
 from training.model import EmbeddingNet
 from training.preprocess import preprocess
 
@@ -71,11 +71,12 @@ class Embedder:
         self.embed_tensor(torch.zeros((1, 3, height, width), device=self.device))
 
     def gradcam(self, image: Image.Image, reference: np.ndarray) -> np.ndarray:
-        """Grad-CAM map (H, W) in [0, 1] of the similarity between ``image`` and ``reference``.
+        """Heat map (H, W) in [0, 1] of the similarity between ``image`` and ``reference``: LayerCAM
+        on the model's finer layer, the map whose deletion curve falls fastest (docs/results.md).
 
-        ``gradcam_map`` is safe on the shared, serving model: its hook records only this thread's
+        ``layercam_map`` is safe on the shared, serving model: its hook records only this thread's
         forward pass, it writes no parameter gradient and restores the modules' modes.
         """
         tensor = preprocess(image, self.card.preprocess).to(self.device)
         ref = torch.tensor(np.asarray(reference, dtype=np.float32), device=self.device)
-        return np.asarray(gradcam_map(self.model, tensor, ref), dtype=np.float32)
+        return np.asarray(layercam_map(self.model, tensor, ref), dtype=np.float32)

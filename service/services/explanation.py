@@ -1,4 +1,4 @@
-"""Grad-CAM explanations: which parts of the query image drive its similarity to a reference."""
+"""Explanations: which parts of the query and of the reference photo drive their similarity."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ import numpy as np
 from PIL import Image
 from sqlalchemy.orm import Session
 
+from service.db.repository import Repository
+from service.errors import ImageNotFound
+from service.image_store import ImageStore, ImageStoreError
 from service.metrics import Metrics
+from service.ml.images import decode_image
 from service.ml.registry import Registry
 from service.schemas import ExplainResult
-from service.services.identification import compare
-from training.gradcam import overlay
+from service.services.identification import Comparison, compare
+from training.gradcam import explanation_panel
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,8 @@ class Explanation:
     similarity: float
     individual_id: uuid.UUID | None
     reference_image_id: uuid.UUID | None
-    heatmap: np.ndarray  # (H, W) float32 in [0, 1]
+    heatmap: np.ndarray  # (H, W) float32 in [0, 1]: the query's map
+    reference_heatmap: np.ndarray  # (H, W) float32 in [0, 1]: the reference photo's map
     overlay_png: bytes
 
     def to_result(self) -> ExplainResult:
@@ -37,22 +42,44 @@ class Explanation:
             reference_image_id=self.reference_image_id,
             height=int(self.heatmap.shape[0]),
             width=int(self.heatmap.shape[1]),
-            heatmap=np.round(self.heatmap.astype(np.float64), 4).tolist(),
+            heatmap=_rounded(self.heatmap),
+            reference_heatmap=_rounded(self.reference_heatmap),
             overlay_png=base64.b64encode(self.overlay_png).decode("ascii"),
         )
 
 
-def _fit(image: Image.Image, max_side: int) -> Image.Image:
-    """The query image scaled down so its longest side is at most ``max_side`` (never up)."""
-    scale = max_side / max(image.size)
-    if scale >= 1.0:
-        return image
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+def _rounded(heatmap: np.ndarray) -> list[list[float]]:
+    return np.round(heatmap.astype(np.float64), 4).tolist()
+
+
+def _reference(
+    session: Session, store: ImageStore, max_pixels: int, found: Comparison, individual_id: uuid.UUID | None
+) -> tuple[Image.Image, str]:
+    """The reference photo and how the picture names it: the individual and its image, or the photo."""
+    if found.reference_photo is not None:
+        return found.reference_photo.image, "the photo given"
+    assert found.reference_image_id is not None and individual_id is not None
+    repo = Repository(session)
+    image = repo.get_image(found.reference_image_id)
+    if image is None:  # deleted since the comparison read it
+        raise ImageNotFound(
+            f"image {found.reference_image_id} is gone", image_id=str(found.reference_image_id)
+        )
+    try:
+        photo = decode_image(store.read(image.storage_path), max_pixels, field="reference_image").image
+    except ImageStoreError as exc:
+        raise ImageNotFound(
+            f"the stored file of image {image.id} is missing", image_id=str(image.id)
+        ) from exc
+    external_id, name = repo.individual_labels([individual_id]).get(individual_id, (None, None))
+    who = external_id or name or str(individual_id)
+    return photo, f"{who}, image {str(image.id)[:8]}"
 
 
 def explain(
     session: Session,
     registry: Registry,
+    store: ImageStore,
     metrics: Metrics,
     max_pixels: int,
     max_side: int,
@@ -61,10 +88,17 @@ def explain(
     individual_id: uuid.UUID | None,
     reference_image: bytes | None,
 ) -> Explanation:
+    """The comparison :func:`compare` makes, with both photos' heat maps and the picture of them."""
     found = compare(session, registry, metrics, max_pixels, species, image, individual_id, reference_image)
+    photo, label = _reference(session, store, max_pixels, found, individual_id)
+    embedder = found.serving.embedder
     with metrics.time_inference(species, "gradcam"):
-        cam = found.serving.embedder.gradcam(found.image.image, found.reference)
-    picture = overlay(_fit(found.image.image, max_side), cam)
+        query_vector = embedder.embed([found.image.image])[0]
+        cam = embedder.gradcam(found.image.image, found.reference)
+        reference_cam = embedder.gradcam(photo, query_vector)
+    picture = explanation_panel(
+        (found.image.image, cam), (photo, reference_cam), found.similarity, label, tile=max_side // 2
+    )
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return Explanation(
@@ -74,5 +108,6 @@ def explain(
         individual_id=individual_id,
         reference_image_id=found.reference_image_id,
         heatmap=np.asarray(cam, dtype=np.float32),
+        reference_heatmap=np.asarray(reference_cam, dtype=np.float32),
         overlay_png=buffer.getvalue(),
     )

@@ -209,6 +209,7 @@ class Comparison:
     reference_image_id: uuid.UUID | None  # the individual's best-matching image; None for a photo
     compared: int  # images the photo was compared with
     clock: Stopwatch
+    reference_photo: DecodedImage | None = None  # the reference photo, when one was given
 
 
 def compare(
@@ -234,7 +235,7 @@ def compare(
         with metrics.time_inference(species, "embed"):
             query, reference = serving.embedder.embed([decoded.image, other.image])
         clock.lap("embed")
-        return Comparison(serving, decoded, reference, float(query @ reference), None, 1, clock)
+        return Comparison(serving, decoded, reference, float(query @ reference), None, 1, clock, other)
     assert individual_id is not None
     clock.lap("decode")
     serving, references = individual_references(session, registry, species, individual_id)

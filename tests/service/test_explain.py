@@ -1,4 +1,4 @@
-"""POST /explain: Grad-CAM overlay PNG, and the JSON variant with the raw map."""
+"""POST /explain: the picture of both photos with their heat maps, and the JSON variant with the raw maps."""
 
 from __future__ import annotations
 
@@ -26,7 +26,22 @@ def rex(shared_client: TestClient) -> dict:
     return response.json()
 
 
-def test_png_overlay_against_an_individual(shared_client: TestClient, rex: dict) -> None:
+def _panel_size(client: TestClient) -> tuple[int, int]:
+    """The picture of a reference image and a same-size photo: the size every picture of it has."""
+    response = client.post(
+        "/explain",
+        data={"species": "dog"},
+        files={
+            "image": ("q.jpg", jpeg(304, 0), "image/jpeg"),
+            "reference_image": ("r.jpg", jpeg(304, 1), "image/jpeg"),
+        },
+        headers=READ,
+    )
+    assert response.status_code == 200, response.text
+    return Image.open(io.BytesIO(response.content)).size
+
+
+def test_png_picture_against_an_individual(shared_client: TestClient, rex: dict) -> None:
     response = shared_client.post(
         "/explain",
         data={"species": "dog", "individual_id": rex["individual"]["id"]},
@@ -36,7 +51,10 @@ def test_png_overlay_against_an_individual(shared_client: TestClient, rex: dict)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
     picture = Image.open(io.BytesIO(response.content))
-    assert picture.format == "PNG" and picture.size == (96, 96)  # the query photo's size
+    limit = shared_client.app.state.settings.explain_max_side
+    # Two photos side by side, each scaled to half the limit, with the text and the key around them.
+    assert picture.format == "PNG" and limit <= picture.width <= limit + 64
+    assert limit // 2 < picture.height < picture.width
     assert float(response.headers["x-similarity"]) > 0.9
     assert response.headers["x-reference-image-id"] in {i["image_id"] for i in rex["images"]}
 
@@ -51,9 +69,10 @@ def test_json_variant_has_the_raw_map_at_model_resolution(shared_client: TestCli
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    heatmap = np.asarray(body["heatmap"])
-    assert heatmap.shape == (body["height"], body["width"]) == (64, 64)
-    assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 and heatmap.max() > 0.0
+    for key in ("heatmap", "reference_heatmap"):
+        heatmap = np.asarray(body[key])
+        assert heatmap.shape == (body["height"], body["width"]) == (64, 64), key
+        assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 and heatmap.max() > 0.0, key
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
     assert overlay.format == "PNG"
     # The reference is the individual's enrolled photo most similar to the query.
@@ -88,7 +107,7 @@ def test_a_portrait_model_maps_at_its_own_height_and_width(shared_client: TestCl
     assert np.asarray(body["heatmap"]).shape == (body["height"], body["width"]) == (64, 32)
 
 
-def test_large_photos_are_overlaid_at_a_bounded_size(shared_client: TestClient) -> None:
+def test_large_photos_are_drawn_at_a_bounded_size(shared_client: TestClient) -> None:
     big = jpeg(302, 0, size=1200)
     response = shared_client.post(
         "/explain",
@@ -100,8 +119,7 @@ def test_large_photos_are_overlaid_at_a_bounded_size(shared_client: TestClient) 
         headers=READ,
     )
     assert response.status_code == 200
-    limit = shared_client.app.state.settings.explain_max_side
-    assert Image.open(io.BytesIO(response.content)).size == (limit, limit)
+    assert Image.open(io.BytesIO(response.content)).size == _panel_size(shared_client)
 
 
 def test_explain_refusals(shared_client: TestClient) -> None:
@@ -156,3 +174,23 @@ def test_explain_compares_exactly_like_verify(shared_client: TestClient, rex: di
         explained = shared_client.post("/explain", data=data, files=files, headers=READ)
         assert verified.status_code >= 400, (data, verified.text)
         assert (explained.status_code, explained.json()) == (verified.status_code, verified.json()), data
+
+
+def test_a_missing_stored_reference_is_a_404(shared_client: TestClient) -> None:
+    enrolled = shared_client.post(
+        "/enroll",
+        data={"species": "dog", "external_id": f"gone-{uuid.uuid4()}"},
+        files=[("images", ("0.jpg", jpeg(305, 0, size=96), "image/jpeg"))],
+    ).json()
+    image_id = uuid.UUID(enrolled["images"][0]["image_id"])
+    store = shared_client.app.state.runtime.store
+    (stored,) = store.root.rglob(f"{image_id.hex}.*")
+    stored.unlink()
+    response = shared_client.post(
+        "/explain",
+        data={"species": "dog", "individual_id": enrolled["individual"]["id"]},
+        files={"image": ("q.jpg", jpeg(305, 1, size=96), "image/jpeg")},
+        headers=READ,
+    )
+    assert (response.status_code, response.json()["code"]) == (404, "image_not_found")
+    assert response.json()["details"]["image_id"] == str(image_id)

@@ -1,4 +1,4 @@
-"""``POST /explain``: a Grad-CAM heatmap of what made a photo similar to a reference."""
+"""``POST /explain``: heat maps of what made a photo and its reference similar, as a picture."""
 
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ async def explain_input(request: Request) -> ExplainInput:
 
 @router.post(
     "/explain",
-    summary="Explain a match with a Grad-CAM heatmap",
+    summary="Explain a match with heat maps over both photos",
     description=(
-        "Grad-CAM of the cosine similarity between the photo and a reference: `individual_id` (its enrolled "
-        "image that matches best) or `reference_image`. Returns the heatmap over the photo as a PNG, or with "
-        "`format=json` the raw map at the model's input resolution plus the PNG in base64. Headers "
-        "`X-Similarity` and `X-Reference-Image-Id` accompany the PNG. Needs the read scope."
+        "Heat maps (LayerCAM) of the cosine similarity between the photo and a reference: `individual_id` "
+        "(its enrolled image that matches best) or `reference_image`. Returns a PNG with the photo and the "
+        "reference side by side, each with its heat map over it, the similarity and the individual written "
+        "above and a colour key below; with `format=json`, both raw maps at the model's input resolution "
+        "plus the PNG in base64. Headers `X-Similarity` and `X-Reference-Image-Id` accompany the PNG. "
+        "Needs the read scope."
     ),
     openapi_extra=image_body(
         ExplainFields,
@@ -52,7 +54,7 @@ async def explain_input(request: Request) -> ExplainInput:
         503,
         extra={
             200: {
-                "description": "The overlay PNG (default) or, with format=json, the raw map",
+                "description": "The picture as a PNG (default) or, with format=json, the raw maps",
                 "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
             }
         },
@@ -65,12 +67,13 @@ def explain(
     runtime: RuntimeDep,
     format: Annotated[
         Literal["png", "json"],
-        Query(description="png: the overlay image; json: raw map and PNG", examples=["png"]),
+        Query(description="png: the picture; json: raw maps and the PNG", examples=["png"]),
     ] = "png",
 ) -> Response | ExplainResult:
     result = explanation.explain(
         session,
         runtime.registry,
+        runtime.store,
         runtime.metrics,
         runtime.settings.max_image_pixels,
         runtime.settings.explain_max_side,
