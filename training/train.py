@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from training.artifact import load_artifact
 from training.augment import augment
+from training.closed_set import hold_back_sessions
 from training.config import DatasetConfig, TrainConfig
 from training.data import (
     Dataset,
@@ -70,6 +72,8 @@ class SpeciesData:
     labels: torch.Tensor  # (len(train),) int64 class index
     weight: float
     fingerprint: str
+    # Sessions of training individuals held back for the closed-set evaluation (holdout_sessions).
+    held: Shard | None = None
 
 
 def split_dataset(config: TrainConfig, ds_cfg: DatasetConfig) -> tuple[Dataset, IndividualSplit]:
@@ -99,6 +103,20 @@ def prepare_data(config: TrainConfig, spec: PreprocessSpec) -> list[SpeciesData]
         dataset, split = split_dataset(config, ds_cfg)
         shard = cached_shard(dataset, spec, config.cache_dir or None)
         train = shard.subset(set(split.train))
+        held = None
+        if config.holdout_sessions > 0:
+            sessions = hold_back_sessions(
+                train.individuals, train.groups, config.holdout_sessions, config.seed
+            )
+            if len(sessions.held):
+                held, train = train.take(sessions.held), train.take(sessions.train)
+            log.info(
+                "%s: %d photos of %d sessions held back for the closed set; %d individuals have one session",
+                shard.species,
+                len(sessions.held),
+                len(set(held.groups)) if held else 0,
+                len(sessions.single_session),
+            )
         index = {name: i for i, name in enumerate(split.train)}
         labels = torch.tensor([index[i] for i in train.individuals], dtype=torch.int64)
         out.append(
@@ -111,6 +129,7 @@ def prepare_data(config: TrainConfig, spec: PreprocessSpec) -> list[SpeciesData]
                 labels=labels,
                 weight=ds_cfg.weight,
                 fingerprint=shard.fingerprint,
+                held=held,
             )
         )
     names = [d.species for d in out]
@@ -389,8 +408,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def fit(config: TrainConfig, resume: bool = False) -> Path:
-    """Train per ``config``; returns the run directory holding ``checkpoint.pt`` and ``log.jsonl``."""
+EpochHook = Callable[[dict[str, Any]], None]
+
+
+def fit(config: TrainConfig, resume: bool = False, on_epoch: EpochHook | None = None) -> Path:
+    """Train per ``config``; returns the run directory holding ``checkpoint.pt`` and ``log.jsonl``.
+
+    ``on_epoch`` gets each epoch's log record once its checkpoint is saved (a job reports progress
+    and checks for cancellation there; an exception it raises ends the training, the checkpoint kept).
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -448,6 +474,9 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
         with (run_dir / "log.jsonl").open("a") as fh:
             fh.write(line + "\n")
         save_checkpoint(checkpoint_path, module, optimizer, epoch, config, data)
+        if on_epoch is not None:
+            resumed_at = start_epoch + 1 if start_epoch else None
+            on_epoch(record | {"epochs": config.epochs, "resumed_at": resumed_at})
     if dist_info.world > 1:
         _check_replicas_in_sync(module.model, device)
         dist.barrier()
