@@ -242,7 +242,7 @@ def _card(d: SpeciesData, spec: PreprocessSpec, config: TrainConfig, state: dict
 def card_config(card: ModelCard) -> TrainConfig:
     """The configuration an artifact was trained with, as its model card records it."""
     return build_config(
-        {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir")}
+        {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir", "lineage")}
     )
 
 
