@@ -97,6 +97,13 @@ class TrainConfig:
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format"))
     threads: int = field(default=0, metadata=_h("CPU threads for torch (0 = torch default)"))
     init_from: str | None = field(default=None, metadata=_h("artifact dir to initialise the backbone from"))
+    imprint_head: bool = field(
+        default=False,
+        metadata=_h(
+            "start each class of a margin head at the mean embedding of its training photos (fine-tuning "
+            "from init_from: the loss starts where the model already is)"
+        ),
+    )
     freeze_stages: int = field(default=0, metadata=_h("freeze the first N of stem,layer1..layer4"))
     target_far: float = field(
         default=1e-3, metadata=_h("false-accept rate the decision threshold is set for")

@@ -369,6 +369,26 @@ def process_share(batch_len: int, dist_info: DistInfo) -> slice:
     return slice(int(bounds[dist_info.rank]), int(bounds[dist_info.rank + 1]))
 
 
+@torch.no_grad()
+def imprint_heads(
+    module: TrainModule, data: list[SpeciesData], spec: PreprocessSpec, device: torch.device
+) -> None:
+    """Set each class weight of every margin head to the normalised mean embedding of the class's
+    training photos (weight imprinting): a head drawn at random would first pull a good starting
+    model towards random directions."""
+    for d in data:
+        criterion = module.criteria[d.species]
+        if not isinstance(criterion, MarginLoss):
+            continue
+        emb = torch.from_numpy(embed_pixels(module.model, d.train.pixels, spec, device))
+        centres = torch.zeros_like(criterion.head.weight, device="cpu")
+        centres.index_add_(0, d.labels, emb)
+        criterion.head.weight.copy_(
+            torch.nn.functional.normalize(centres, dim=1).to(criterion.head.weight.device)
+        )
+    module.train()
+
+
 def validation_top1(
     model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, device: torch.device, seed: int
 ) -> float:
@@ -443,6 +463,8 @@ def fit(config: TrainConfig, resume: bool = False, on_epoch: EpochHook | None = 
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         log.info("resumed %s at epoch %d", checkpoint_path, start_epoch + 1)
+    if config.imprint_head and start_epoch == 0:
+        imprint_heads(module, data, spec, device)
     train_module: nn.Module = module
     if dist_info.world > 1:
         train_module = DistributedDataParallel(

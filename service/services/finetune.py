@@ -108,6 +108,7 @@ def finetune_config(
             "train_fraction": 1.0,
             "holdout_sessions": policy.holdout,
             "init_from": str(start),
+            "imprint_head": True,
             "threads": policy.threads,
             "device": policy.device,
         }

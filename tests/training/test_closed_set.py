@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from synthetic import make_folder_dataset
 from test_train import tiny_config
 
@@ -122,3 +123,24 @@ def test_a_run_with_held_back_sessions_reports_the_closed_set_beside_unseen_indi
     assert 0.0 <= closed["top1"] <= 1.0 and "wrong_match_rate" in closed
     report = (artifact / "report" / "report.md").read_text()
     assert "closed set (held-back sessions)" in report
+
+
+def test_an_imprinted_head_starts_each_class_at_its_photos_mean_embedding(tmp_path):
+    from training.evaluate import embed_pixels
+    from training.train import build_train_module, imprint_heads
+
+    data = make_folder_dataset(tmp_path / "animals", n_individuals=5, n_images=4, size=32)
+    config = tiny_config(tmp_path, {"goat": data}, val_fraction=0.0, test_fraction=0.0)
+    spec = PreprocessSpec(input_size=config.input_shape)
+    prepared = prepare_data(config, spec)
+    module, _ = build_train_module(config, prepared)
+    imprint_heads(module, prepared, spec, torch.device("cpu"))
+    (d,) = prepared
+    emb = embed_pixels(module.model, d.train.pixels, spec, "cpu")
+    labels = d.labels.numpy()
+    for k in range(len(d.classes)):
+        centre = emb[labels == k].mean(axis=0)
+        expected = centre / np.linalg.norm(centre)
+        np.testing.assert_allclose(
+            module.criteria["goat"].head.weight[k].detach().numpy(), expected, atol=1e-5
+        )
