@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from training.data import Shard
-from training.evaluate import CMC_MAX_RANK, REPORTED_FARS, EvaluationResult, embed_pixels
+from training.evaluate import CMC_MAX_RANK, REPORTED_FARS, EvaluationResult, embed_pixels, rates_at
 from training.metrics import (
     best_match,
     cmc_curve,
@@ -134,10 +134,7 @@ def evaluate_closed_set(
         genuine=genuine,
         impostor=impostor,
         open_set={},
-        at_threshold={
-            "far": float(np.mean(impostor >= threshold)) if len(impostor) else float("nan"),
-            "tar": float(np.mean(genuine >= threshold)),
-        },
+        at_threshold=rates_at(genuine, impostor, threshold),
         counts={
             "individuals": len(set(q_labels.tolist())),
             "images": len(q_labels),

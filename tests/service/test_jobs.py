@@ -60,6 +60,15 @@ def job_settings(settings: Settings, tmp_path: Path, **overrides: object) -> Set
     return settings.model_copy(update=values)
 
 
+def run_queued(settings: Settings) -> int:
+    """Run every queued job in a worker of this process; the number run."""
+    worker = Worker(settings, name="test-worker")
+    try:
+        return worker.run(once=True)
+    finally:
+        worker.close()
+
+
 def audit_actions(settings: Settings) -> list[str]:
     engine = make_engine(settings.database_url)
     try:
@@ -155,11 +164,7 @@ def test_finetune_queued_through_the_api_is_judged_promoted_and_served(
         again = client.post("/species/dog/finetune", json={})
         assert again.status_code == 409 and again.json()["code"] == "job_conflict"
 
-        worker = Worker(settings, name="test-worker")
-        try:
-            assert worker.run(once=True) == 1
-        finally:
-            worker.close()
+        assert run_queued(settings) == 1
 
         job = client.get(f"/jobs/{job_id}", headers=READ).json()
         assert job["status"] == "succeeded", job
@@ -204,11 +209,7 @@ def test_a_challenger_that_does_not_win_by_the_margin_is_kept_out(settings: Sett
     with TestClient(create_app(settings), headers=ADMIN) as client:
         enroll_batches(client)
         job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
-        worker = Worker(settings)
-        try:
-            worker.run(once=True)
-        finally:
-            worker.close()
+        run_queued(settings)
         job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["result"]["decision"] == "kept"
     assert job["result"]["challenger"]["model_version"] is None
@@ -223,11 +224,7 @@ def test_a_gallery_with_one_enrolment_batch_per_animal_cannot_be_judged(
     with TestClient(create_app(settings), headers=ADMIN) as client:
         enroll_batches(client, batches=1, per_batch=3)
         job_id = client.post("/species/dog/finetune").json()["id"]
-        worker = Worker(settings)
-        try:
-            worker.run(once=True)
-        finally:
-            worker.close()
+        run_queued(settings)
         job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "failed" and "two enrolment batches" in job["error"]
 
