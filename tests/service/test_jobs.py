@@ -314,3 +314,17 @@ def test_a_killed_worker_s_job_resumes_from_its_checkpoint_in_a_new_worker(
     assert set(epochs) == set(range(1, 31))
     # At most the epoch the kill interrupted (logged, not yet checkpointed) was trained twice.
     assert len(epochs) <= 31
+
+
+def test_serve_can_run_a_worker_in_a_child_process(settings: Settings, tmp_path: Path) -> None:
+    from service.cli import _embedded_worker
+
+    embedded = job_settings(settings, tmp_path, embedded_worker=True)
+    with TestClient(create_app(embedded), headers=ADMIN) as client:
+        enroll_batches(client, individuals=2)
+        job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
+        with _embedded_worker(embedded):
+            job = _wait_for(client, job_id, lambda j: j["status"] not in ("queued", "running"), 300)
+        assert job["status"] == "succeeded" and job["worker"] != "test-worker"
+    with _embedded_worker(job_settings(settings, tmp_path)):  # off by default: nothing to start
+        pass
