@@ -25,7 +25,28 @@ class FinetuneRequest(BaseModel):
     )
 
 
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": "7d0c4c2e-3c1e-4d7b-9a53-0e7f1b0c2a11",
+    "kind": "finetune",
+    "species": "dog",
+    "status": "running",
+    "params": {"epochs": 3},
+    "progress": {"stage": "train", "epoch": 2, "epochs": 3, "loss": 4.27, "epoch_s": 48.1, "eta_s": 48.1},
+    "result": {},
+    "error": None,
+    "cancel_requested": False,
+    "attempts": 1,
+    "worker": "worker-host:4242",
+    "created_by": "admin-3f2a",
+    "created_at": "2026-12-02T16:22:22Z",
+    "started_at": "2026-12-02T16:26:12Z",
+    "heartbeat_at": "2026-12-02T16:28:01Z",
+    "finished_at": None,
+}
+
+
 class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [JOB_EXAMPLE]})
     id: uuid.UUID
     kind: str
     species: str
@@ -43,10 +64,11 @@ class JobPublic(BaseModel):
     heartbeat_at: datetime | None
     finished_at: datetime | None
 
-    model_config = ConfigDict(from_attributes=True)
-
 
 class JobsPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"data": [JOB_EXAMPLE], "count": 1, "offset": 0, "limit": 50}]}
+    )
     data: list[JobPublic]
     count: int = Field(description="Jobs matching the filters, all pages together")
     offset: int

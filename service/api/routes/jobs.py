@@ -14,7 +14,9 @@ from service.services import jobs
 
 router = APIRouter(tags=["jobs"])
 
-JobIdPath = Annotated[uuid.UUID, Path(description="The job's id")]
+JobIdPath = Annotated[
+    uuid.UUID, Path(description="The job's id", examples=["7d0c4c2e-3c1e-4d7b-9a53-0e7f1b0c2a11"])
+]
 
 
 @router.post(
@@ -34,7 +36,7 @@ def queue_finetune(
     principal: AdminPrincipal,
     session: SessionDep,
     name: Annotated[str, Path(description="Species name", examples=["dog"])],
-    request: Annotated[FinetuneRequest | None, Body()] = None,
+    request: Annotated[FinetuneRequest | None, Body(examples=[{"epochs": 3, "lr": 0.01}])] = None,
 ) -> JobPublic:
     return jobs.queue_finetune(session, name, request or FinetuneRequest(), principal)
 
@@ -49,10 +51,10 @@ def queue_finetune(
 def list_jobs(
     principal: ReadPrincipal,
     session: SessionDep,
-    species: Annotated[str | None, Query(description="Only this species")] = None,
-    status: Annotated[str | None, Query(description="Only this status")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    species: Annotated[str | None, Query(description="Only this species", examples=["dog"])] = None,
+    status: Annotated[str | None, Query(description="Only this status", examples=["running"])] = None,
+    offset: Annotated[int, Query(ge=0, description="Jobs to skip", examples=[0])] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="Page size", examples=[50])] = 50,
 ) -> JobsPublic:
     return jobs.list_jobs(session, species, status, offset, limit)
 
