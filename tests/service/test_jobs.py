@@ -328,3 +328,24 @@ def test_serve_can_run_a_worker_in_a_child_process(settings: Settings, tmp_path:
         assert job["status"] == "succeeded" and job["worker"] != "test-worker"
     with _embedded_worker(job_settings(settings, tmp_path)):  # off by default: nothing to start
         pass
+
+
+def test_a_running_job_stops_at_its_next_epoch_when_cancelled(settings: Settings, tmp_path: Path) -> None:
+    import threading
+
+    settings = job_settings(settings, tmp_path)
+    before = (settings.models_dir / "dog").resolve()
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, per_batch=3)
+        job_id = client.post("/species/dog/finetune", json={"epochs": 50}).json()["id"]
+        runner = threading.Thread(target=run_queued, args=(settings,))
+        runner.start()
+        try:
+            _wait_for(client, job_id, lambda j: j["progress"].get("epoch", 0) >= 1, 180)
+            assert client.post(f"/jobs/{job_id}/cancel").json()["cancel_requested"] is True
+        finally:
+            runner.join(300)
+        job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["progress"]["epoch"] < 50
+    assert (settings.models_dir / "dog").resolve() == before  # nothing promoted
+    assert "finetune_cancelled" in audit_actions(settings)
