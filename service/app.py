@@ -12,12 +12,23 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service import __version__
-from service.api.routes import enroll, explain, health, identify, individuals, review, species, verify
+from service.api.routes import (
+    enroll,
+    explain,
+    health,
+    identify,
+    individuals,
+    jobs,
+    review,
+    species,
+    verify,
+)
 from service.api.upload_limit import UploadLimitMiddleware
 from service.errors import ConfigurationError, install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.runtime import Runtime, build_runtime
 from service.security import KeyringError
+from service.services.model_watch import ModelWatcher
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +54,7 @@ TAGS = [
     {"name": "explain", "description": "Grad-CAM heatmaps"},
     {"name": "individuals", "description": "Individuals and their images"},
     {"name": "species", "description": "Loaded models, thresholds and evaluation metrics"},
+    {"name": "jobs", "description": "Fine-tune jobs run by worker processes"},
     {"name": "operations", "description": "Health, readiness and metrics"},
 ]
 
@@ -79,11 +91,14 @@ def create_app(settings: Settings | None = None, on_startup: StartupHook | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await anyio.to_thread.run_sync(partial(build_runtime, settings, metrics))
         app.state.runtime = runtime
+        watcher = ModelWatcher(runtime.lifecycle, settings.model_watch_s)
         try:
             if on_startup is not None:
                 await anyio.to_thread.run_sync(on_startup, runtime)
+            watcher.start()
             yield
         finally:
+            await anyio.to_thread.run_sync(watcher.stop)
             await anyio.to_thread.run_sync(runtime.close)
 
     # /docs (Swagger UI) and /redoc load their scripts and styles from this server (the files ship in
@@ -112,6 +127,7 @@ def create_app(settings: Settings | None = None, on_startup: StartupHook | None 
         explain.router,
         individuals.router,
         species.router,
+        jobs.router,
         health.router,
         review.router,
     ):

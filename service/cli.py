@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,8 +77,37 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     sock = listening.bind(settings.host, settings.port)  # before anything slow: a taken port fails now
     prepare_database(settings.database_url)
-    listening.serve(create_app(settings), sock, args.log_level.lower())
+    with _embedded_worker(settings):
+        listening.serve(create_app(settings), sock, args.log_level.lower())
     return 0
+
+
+@contextmanager
+def _embedded_worker(settings: Settings) -> Iterator[None]:
+    """With ANIMALID_EMBEDDED_WORKER, a worker in a child process for as long as the server runs.
+
+    For the embedded SQLite setup, where running a second service is a chore; a child process, so
+    training never takes the API's threads. Stopped with SIGTERM: its job goes back to the queue.
+    """
+    if not settings.embedded_worker:
+        yield
+        return
+    import multiprocessing
+
+    from service.worker import serve_worker
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=serve_worker, args=(settings,), name="animalid-worker", daemon=False
+    )
+    child.start()
+    log.info("worker started in child process %d", child.pid)
+    try:
+        yield
+    finally:
+        child.terminate()
+        child.join(120)
+        if child.is_alive():
+            child.kill()
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -110,11 +141,20 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"no demo model found in {paths.models} (expected {paths.models}/<species>/)", file=sys.stderr)
         return 2
     data = args.data_dir
+    models = paths.models
+    if Settings().embedded_worker:
+        # A promoted fine-tune replaces the served artifact: never the bundled one.
+        models = data / "models"
+        if not models.is_dir():
+            import shutil
+
+            shutil.copytree(paths.models, models)
     settings = _settings(
         args,
         database_url=f"sqlite:///{(data / 'animalid.db').resolve()}",
         image_store_dir=data / "images",
-        models_dir=paths.models,
+        models_dir=models,
+        jobs_dir=data / "jobs",
         auth_disabled=True,
     )
     sock = listening.bind(settings.host, settings.port)  # before migrating: a taken port fails now
@@ -134,7 +174,72 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"API docs: {settings.api_url}/docs", flush=True)
 
     app = create_app(settings, on_startup=ready)
-    listening.serve(app, sock, args.log_level.lower())
+    with _embedded_worker(settings):
+        listening.serve(app, sock, args.log_level.lower())
+    return 0
+
+
+def _gallery_export(args: argparse.Namespace) -> int:
+    from service.db.migrate import require_head
+    from service.db.session import make_engine, make_sessionmaker
+    from service.image_store import ImageStore
+    from service.services.gallery_export import export_gallery
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    try:
+        require_head(engine, settings.database_url)
+        with make_sessionmaker(engine)() as session:
+            result = export_gallery(session, ImageStore(settings.image_store_dir), args.species, args.out)
+    finally:
+        engine.dispose()
+    print(
+        json.dumps(
+            {
+                "manifest": str(result.manifest),
+                "individuals": result.individuals,
+                "images": result.images,
+                "groups": result.groups,
+                "unreadable": list(result.unreadable),
+            }
+        )
+    )
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from service.schemas_jobs import FinetuneRequest
+    from service.security import Principal, Scope
+    from service.services import jobs
+    from service.worker import Worker
+
+    settings = _settings(args)
+    request = FinetuneRequest(epochs=args.epochs, lr=args.lr, holdout=args.holdout, start=args.start)
+    worker = Worker(settings)
+    try:
+        with worker.sessions() as session:
+            job = jobs.queue_finetune(session, args.species, request, Principal(Scope.ADMIN, "cli"))
+        print(json.dumps({"job_id": str(job.id), "status": job.status}), flush=True)
+        if args.queue:
+            return 0
+        claimed = worker.claim(only=job.id)
+        if claimed is None:
+            print(f"animalid: job {job.id} was taken by a worker; follow it with GET /jobs/{job.id}")
+            return 0
+        worker.run_job(claimed)
+        with worker.sessions() as session:
+            done = jobs.get_job(session, job.id)
+    finally:
+        worker.close()
+    print(done.model_dump_json(include={"id", "status", "error", "result"}))
+    return 0 if done.status == "succeeded" else 1
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from service.worker import serve_worker
+
+    overrides = {"worker_threads": args.threads} if args.threads else {}
+    serve_worker(_settings(args, **overrides), once=args.once)
     return 0
 
 
@@ -279,6 +384,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_client_options(identify)
     identify.set_defaults(func=_identify, user_errors=(OSError,))
+
+    gallery = sub.add_parser("gallery", help="the enrolled photos of a species as a dataset")
+    gallery_sub = gallery.add_subparsers(dest="gallery_command", required=True, metavar="ACTION")
+    export = gallery_sub.add_parser(
+        "export",
+        help="write the enrolled images, one folder per individual, and a manifest",
+        description="OUT/<individual>/<image>.<ext> plus OUT/manifest.csv (path,individual,species,"
+        "group,external_id,image_id; group = enrolment batch), readable by `animalid train --dataset`.",
+    )
+    export.add_argument("--species", required=True, help="species to export")
+    export.add_argument("--out", type=Path, required=True, help="an empty or new folder")
+    export.set_defaults(func=_gallery_export)
+
+    finetune = sub.add_parser(
+        "finetune",
+        help="fine-tune a species' model on its enrolled photos; promote it only if it wins",
+        description="Queues a fine-tune job and runs it here (or with --queue leaves it to "
+        "`animalid worker`). The serving model (champion) and the new one (challenger) are judged on "
+        "the same held-back enrolment batches; the challenger replaces the served artifact only when "
+        "it wins by the configured margins "
+        "(ANIMALID_PROMOTE_MIN_TOP1_GAIN, ANIMALID_PROMOTE_MIN_FAR_DROP).",
+    )
+    finetune.add_argument("--species", required=True, help="species to fine-tune")
+    finetune.add_argument("--epochs", type=int, help="default: ANIMALID_FINETUNE_EPOCHS")
+    finetune.add_argument("--lr", type=float, help="default: ANIMALID_FINETUNE_LR")
+    finetune.add_argument("--holdout", type=float, help="share of enrolment batches held back to judge")
+    finetune.add_argument("--start", help="artifact folder in the models folder to start from")
+    finetune.add_argument("--queue", action="store_true", help="only queue the job for a worker")
+    finetune.set_defaults(func=_finetune)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run queued jobs (fine-tunes) from the database",
+        description="Claims jobs from the database and runs them, one at a time, with "
+        "ANIMALID_WORKER_THREADS CPU threads. SIGTERM hands the running job back to the queue at its "
+        "next epoch; a worker that dies has its job resumed from the last checkpoint by another one "
+        "after ANIMALID_JOB_STALE_AFTER_S.",
+    )
+    worker.add_argument("--threads", type=int, help="default: ANIMALID_WORKER_THREADS")
+    worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(func=_worker)
 
     _add_training_commands(sub)
     return parser

@@ -122,6 +122,18 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class JobNotFound(ServiceError):
+    status_code = 404
+    code = "job_not_found"
+
+
+class JobConflict(ServiceError):
+    """A job of that kind is already queued or running for the species, or the job has ended."""
+
+    status_code = 409
+    code = "job_conflict"
+
+
 class Unauthorized(ServiceError):
     status_code = 401
     code = "unauthorized"

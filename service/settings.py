@@ -102,6 +102,40 @@ class Settings(BaseSettings):
             raise ValueError(f"target FPIRs must lie strictly between 0 and 1, got {bad}")
         return value
 
+    # Learning the enrolled animals: fine-tune jobs and the worker that runs them.
+    jobs_dir: Path = Field(
+        default=Path("./var/jobs"), description="Work folders of jobs: gallery exports, checkpoints"
+    )
+    worker_threads: int = Field(
+        default=1, gt=0, description="CPU threads of a worker process (torch), apart from the API's"
+    )
+    worker_poll_s: float = Field(default=2.0, gt=0, description="How often an idle worker looks for a job")
+    job_heartbeat_s: float = Field(default=10.0, gt=0, description="How often a running job says it is alive")
+    job_stale_after_s: float = Field(
+        default=120.0, gt=0, description="A running job silent this long is taken over (its worker died)"
+    )
+    job_max_attempts: int = Field(default=3, gt=0, description="Claims of one job before it is failed")
+    finetune_epochs: int = Field(default=3, gt=0, description="Epochs of a fine-tune unless asked otherwise")
+    finetune_lr: float = Field(default=0.01, gt=0, description="Peak learning rate of a fine-tune")
+    finetune_holdout: float = Field(
+        default=0.5, gt=0, lt=1, description="Share of each animal's enrolment batches held back to judge"
+    )
+    promote_min_top1_gain: float = Field(
+        default=0.01, description="The challenger's top-1 must beat the champion's by at least this"
+    )
+    promote_min_far_drop: float = Field(
+        default=0.0,
+        description="The challenger's false-match rate at the threshold must be at least this much lower",
+    )
+    model_watch_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often the API checks the models folder for a new version; 0 = never",
+    )
+    embedded_worker: bool = Field(
+        default=False, description="`serve` / `demo` also start a worker in a child process (SQLite setups)"
+    )
+
     @field_validator("database_url")
     @classmethod
     def _url_not_empty(cls, value: str) -> str:

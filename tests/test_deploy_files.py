@@ -165,7 +165,7 @@ def _gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_stack_starts_db_then_migration_then_api() -> None:
     services = plain(load_compose(COMPOSE))["services"]
-    assert set(services) == {"db", "migrate", "api"}
+    assert set(services) == {"db", "migrate", "api", "worker"}
 
     db = services["db"]
     assert "pg_isready" in str(db["healthcheck"]["test"])
@@ -270,6 +270,21 @@ def test_api_is_healthy_only_when_ready_and_never_restarts_in_a_loop() -> None:
     assert "curl" not in probe and "wget" not in probe, "the slim image has neither"
     restart = re.fullmatch(r"on-failure:(\d+)", api["restart"])
     assert restart and 1 <= int(restart[1]) <= 10, f"a bounded restart policy, not {api['restart']!r}"
+def test_the_worker_runs_the_api_image_after_the_migration_with_the_models_writable() -> None:
+    services = plain(load_compose(COMPOSE))["services"]
+    worker, api = services["worker"], services["api"]
+    assert worker["command"] == ["animalid", "worker"]
+    assert worker["image"] == api["image"]
+    assert worker["depends_on"] == api["depends_on"]
+    env = worker["environment"]
+    assert env["ANIMALID_DATABASE_URL"] == api["environment"]["ANIMALID_DATABASE_URL"]
+    mounts = {re.sub(r"\$\{[^}]*\}", "SOURCE", v).split(":")[1]: v for v in worker["volumes"]}
+    # Promotion writes the new artifact into the models folder the API reads.
+    assert not mounts[env["ANIMALID_MODELS_DIR"]].endswith(":ro")
+    assert {env["ANIMALID_IMAGE_STORE_DIR"], env["ANIMALID_JOBS_DIR"]} <= set(mounts)
+    cpu = merge(plain(load_compose(COMPOSE)), load_compose(COMPOSE_CPU))
+    assert _gpu_devices(cpu["services"]["worker"]) == []
+    assert cpu["services"]["worker"]["environment"]["ANIMALID_DEVICE"] == "cpu"
 
 
 def test_cpu_override_is_the_same_stack_without_the_gpu() -> None:

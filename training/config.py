@@ -125,12 +125,26 @@ class TrainConfig:
     channels_last: bool = field(default=True, metadata=_h("channels-last memory format"))
     threads: int = field(default=0, metadata=_h("CPU threads for torch (0 = torch default)"))
     init_from: str | None = field(default=None, metadata=_h("artifact dir to initialise the backbone from"))
+    imprint_head: bool = field(
+        default=False,
+        metadata=_h(
+            "start each class of a margin head at the mean embedding of its training photos (fine-tuning "
+            "from init_from: the loss starts where the model already is)"
+        ),
+    )
     freeze_stages: int = field(
         default=0,
         metadata=_h("freeze the first N stages (ResNet: stem, layer1-4; Lite: stem, stage1-7, head)"),
     )
     target_far: float = field(
         default=1e-3, metadata=_h("false-accept rate the decision threshold is set for")
+    )
+    holdout_sessions: float = field(
+        default=0.0,
+        metadata=_h(
+            "share of each training individual's sessions (group key) held back for the closed-set "
+            "evaluation; 0 = none"
+        ),
     )
     eval_repeats: int = field(default=5, metadata=_h("random enrol/query splits in evaluation"))
     unknown_fraction: float = field(default=0.25, metadata=_h("test individuals never enrolled (open set)"))
@@ -260,6 +274,8 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"device must be auto, cpu or cuda, not {c.device!r}")
     if not (0 <= c.rotate_degrees <= 180 and 0 <= c.zoom < 1 and 0 <= c.erase_probability <= 1):
         raise ValueError("rotate_degrees must be in [0, 180], zoom in [0, 1) and erase_probability in [0, 1]")
+    if not 0 <= c.holdout_sessions < 1:
+        raise ValueError(f"holdout_sessions must be in [0, 1), not {c.holdout_sessions}")
     if not 0 < c.train_fraction <= 1:
         raise ValueError(f"train_fraction must be in (0, 1], not {c.train_fraction}")
     get_backbone(c.backbone)

@@ -5,6 +5,9 @@ or a folder holding one sub-folder per individual. Splits are always by individu
 individuals never appear in training. An optional *group* key (a regex over the file name, for
 example the video-clip prefix of cattle frames) keeps near-duplicate frames together whenever an
 individual's images are divided (the enrol/query halves of the evaluation protocol).
+
+A manifest may name each photo's group in a ``group`` column (a gallery export writes the
+enrolment batch there); it wins over a group pattern.
 """
 
 from __future__ import annotations
@@ -136,7 +139,9 @@ def read_manifest(
                     raise DatasetError(message) from exc
                 skipped.append(message)
                 continue
-            samples.append(Sample(path, individual, row_species, _group_of(path, individual, pattern), line))
+            session = (row.get("group") or "").strip()
+            group = f"{individual}/{session}" if session else _group_of(path, individual, pattern)
+            samples.append(Sample(path, individual, row_species, group, line))
     if skipped:
         log.warning("skipped %d bad rows of %s", len(skipped), csv_path)
     if not samples:
@@ -310,6 +315,18 @@ class Shard:
 
     def subset(self, keep: set[str]) -> Shard:
         idx = [i for i, ind in enumerate(self.individuals) if ind in keep]
+        return Shard(
+            self.pixels[idx],
+            [self.individuals[i] for i in idx],
+            [self.groups[i] for i in idx],
+            [self.paths[i] for i in idx],
+            self.species,
+            self.fingerprint,
+        )
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> Shard:
+        """The samples at ``indices``, in that order."""
+        idx = [int(i) for i in indices]
         return Shard(
             self.pixels[idx],
             [self.individuals[i] for i in idx],

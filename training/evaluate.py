@@ -318,13 +318,19 @@ def evaluate_embeddings(
         genuine=genuine,
         impostor=impostor,
         open_set=open_set,
-        at_threshold={
-            "far": float(np.mean(impostor >= threshold)),
-            "tar": float(np.mean(genuine >= threshold)),
-        },
+        at_threshold=rates_at(genuine, impostor, threshold),
         counts=counts,
         per_individual=per_individual,
     )
+
+
+def rates_at(genuine: np.ndarray, impostor: np.ndarray, threshold: float) -> dict[str, float]:
+    """``{"far", "tar"}``: shares of impostor and genuine pairs scoring at or above ``threshold``
+    (nan without such pairs)."""
+    return {
+        "far": float(np.mean(impostor >= threshold)) if len(impostor) else math.nan,
+        "tar": float(np.mean(genuine >= threshold)) if len(genuine) else math.nan,
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from training.artifact import ModelCard, export_artifact, load_artifact
+from training.closed_set import evaluate_held_back, side_by_side
 from training.config import DatasetConfig, TrainConfig, build_config
 from training.data import Dataset, Shard, cached_shard, enrol_query_split, load_dataset
 from training.evaluate import (
@@ -269,6 +270,11 @@ def export_run(
         card.metrics = evaluation.metrics()
         card.open_set = evaluation.open_set
         card.warnings = evaluation.warnings
+        if d.held is not None:
+            closed = evaluate_held_back(model, spec, d.train, d.held, evaluation.threshold)
+            with evaluation.report.open("a") as fh:
+                fh.write(side_by_side(evaluation.result.summary(), closed.summary(), evaluation.threshold))
+            card.metrics["closed_set"] = closed.summary()
         export_artifact(model, card, target, fp16=config.fp16_export if fp16 is None else fp16)
         log.info("exported %s to %s", d.species, target)
         written.append(target)
@@ -293,7 +299,7 @@ def _card(
 def card_config(card: ModelCard) -> TrainConfig:
     """The configuration an artifact was trained with, as its model card records it."""
     return build_config(
-        {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir")}
+        {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir", "lineage")}
     )
 
 

@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from training.backbones import (
     get_backbone,
     load_pretrained,
 )
+from training.closed_set import hold_back_sessions
 from training.config import DatasetConfig, TrainConfig
 from training.data import (
     Dataset,
@@ -84,6 +86,8 @@ class SpeciesData:
     labels: torch.Tensor  # (len(train),) int64 class index
     weight: float
     fingerprint: str
+    # Sessions of training individuals held back for the closed-set evaluation (holdout_sessions).
+    held: Shard | None = None
 
 
 def split_dataset(config: TrainConfig, ds_cfg: DatasetConfig) -> tuple[Dataset, IndividualSplit]:
@@ -113,6 +117,20 @@ def prepare_data(config: TrainConfig, spec: PreprocessSpec) -> list[SpeciesData]
         dataset, split = split_dataset(config, ds_cfg)
         shard = cached_shard(dataset, spec, config.cache_dir or None)
         train = shard.subset(set(split.train))
+        held = None
+        if config.holdout_sessions > 0:
+            sessions = hold_back_sessions(
+                train.individuals, train.groups, config.holdout_sessions, config.seed
+            )
+            if len(sessions.held):
+                held, train = train.take(sessions.held), train.take(sessions.train)
+            log.info(
+                "%s: %d photos of %d sessions held back for the closed set; %d individuals have one session",
+                shard.species,
+                len(sessions.held),
+                len(set(held.groups)) if held else 0,
+                len(sessions.single_session),
+            )
         index = {name: i for i, name in enumerate(split.train)}
         labels = torch.tensor([index[i] for i in train.individuals], dtype=torch.int64)
         out.append(
@@ -125,6 +143,7 @@ def prepare_data(config: TrainConfig, spec: PreprocessSpec) -> list[SpeciesData]
                 labels=labels,
                 weight=ds_cfg.weight,
                 fingerprint=shard.fingerprint,
+                held=held,
             )
         )
     names = [d.species for d in out]
@@ -427,6 +446,26 @@ def process_share(batch_len: int, dist_info: DistInfo) -> slice:
     return slice(int(bounds[dist_info.rank]), int(bounds[dist_info.rank + 1]))
 
 
+@torch.no_grad()
+def imprint_heads(
+    module: TrainModule, data: list[SpeciesData], spec: PreprocessSpec, device: torch.device
+) -> None:
+    """Set each class weight of every margin head to the normalised mean embedding of the class's
+    training photos (weight imprinting): a head drawn at random would first pull a good starting
+    model towards random directions."""
+    for d in data:
+        criterion = module.criteria[d.species]
+        if not isinstance(criterion, MarginLoss):
+            continue
+        emb = torch.from_numpy(embed_pixels(module.model, d.train.pixels, spec, device))
+        centres = torch.zeros_like(criterion.head.weight, device="cpu")
+        centres.index_add_(0, d.labels, emb)
+        criterion.head.weight.copy_(
+            torch.nn.functional.normalize(centres, dim=1).to(criterion.head.weight.device)
+        )
+    module.train()
+
+
 def validation_top1(
     model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, device: torch.device, seed: int
 ) -> float:
@@ -466,8 +505,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def fit(config: TrainConfig, resume: bool = False) -> Path:
-    """Train per ``config``; returns the run directory holding ``checkpoint.pt`` and ``log.jsonl``."""
+EpochHook = Callable[[dict[str, Any]], None]
+
+
+def fit(config: TrainConfig, resume: bool = False, on_epoch: EpochHook | None = None) -> Path:
+    """Train per ``config``; returns the run directory holding ``checkpoint.pt`` and ``log.jsonl``.
+
+    ``on_epoch`` gets each epoch's log record once its checkpoint is saved (a job reports progress
+    and checks for cancellation there; an exception it raises ends the training, the checkpoint kept).
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -494,6 +540,8 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         log.info("resumed %s at epoch %d", checkpoint_path, start_epoch + 1)
+    if config.imprint_head and start_epoch == 0:
+        imprint_heads(module, data, spec, device)
     train_module: nn.Module = module
     if dist_info.world > 1:
         train_module = DistributedDataParallel(
@@ -528,6 +576,9 @@ def fit(config: TrainConfig, resume: bool = False) -> Path:
         with (run_dir / "log.jsonl").open("a") as fh:
             fh.write(line + "\n")
         save_checkpoint(checkpoint_path, module, optimizer, epoch, config, data)
+        if on_epoch is not None:
+            resumed_at = start_epoch + 1 if start_epoch else None
+            on_epoch(record | {"epochs": config.epochs, "resumed_at": resumed_at})
     if dist_info.world > 1:
         _check_replicas_in_sync(module.model, device)
         dist.barrier()

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -203,3 +204,35 @@ class ReviewItem(Base):
     resolved_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     individual_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     image_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+class JobStatus:
+    QUEUED = "queued"
+    RUNNING = "running"  # claimed by a worker; heartbeat_at says it is alive
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+class Job(Base):
+    """A background job (a fine-tune) that a worker process claims from this table."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_created_at", "status", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    kind: Mapped[str] = mapped_column(String(32))
+    species: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
+    params: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    error: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

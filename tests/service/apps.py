@@ -88,6 +88,7 @@ def make_settings(database_url: str, root: Path, models_dir: Path, **overrides: 
         "image_store_dir": root / "images",
         "api_keys": f"{READ_KEY}:read,{ADMIN_KEY}:admin",
         "cpu_threads": 1,  # the test box has 2 shared cores; more threads only thrash
+        "model_watch_s": 0,  # tests reload explicitly; a test of the watcher turns it on
         "_env_file": None,
     }
     values.update(overrides)

@@ -16,7 +16,9 @@ from service.db import migrate
 from service.db.models import Base
 from service.errors import ConfigurationError
 
-TABLES = {"species", "model_versions", "individuals", "images", "embeddings", "audit_log", "review_items"}
+TABLES = {
+    "species", "model_versions", "individuals", "images", "embeddings", "audit_log", "review_items", "jobs"
+}
 
 
 def schema_diff(url: str) -> list:

@@ -1,0 +1,83 @@
+"""``/jobs`` and ``POST /species/{name}/finetune``: queue a fine-tune, follow it, cancel it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path, Query
+
+from service.api.deps import AdminPrincipal, ReadPrincipal, SessionDep
+from service.api.openapi import error_responses
+from service.schemas_jobs import FinetuneRequest, JobPublic, JobsPublic
+from service.services import jobs
+
+router = APIRouter(tags=["jobs"])
+
+JobIdPath = Annotated[
+    uuid.UUID, Path(description="The job's id", examples=["7d0c4c2e-3c1e-4d7b-9a53-0e7f1b0c2a11"])
+]
+
+
+@router.post(
+    "/species/{name}/finetune",
+    response_model=JobPublic,
+    status_code=202,
+    summary="Queue a fine-tune on the species' enrolled photos",
+    description=(
+        "A worker process exports the gallery, fine-tunes from the serving model (or `start`), judges the "
+        "serving model and the new one on the same held-back enrolment batches, and promotes the new one "
+        "only when it wins by the configured margins on top-1 and on the false-match rate at the species' "
+        "threshold. One fine-tune per species at a time (409 `job_conflict`). Needs the admin scope."
+    ),
+    responses=error_responses(401, 403, 404, 409, 422),
+)
+def queue_finetune(
+    principal: AdminPrincipal,
+    session: SessionDep,
+    name: Annotated[str, Path(description="Species name", examples=["dog"])],
+    request: Annotated[FinetuneRequest | None, Body(examples=[{"epochs": 3, "lr": 0.01}])] = None,
+) -> JobPublic:
+    return jobs.queue_finetune(session, name, request or FinetuneRequest(), principal)
+
+
+@router.get(
+    "/jobs",
+    response_model=JobsPublic,
+    summary="List jobs",
+    description="Newest first, with progress, metrics and decisions. Needs the read scope.",
+    responses=error_responses(401, 403, 422),
+)
+def list_jobs(
+    principal: ReadPrincipal,
+    session: SessionDep,
+    species: Annotated[str | None, Query(description="Only this species", examples=["dog"])] = None,
+    status: Annotated[str | None, Query(description="Only this status", examples=["running"])] = None,
+    offset: Annotated[int, Query(ge=0, description="Jobs to skip", examples=[0])] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="Page size", examples=[50])] = 50,
+) -> JobsPublic:
+    return jobs.list_jobs(session, species, status, offset, limit)
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobPublic,
+    summary="Describe a job: progress (epoch, loss, ETA), result and decision",
+    responses=error_responses(401, 403, 404),
+)
+def get_job(principal: ReadPrincipal, session: SessionDep, job_id: JobIdPath) -> JobPublic:
+    return jobs.get_job(session, job_id)
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobPublic,
+    summary="Cancel a job",
+    description=(
+        "A queued job ends at once; a running one stops at its next epoch. A job that has ended answers "
+        "409 `job_conflict`. Needs the admin scope."
+    ),
+    responses=error_responses(401, 403, 404, 409),
+)
+def cancel_job(principal: AdminPrincipal, session: SessionDep, job_id: JobIdPath) -> JobPublic:
+    return jobs.cancel_job(session, job_id, principal)

@@ -1,0 +1,87 @@
+"""Jobs as the API and the CLI see them: queue a fine-tune, list, describe, cancel.
+
+A job is a row of the ``jobs`` table; a worker process (:mod:`service.worker`) claims and runs it.
+Queueing and cancelling are audited like any other change.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy.orm import Session
+
+from service.db.job_repository import JobRepository
+from service.db.models import Job, JobStatus, utcnow
+from service.db.repository import Repository
+from service.errors import InvalidRequest, JobConflict, JobNotFound, SpeciesNotFound
+from service.schemas_jobs import FinetuneRequest, JobPublic, JobsPublic
+from service.security import Principal
+
+FINETUNE = "finetune"
+STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, *JobStatus.FINISHED)
+
+
+def queue_finetune(session: Session, species: str, request: FinetuneRequest, actor: Principal) -> JobPublic:
+    """Queue a fine-tune of ``species``; one at a time per species. Commits."""
+    if Repository(session).species_by_name(species) is None:
+        raise SpeciesNotFound(f"unknown species {species!r}", species=species)
+    jobs = JobRepository(session)
+    active = jobs.active_for(species, FINETUNE)
+    if active is not None:
+        raise JobConflict(
+            f"a fine-tune of {species} is already {active.status}", job_id=str(active.id), species=species
+        )
+    job = jobs.add(
+        Job(
+            kind=FINETUNE,
+            species=species,
+            status=JobStatus.QUEUED,
+            params=request.model_dump(exclude_none=True),
+            progress={"stage": "queued"},
+            result={},
+            cancel_requested=False,
+            attempts=0,
+            created_by=actor.fingerprint,
+        )
+    )
+    Repository(session).audit("finetune_queued", species, actor.fingerprint, None, {"job_id": str(job.id)})
+    session.commit()
+    return JobPublic.model_validate(job)
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> JobPublic:
+    job = JobRepository(session).get(job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id}", job_id=str(job_id))
+    return JobPublic.model_validate(job)
+
+
+def list_jobs(
+    session: Session, species: str | None, status: str | None, offset: int, limit: int
+) -> JobsPublic:
+    if status is not None and status not in STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}", status=status)
+    rows, total = JobRepository(session).list(species, status, offset, limit)
+    return JobsPublic(
+        data=[JobPublic.model_validate(r) for r in rows], count=total, offset=offset, limit=limit
+    )
+
+
+def cancel_job(session: Session, job_id: uuid.UUID, actor: Principal) -> JobPublic:
+    """A queued job ends at once; a running one at its worker's next check (between epochs). Commits."""
+    job = JobRepository(session).get(job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id}", job_id=str(job_id))
+    if job.status in JobStatus.FINISHED:
+        raise JobConflict(
+            f"job {job_id} has already ended: {job.status}", job_id=str(job_id), status=job.status
+        )
+    job.cancel_requested = True
+    if job.status == JobStatus.QUEUED:
+        job.status = JobStatus.CANCELLED
+        job.finished_at = utcnow()
+    Repository(session).audit(
+        "job_cancel", job.species, actor.fingerprint, None, {"job_id": str(job.id), "status": job.status}
+    )
+    session.commit()
+    return JobPublic.model_validate(job)

@@ -1,0 +1,351 @@
+"""Learning the enrolled animals: gallery export, fine-tune jobs through the API, the worker process."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from apps import ADMIN, READ
+from fastapi.testclient import TestClient
+from imagegen import jpeg
+
+from service.app import create_app
+from service.db.models import AuditEntry
+from service.db.session import make_engine, make_sessionmaker
+from service.services.gallery_export import export_gallery
+from service.services.model_watch import ModelWatcher
+from service.settings import Settings
+from service.worker import Worker
+from training.artifact import read_card
+from training.data import load_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+INDIVIDUALS = 4
+
+
+def enroll_batches(
+    client: TestClient, individuals: int = INDIVIDUALS, batches: int = 2, per_batch: int = 2
+) -> None:
+    """Each individual enrolled in ``batches`` requests (sessions) of ``per_batch`` photos."""
+    for ind in range(individuals):
+        for batch in range(batches):
+            files = [
+                ("images", (f"p{k}.jpg", jpeg(ind, batch * per_batch + k), "image/jpeg"))
+                for k in range(per_batch)
+            ]
+            response = client.post(
+                "/enroll", data={"species": "dog", "external_id": f"dog-{ind}"}, files=files
+            )
+            assert response.status_code in (200, 201), response.text
+
+
+def job_settings(settings: Settings, tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "jobs_dir": tmp_path / "jobs",
+        "finetune_epochs": 2,
+        "job_heartbeat_s": 0.5,
+        "job_stale_after_s": 3.0,
+        "worker_poll_s": 0.2,
+        "device": "cpu",
+    }
+    values.update(overrides)
+    return settings.model_copy(update=values)
+
+
+def run_queued(settings: Settings) -> int:
+    """Run every queued job in a worker of this process; the number run."""
+    worker = Worker(settings, name="test-worker")
+    try:
+        return worker.run(once=True)
+    finally:
+        worker.close()
+
+
+def audit_actions(settings: Settings) -> list[str]:
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return [e.action for e in session.query(AuditEntry).order_by(AuditEntry.id)]
+    finally:
+        engine.dispose()
+
+
+def test_gallery_export_is_a_dataset_grouped_by_enrolment_batch(settings: Settings, tmp_path: Path) -> None:
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, individuals=3, batches=2, per_batch=2)
+        runtime = client.app.state.runtime
+        with runtime.sessions() as session:
+            result = export_gallery(session, runtime.store, "dog", tmp_path / "export")
+    assert (result.individuals, result.images, result.groups) == (3, 12, 6)
+    rows = list(csv.DictReader(result.manifest.open()))
+    assert list(rows[0]) == ["path", "individual", "species", "group", "external_id", "image_id"]
+    by_dog: dict[str, set[str]] = {}
+    for row in rows:
+        by_dog.setdefault(row["external_id"], set()).add(row["group"])
+        assert row["species"] == "dog" and row["path"].startswith(row["individual"] + "/")
+    assert all(len(groups) == 2 for groups in by_dog.values())  # two enrolment requests each
+    # The exported files are the enrolled bytes.
+    enrolled = {hashlib.sha256(jpeg(i, k)).hexdigest() for i in range(3) for k in range(4)}
+    assert {
+        hashlib.sha256((result.manifest.parent / r["path"]).read_bytes()).hexdigest() for r in rows
+    } == enrolled
+    # The training package reads it like any dataset, the enrolment batch as the group.
+    dataset = load_dataset(result.manifest, species="dog")
+    assert len(dataset.samples) == 12 and len({s.group for s in dataset.samples}) == 6
+
+
+def test_gallery_export_refuses_a_non_empty_folder_and_an_unknown_species(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from service.errors import InvalidRequest, SpeciesNotFound
+
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, individuals=1, batches=1, per_batch=1)
+        runtime = client.app.state.runtime
+        (tmp_path / "full").mkdir()
+        (tmp_path / "full" / "keep.txt").write_text("mine")
+        with runtime.sessions() as session:
+            with pytest.raises(InvalidRequest):
+                export_gallery(session, runtime.store, "dog", tmp_path / "full")
+            with pytest.raises(SpeciesNotFound):
+                export_gallery(session, runtime.store, "yak", tmp_path / "new")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_gallery_export_command(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, individuals=2, batches=2, per_batch=1)
+    monkeypatch.setenv("ANIMALID_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("ANIMALID_IMAGE_STORE_DIR", str(settings.image_store_dir))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "gallery",
+            "export",
+            "--species",
+            "dog",
+            "--out",
+            str(tmp_path / "g"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["images"] == 4 and summary["groups"] == 4
+    assert (tmp_path / "g" / "manifest.csv").is_file()
+
+
+def test_finetune_queued_through_the_api_is_judged_promoted_and_served(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Margins that any challenger meets: this test is about the mechanics of a promotion.
+    settings = job_settings(settings, tmp_path, promote_min_top1_gain=-1.0, promote_min_far_drop=-1.0)
+    models = settings.models_dir
+    old_version = read_card(models / "dog").model_version
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client)
+        queued = client.post("/species/dog/finetune", json={"epochs": 2})
+        assert queued.status_code == 202, queued.text
+        job_id = queued.json()["id"]
+        assert queued.json()["status"] == "queued"
+        again = client.post("/species/dog/finetune", json={})
+        assert again.status_code == 409 and again.json()["code"] == "job_conflict"
+
+        assert run_queued(settings) == 1
+
+        job = client.get(f"/jobs/{job_id}", headers=READ).json()
+        assert job["status"] == "succeeded", job
+        assert job["progress"]["epoch"] == 2 and job["progress"]["epochs"] == 2
+        result = job["result"]
+        assert result["decision"] == "promoted"
+        for side in ("champion", "challenger"):
+            closed = result[side]["closed_set"]
+            assert {"top1", "test_far", "wrong_match_rate"} <= set(closed)
+        # Champion and challenger judged on the same held-back photos.
+        assert (
+            result["champion"]["closed_set"]["test_images"]
+            == result["challenger"]["closed_set"]["test_images"]
+        )
+        assert result["champion"]["model_version"] == old_version
+
+        card = read_card(models / "dog")
+        assert card.model_version == result["challenger"]["model_version"] != old_version
+        assert card.training_config["lineage"]["parent_model_version"] == old_version
+        assert card.metrics["closed_set"] == result["challenger"]["closed_set"]
+        assert card.threshold == result["threshold"]
+        assert read_card(Path(result["retired_to"])).model_version == old_version
+
+        # The service switches to it with its re-embedding.
+        watcher = ModelWatcher(client.app.state.runtime.lifecycle, 1.0)
+        assert watcher.check() == ["dog"]
+        assert client.app.state.runtime.reembedder.wait("dog", timeout=120)
+        species = client.get("/species/dog").json()
+        assert species["model_version"] == card.model_version
+        assert species["index_size"] == INDIVIDUALS * 4
+        assert watcher.check() == []  # nothing new
+
+        listed = client.get("/jobs", params={"species": "dog"}, headers=READ).json()
+        assert listed["count"] == 1 and listed["data"][0]["id"] == job_id
+    actions = audit_actions(settings)
+    assert "finetune_queued" in actions and "finetune_promoted" in actions
+
+
+def test_a_challenger_that_does_not_win_by_the_margin_is_kept_out(settings: Settings, tmp_path: Path) -> None:
+    settings = job_settings(settings, tmp_path, promote_min_top1_gain=2.0)  # top-1 cannot gain 2
+    before = (settings.models_dir / "dog").resolve()
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client)
+        job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
+        run_queued(settings)
+        job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["result"]["decision"] == "kept"
+    assert job["result"]["challenger"]["model_version"] is None
+    assert (settings.models_dir / "dog").resolve() == before
+    assert "finetune_kept" in audit_actions(settings)
+
+
+def test_a_gallery_with_one_enrolment_batch_per_animal_cannot_be_judged(
+    settings: Settings, tmp_path: Path
+) -> None:
+    settings = job_settings(settings, tmp_path)
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, batches=1, per_batch=3)
+        job_id = client.post("/species/dog/finetune").json()["id"]
+        run_queued(settings)
+        job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "failed" and "two enrolment batches" in job["error"]
+
+
+def test_job_requests_and_cancels(settings: Settings, tmp_path: Path) -> None:
+    with TestClient(create_app(job_settings(settings, tmp_path)), headers=ADMIN) as client:
+        assert client.post("/species/yak/finetune").json()["code"] == "species_not_found"
+        bad = client.post("/species/dog/finetune", json={"epochs": 0})
+        assert bad.status_code == 422
+        assert client.post("/species/dog/finetune", json={"start": "../etc"}).status_code == 422
+        assert client.post("/species/dog/finetune", headers=READ).status_code == 403
+        job_id = client.post("/species/dog/finetune").json()["id"]
+        cancelled = client.post(f"/jobs/{job_id}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert client.post(f"/jobs/{job_id}/cancel").json()["code"] == "job_conflict"
+        assert client.get("/jobs/00000000-0000-0000-0000-000000000000").json()["code"] == "job_not_found"
+        assert client.get("/jobs", params={"status": "nope"}).status_code == 422
+        # A cancelled job is not run, and another fine-tune may be queued.
+        assert client.post("/species/dog/finetune").status_code == 202
+    assert "job_cancel" in audit_actions(settings)
+
+
+def _worker_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "ANIMALID_DATABASE_URL": settings.database_url,
+        "ANIMALID_MODELS_DIR": str(settings.models_dir),
+        "ANIMALID_IMAGE_STORE_DIR": str(settings.image_store_dir),
+        "ANIMALID_JOBS_DIR": str(settings.jobs_dir),
+        "ANIMALID_JOB_HEARTBEAT_S": str(settings.job_heartbeat_s),
+        "ANIMALID_JOB_STALE_AFTER_S": str(settings.job_stale_after_s),
+        "ANIMALID_WORKER_POLL_S": "0.2",
+        "ANIMALID_DEVICE": "cpu",
+        "ANIMALID_PROMOTE_MIN_TOP1_GAIN": "-1",
+        "ANIMALID_PROMOTE_MIN_FAR_DROP": "-1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for(client: TestClient, job_id: str, done: object, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if done(job):  # type: ignore[operator]
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not get there in {timeout} s: {job}")
+
+
+def test_a_killed_worker_s_job_resumes_from_its_checkpoint_in_a_new_worker(
+    settings: Settings, tmp_path: Path
+) -> None:
+    settings = job_settings(settings, tmp_path)
+    log = tmp_path / "worker.log"
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, per_batch=3)
+        job_id = client.post("/species/dog/finetune", json={"epochs": 30}).json()["id"]
+        first = _worker_process(settings, log)
+        try:
+            job = _wait_for(client, job_id, lambda j: j["progress"].get("epoch", 0) >= 1, 180)
+            first.send_signal(signal.SIGKILL)
+            first.wait(30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait(30)
+        killed_at = client.get(f"/jobs/{job_id}").json()["progress"]["epoch"]
+        assert job["status"] == "running" and killed_at < 30
+        second = _worker_process(settings, log)
+        try:
+            job = _wait_for(client, job_id, lambda j: j["status"] not in ("queued", "running"), 600)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(60)
+    assert job["status"] == "succeeded", (job, log.read_text()[-3000:])
+    assert job["attempts"] == 2
+    # The second worker went on from the first one's last checkpoint, not from epoch 1.
+    assert job["progress"]["resumed_at_epoch"] >= killed_at + 1 >= 2
+    log_lines = (settings.jobs_dir / job_id / "finetune" / "log.jsonl").read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in log_lines]
+    assert set(epochs) == set(range(1, 31))
+    # At most the epoch the kill interrupted (logged, not yet checkpointed) was trained twice.
+    assert len(epochs) <= 31
+
+
+def test_serve_can_run_a_worker_in_a_child_process(settings: Settings, tmp_path: Path) -> None:
+    from service.cli import _embedded_worker
+
+    embedded = job_settings(settings, tmp_path, embedded_worker=True)
+    with TestClient(create_app(embedded), headers=ADMIN) as client:
+        enroll_batches(client, individuals=2)
+        job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
+        with _embedded_worker(embedded):
+            job = _wait_for(client, job_id, lambda j: j["status"] not in ("queued", "running"), 300)
+        assert job["status"] == "succeeded" and job["worker"] != "test-worker"
+    with _embedded_worker(job_settings(settings, tmp_path)):  # off by default: nothing to start
+        pass
+
+
+def test_a_running_job_stops_at_its_next_epoch_when_cancelled(settings: Settings, tmp_path: Path) -> None:
+    import threading
+
+    settings = job_settings(settings, tmp_path)
+    before = (settings.models_dir / "dog").resolve()
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, per_batch=3)
+        job_id = client.post("/species/dog/finetune", json={"epochs": 50}).json()["id"]
+        runner = threading.Thread(target=run_queued, args=(settings,))
+        runner.start()
+        try:
+            _wait_for(client, job_id, lambda j: j["progress"].get("epoch", 0) >= 1, 180)
+            assert client.post(f"/jobs/{job_id}/cancel").json()["cancel_requested"] is True
+        finally:
+            runner.join(300)
+        job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["progress"]["epoch"] < 50
+    assert (settings.models_dir / "dog").resolve() == before  # nothing promoted
+    assert "finetune_cancelled" in audit_actions(settings)
