@@ -17,6 +17,8 @@ from service.db.session import make_engine, make_sessionmaker
 from service.errors import ConfigurationError
 from service.image_store import ImageStore
 from service.metrics import Metrics
+from service.ml.ann import IndexPlan
+from service.ml.batching import BatchingConfig
 from service.ml.embedder import resolve_device
 from service.ml.index import gpu_count
 from service.ml.registry import Registry
@@ -76,11 +78,21 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         faiss.omp_set_num_threads(settings.cpu_threads)
     # ANIMALID_DEVICE=cpu keeps the index on the CPU too; otherwise FAISS uses a GPU when it sees one.
     use_gpu_index = settings.device != "cpu" and gpu_count() > 0
+    index_plan = IndexPlan(exact_max_vectors=settings.exact_search_max_vectors, nprobe=settings.ivf_nprobe)
     engine = make_engine(settings.database_url)
     try:
         check_schema(engine, settings.database_url)
         sessions = make_sessionmaker(engine)
-        registry = Registry(device=device, use_gpu_index=use_gpu_index)
+        registry = Registry(
+            device=device,
+            use_gpu_index=use_gpu_index,
+            embed_batching=BatchingConfig(settings.batch_wait_ms / 1000.0, settings.batch_max_images),
+            search_batching=BatchingConfig(
+                settings.search_batch_wait_ms / 1000.0, settings.search_batch_max_queries
+            ),
+            observe_batch=metrics.observe_batch,
+            index_plan=index_plan,
+        )
         store = ImageStore(settings.image_store_dir)
         store.open()
         reembedder = Reembedder(
@@ -91,6 +103,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
                 batch_size=settings.reembed_batch_size,
                 max_pixels=settings.max_image_pixels,
                 use_gpu_index=use_gpu_index,
+                index_plan=index_plan,
             ),
         )
         lifecycle = Lifecycle(

@@ -58,6 +58,32 @@ class Settings(BaseSettings):
     reembed_batch_size: int = Field(
         default=32, gt=0, description="Images per batch when re-embedding after a model change"
     )
+    batch_wait_ms: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=5000.0,
+        description="Dynamic batching: how long concurrent requests' images are gathered into one forward "
+        "pass (0: every request runs its own); a request alone waits at most this long",
+    )
+    batch_max_images: int = Field(
+        default=32, ge=1, description="Dynamic batching: the most images in one forward pass"
+    )
+    search_batch_wait_ms: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=5000.0,
+        description="Dynamic batching of index searches (0: off); one search for concurrent identifies",
+    )
+    search_batch_max_queries: int = Field(
+        default=64, ge=1, description="Dynamic batching: the most queries in one index search"
+    )
+    exact_search_max_vectors: int = Field(
+        default=50_000,
+        ge=0,
+        description="A species' gallery above this many vectors is searched through an IVF index "
+        "(approximate, on the CPU); at or below it exactly. 0: always exact. See docs/benchmarks.md",
+    )
+    ivf_nprobe: int = Field(default=32, ge=1, description="IVF cells scanned per query (recall vs speed)")
     explain_max_side: int = Field(default=512, gt=0, description="Longest side of the Grad-CAM overlay PNG")
 
     @field_validator("database_url")
