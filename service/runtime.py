@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.migrate import MIGRATIONS_DIR, alembic_config
-from service.db.session import make_engine, make_sessionmaker
+from service.db.session import is_sqlite, make_engine, make_sessionmaker
 from service.errors import ConfigurationError
 from service.image_store import ImageStore
 from service.metrics import Metrics
@@ -24,6 +24,7 @@ from service.ml.index import gpu_count
 from service.ml.registry import Registry
 from service.services.identification import Limits
 from service.services.reembedding import ReembedConfig, Reembedder
+from service.services.replication import FollowConfig, IndexFollower
 from service.services.species import Lifecycle, load_all
 from service.settings import Settings
 
@@ -40,6 +41,7 @@ class Runtime:
     metrics: Metrics
     reembedder: Reembedder
     lifecycle: Lifecycle
+    follower: IndexFollower | None = None  # Postgres: other processes' index changes
 
     @property
     def limits(self) -> Limits:
@@ -51,6 +53,8 @@ class Runtime:
         )
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         self.reembedder.stop()
         self.engine.dispose()
 
@@ -114,7 +118,17 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             warmup=settings.warmup,
             default_threshold=settings.default_threshold,
         )
+        follower = None
+        if is_sqlite(settings.database_url):
+            log.info("SQLite: a single API process per database (several processes need Postgres)")
+        else:
+            follower = IndexFollower(
+                sessions, registry, FollowConfig(settings.database_url, poll_s=settings.index_follow_poll_s)
+            )
+            follower.mark()  # before the indexes are built: changes meanwhile are applied after
         load_all(lifecycle)
+        if follower is not None:
+            follower.start()
     except BaseException:
         engine.dispose()
         raise
@@ -134,4 +148,5 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         metrics=metrics,
         reembedder=reembedder,
         lifecycle=lifecycle,
+        follower=follower,
     )

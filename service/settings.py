@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         "(approximate, on the CPU); at or below it exactly. 0: always exact. See docs/benchmarks.md",
     )
     ivf_nprobe: int = Field(default=32, ge=1, description="IVF cells scanned per query (recall vs speed)")
+    index_follow_poll_s: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=60.0,
+        description="Postgres: how often an API process checks for other processes' index changes when "
+        "no notification came (a notification applies them at once)",
+    )
     explain_max_side: int = Field(default=512, gt=0, description="Longest side of the Grad-CAM overlay PNG")
 
     @field_validator("database_url")

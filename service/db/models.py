@@ -173,3 +173,16 @@ class AuditEntry(Base):
     actor: Mapped[str] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class IndexChange(Base):
+    """One committed change to a species' searchable vectors (enroll, delete, merge), in commit's
+    transaction. ``seq`` only grows, so API replicas on one Postgres database catch up on what
+    they missed by reading past the last one they applied (see service/services/replication.py)."""
+
+    __tablename__ = "index_changes"
+
+    seq: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    species: Mapped[str] = mapped_column(String(64))
+    embedding_ids: Mapped[list[int]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

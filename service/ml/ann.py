@@ -81,6 +81,14 @@ class IvfIndex:
     def ntotal(self) -> int:
         return int(self._index.ntotal)
 
+    @property
+    def nprobe(self) -> int:
+        return int(self._index.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self._index.nprobe = min(max(1, value), self.nlist)
+
     def add(self, ids: np.ndarray, unit: np.ndarray) -> None:
         self._index.add_with_ids(unit, ids)
 

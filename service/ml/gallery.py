@@ -80,6 +80,11 @@ class Gallery:
                 self._entries.pop(int(i), None)
             return removed
 
+    def entry(self, embedding_id: int) -> GalleryEntry | None:
+        """Which image and individual a stored vector is, None when the index lacks it."""
+        with self._lock:
+            return self._entries.get(int(embedding_id))
+
     def reassign(self, embedding_ids: Iterable[int], individual_id: uuid.UUID) -> None:
         """Point vectors at another individual (after a merge); the vectors themselves are unchanged."""
         with self._lock:

@@ -211,6 +211,7 @@ def _commit(
                     "model_version": serving.model_version,
                 },
             )
+        repo.record_index_change(slot.name, [emb_id for emb_id, _ in added])  # other replicas follow
         session.commit()
     except BaseException:
         session.rollback()

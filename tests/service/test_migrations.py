@@ -16,7 +16,7 @@ from service.db import migrate
 from service.db.models import Base
 from service.errors import ConfigurationError
 
-TABLES = {"species", "model_versions", "individuals", "images", "embeddings", "audit_log"}
+TABLES = {"species", "model_versions", "individuals", "images", "embeddings", "audit_log", "index_changes"}
 
 
 def schema_diff(url: str) -> list:

@@ -1,0 +1,158 @@
+"""Several API processes on one Postgres database: each keeps its indexes in step with the others.
+
+Every enroll, delete, merge and image delete logs the embedding ids it touched in
+``index_changes`` in its own transaction, and NOTIFYs ``animalid_index_changes``; Postgres delivers
+the notification when, and only if, that transaction commits. Each process runs an
+:class:`IndexFollower` thread that LISTENs on its own connection and, on every notification and at
+least every ``poll_s`` seconds, reads the changes past the last one it applied and reconciles its
+index with the database for those ids: present in the serving model version means searchable
+(added, or moved to its current individual), absent means removed. Reconciling is idempotent, so a
+process applying its own changes again, a missed notification or a reconnect does no harm: the
+catch-up by sequence heals it.
+
+Sequence numbers are taken at insert, so a transaction can commit after a later-numbered one; a
+number skipped by a catch-up is asked for again for ``gap_timeout_s`` (after which it is taken to
+belong to a transaction that rolled back).
+
+SQLite stays single-process: there is nothing to listen to, and the follower is not started.
+A model switch (reload and re-embedding) is not followed: see docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from sqlalchemy import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.repository import INDEX_CHANNEL, Repository, vector_from_bytes
+from service.ml.gallery import GalleryEntry
+from service.ml.registry import Registry
+
+log = logging.getLogger(__name__)
+
+# Changes before the last committed one that a starting process applies again.
+MARK_LOOKBACK = 100
+
+
+@dataclass(frozen=True)
+class FollowConfig:
+    database_url: str
+    poll_s: float = 1.0  # catch-up without a notification at least this often
+    gap_timeout_s: float = 60.0
+    reconnect_s: float = 1.0
+
+
+def reconcile(sessions: sessionmaker[Session], registry: Registry, species: str, ids: Iterable[int]) -> int:
+    """Make the species' serving index agree with the database on ``ids``; the vectors changed."""
+    slot = registry.slots.get(species)
+    wanted = {int(i) for i in ids}
+    if slot is None or not wanted:
+        return 0
+    with slot.write_lock:
+        serving = slot.serving
+        if serving is None:
+            return 0
+        with sessions() as session:
+            rows = {
+                row.embedding_id: row
+                for row in Repository(session).gallery_rows(wanted, serving.model_version_id)
+            }
+        gallery = serving.gallery
+        changed = gallery.remove([i for i in wanted if i not in rows])
+        new = [row for i, row in rows.items() if i not in gallery]
+        if new:
+            gallery.add(
+                [row.embedding_id for row in new],
+                np.stack([vector_from_bytes(row.vector) for row in new]),
+                [GalleryEntry(image_id=row.image_id, individual_id=row.individual_id) for row in new],
+            )
+            changed += len(new)
+        for i, row in rows.items():
+            entry = gallery.entry(i)
+            if entry is not None and entry.individual_id != row.individual_id:
+                gallery.reassign([i], row.individual_id)
+                changed += 1
+        return changed
+
+
+class IndexFollower:
+    """The thread that applies other processes' index changes (Postgres only)."""
+
+    def __init__(self, sessions: sessionmaker[Session], registry: Registry, config: FollowConfig) -> None:
+        self._sessions = sessions
+        self._registry = registry
+        self._config = config
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.cursor = 0  # the highest sequence number applied
+        self._gaps: dict[int, float] = {}  # skipped sequence number -> when first seen
+        self.applied = 0  # changes applied so far
+
+    def mark(self) -> None:
+        """Start a little before the changes committed so far: call before building the indexes, so
+        any change committed during the build, or numbered lower but committed later than the last
+        one, is applied again (harmlessly) after it."""
+        with self._sessions() as session:
+            self.cursor = max(0, Repository(session).last_index_change() - MARK_LOOKBACK)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="index-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def catch_up(self) -> int:
+        """Apply every change past the cursor (and the gaps still awaited); how many were applied."""
+        total = 0
+        while True:
+            now = time.monotonic()
+            self._gaps = {
+                seq: seen for seq, seen in self._gaps.items() if now - seen < self._config.gap_timeout_s
+            }
+            with self._sessions() as session:
+                changes = [
+                    (change.seq, change.species, list(change.embedding_ids))
+                    for change in Repository(session).index_changes(self.cursor, self._gaps)
+                ]
+            if not changes:
+                return total
+            by_species: dict[str, set[int]] = defaultdict(set)
+            for seq, species, ids in changes:
+                by_species[species].update(ids)
+                self._gaps.pop(seq, None)
+            for species, touched in by_species.items():
+                reconcile(self._sessions, self._registry, species, touched)
+            newest = max(seq for seq, _, _ in changes)
+            applied = {seq for seq, _, _ in changes}
+            for seq in range(self.cursor + 1, newest):
+                if seq not in applied:
+                    self._gaps.setdefault(seq, now)
+            self.cursor = max(self.cursor, newest)
+            total += len(changes)
+            self.applied += len(changes)
+
+    def _run(self) -> None:
+        conninfo = make_url(self._config.database_url).set(drivername="postgresql")
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(conninfo.render_as_string(hide_password=False), autocommit=True) as conn:
+                    conn.execute(f"LISTEN {INDEX_CHANNEL}")
+                    self.catch_up()  # whatever was committed before LISTEN took effect
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=self._config.poll_s, stop_after=1):
+                            break
+                        self.catch_up()
+            except Exception:  # noqa: BLE001 - a lost connection or a failed catch-up: retry, then catch up
+                log.exception("index follower: reconnecting in %.1f s", self._config.reconnect_s)
+                self._stop.wait(self._config.reconnect_s)
