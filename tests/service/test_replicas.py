@@ -8,11 +8,7 @@ the database.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,72 +16,30 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apps import ADMIN_KEY, READ_KEY, make_models_dir
+from apps import ADMIN_KEY, make_models_dir
 from databases import provisioned_database
 from imagegen import jpeg
+from test_crash import Server
 
-ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 180.0
 FOLLOW_TIMEOUT_S = 15.0  # generous for a loaded 2-core box; the design target is under a second
 
 pytestmark = pytest.mark.postgres
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Replica:
+    """One API process (``animalid serve``, as in test_crash) and a client for it."""
 
-
-class Server:
-    def __init__(self, url: str, root: Path, name: str) -> None:
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ANIMALID_")}
-        env.update(
-            ANIMALID_DATABASE_URL=url,
-            ANIMALID_MODELS_DIR=str(root / "models"),
-            ANIMALID_IMAGE_STORE_DIR=str(root / "images"),
-            ANIMALID_API_KEYS=f"{READ_KEY}:read,{ADMIN_KEY}:admin",
-            ANIMALID_CPU_THREADS="1",
-            ANIMALID_HOST="127.0.0.1",
-            ANIMALID_PORT=str(self.port),
-            ANIMALID_INDEX_FOLLOW_POLL_S="0.5",
-            PYTHONPATH=str(ROOT),
-        )
-        self.log = root / f"{name}.log"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "serve"],
-            cwd=root,
-            env=env,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        self.http = httpx.Client(
-            base_url=f"http://127.0.0.1:{self.port}", headers={"x-api-key": ADMIN_KEY}, timeout=60
-        )
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                if self.http.get("/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"server not ready in {START_TIMEOUT_S} s: {self.log.read_text()[-3000:]}")
+    def __init__(self, url: str, root: Path) -> None:
+        self.server = Server(url, root, root / "models")
+        self.server.env["ANIMALID_INDEX_FOLLOW_POLL_S"] = "0.5"
+        self.server.start()
+        assert self.server.process is not None
+        self.process = self.server.process
+        self.http = httpx.Client(base_url=self.server.url, headers={"x-api-key": ADMIN_KEY}, timeout=60)
 
     def stop(self) -> None:
         self.http.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        self.server.stop()
 
     def enroll(self, individual: int, shots: range = range(2)) -> dict:
         files = [("images", (f"{s}.jpg", jpeg(individual, s), "image/jpeg")) for s in shots]
@@ -122,20 +76,20 @@ def eventually(check: Callable[[], bool], what: str) -> float:
 
 
 @pytest.fixture
-def pair(tmp_path: Path, artifacts: dict[str, Path]) -> Iterator[tuple[Server, Server]]:
+def pair(tmp_path: Path, artifacts: dict[str, Path]) -> Iterator[tuple[Replica, Replica]]:
     make_models_dir(tmp_path, artifacts, dog="dog")
     with provisioned_database("postgres", tmp_path) as url:
-        servers = [Server(url, tmp_path, "a"), Server(url, tmp_path, "b")]
+        replicas: list[Replica] = []
         try:
-            for server in servers:
-                server.wait_ready()
-            yield servers[0], servers[1]
+            replicas.append(Replica(url, tmp_path))
+            replicas.append(Replica(url, tmp_path))
+            yield replicas[0], replicas[1]
         finally:
-            for server in servers:
-                server.stop()
+            for replica in replicas:
+                replica.stop()
 
 
-def test_writes_on_one_process_are_followed_by_the_other(pair: tuple[Server, Server]) -> None:
+def test_writes_on_one_process_are_followed_by_the_other(pair: tuple[Replica, Replica]) -> None:
     a, b = pair
     first = a.enroll(600)["individual"]["id"]
     eventually(lambda: b.top(600) == first, "an enroll on A is found on B")
@@ -148,12 +102,12 @@ def test_writes_on_one_process_are_followed_by_the_other(pair: tuple[Server, Ser
     eventually(lambda: b.top(602) == other, "a second enroll on A is found on B")
     b.http.post(f"/individuals/{keep}/merge", json={"source_id": other}).raise_for_status()
     eventually(lambda: a.top(602) == keep, "a merge on B moves the images on A")
-    for server in (a, b):
-        state = server.dog_readiness()
+    for replica in (a, b):
+        state = replica.dog_readiness()
         assert state["consistent"] and state["index_size"] == state["database_embeddings"] == 4
 
 
-def test_a_process_killed_mid_enroll_leaves_the_other_consistent(pair: tuple[Server, Server]) -> None:
+def test_a_process_killed_mid_enroll_leaves_the_other_consistent(pair: tuple[Replica, Replica]) -> None:
     a, b = pair
     b.enroll(700)
     outcome: list[object] = []
