@@ -376,17 +376,20 @@ class Repository:
     # Index change log ---------------------------------------------------------------------------
 
     def record_index_change(self, species: str, embedding_ids: Iterable[int]) -> None:
-        """Log a change to these vectors in the current transaction; on Postgres also NOTIFY the
-        other replicas, which Postgres delivers only if and when the transaction commits."""
+        """On Postgres, log a change to these vectors in the current transaction and NOTIFY the
+        other processes (delivered only if and when the transaction commits)."""
         ids = sorted({int(i) for i in embedding_ids})
-        if not ids:
-            return
+        if not ids or self.session.get_bind().dialect.name != "postgresql":
+            return  # SQLite serves from one process: nobody else follows
         self.session.add(IndexChange(species=species, embedding_ids=ids))
-        if self.session.get_bind().dialect.name == "postgresql":
-            self.session.execute(
-                text("SELECT pg_notify(:channel, :species)"),
-                {"channel": INDEX_CHANNEL, "species": species},
-            )
+        self.session.execute(
+            text("SELECT pg_notify(:channel, :species)"), {"channel": INDEX_CHANNEL, "species": species}
+        )
+
+    def prune_index_changes(self, before: datetime) -> int:
+        """Forget changes logged before ``before``; every process has applied them long since."""
+        pruned = self.session.execute(delete(IndexChange).where(IndexChange.created_at < before))
+        return int(getattr(pruned, "rowcount", 0) or 0)
 
     def last_index_change(self) -> int:
         """The highest change sequence number so far, 0 when none."""

@@ -14,7 +14,8 @@ Sequence numbers are taken at insert, so a transaction can commit after a later-
 number skipped by a catch-up is asked for again for ``gap_timeout_s`` (after which it is taken to
 belong to a transaction that rolled back).
 
-SQLite stays single-process: there is nothing to listen to, and the follower is not started.
+SQLite stays single-process: nothing is logged, and the follower is not started. The log keeps
+an hour of changes (pruned by the followers).
 A model switch (reload and re-embedding) is not followed: see docs/deployment.md.
 """
 
@@ -26,6 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import psycopg
@@ -40,6 +42,11 @@ log = logging.getLogger(__name__)
 
 # Changes before the last committed one that a starting process applies again.
 MARK_LOOKBACK = 100
+# How long the change log is kept. A process cut off from the database for longer misses changes
+# and must be restarted (its /ready then reports the index as inconsistent with the database).
+RETENTION = timedelta(hours=1)
+PRUNE_EVERY_S = 300.0
+WAIT_S = 0.2  # longest wait for a notification before checking for stop()
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class IndexFollower:
         self.cursor = 0  # the highest sequence number applied
         self._gaps: dict[int, float] = {}  # skipped sequence number -> when first seen
         self.applied = 0  # changes applied so far
+        self._pruned = time.monotonic()
 
     def mark(self) -> None:
         """Start a little before the changes committed so far: call before building the indexes, so
@@ -142,6 +150,17 @@ class IndexFollower:
             total += len(changes)
             self.applied += len(changes)
 
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if now - self._pruned < PRUNE_EVERY_S:
+            return
+        self._pruned = now
+        with self._sessions() as session:
+            removed = Repository(session).prune_index_changes(datetime.now(UTC) - RETENTION)
+            session.commit()
+        if removed:
+            log.info("index follower: pruned %d changes older than %s", removed, RETENTION)
+
     def _run(self) -> None:
         conninfo = make_url(self._config.database_url).set(drivername="postgresql")
         while not self._stop.is_set():
@@ -149,10 +168,14 @@ class IndexFollower:
                 with psycopg.connect(conninfo.render_as_string(hide_password=False), autocommit=True) as conn:
                     conn.execute(f"LISTEN {INDEX_CHANNEL}")
                     self.catch_up()  # whatever was committed before LISTEN took effect
+                    last = time.monotonic()
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=self._config.poll_s, stop_after=1):
-                            break
-                        self.catch_up()
+                        # Short waits, so that stop() is quick; a catch-up on a notification or every poll_s.
+                        notified = any(True for _ in conn.notifies(timeout=WAIT_S, stop_after=1))
+                        if notified or time.monotonic() - last >= self._config.poll_s:
+                            self.catch_up()
+                            self._prune()
+                            last = time.monotonic()
             except Exception:  # noqa: BLE001 - a lost connection or a failed catch-up: retry, then catch up
                 log.exception("index follower: reconnecting in %.1f s", self._config.reconnect_s)
                 self._stop.wait(self._config.reconnect_s)
