@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import faiss
 import torch
@@ -24,7 +25,7 @@ from service.ml.index import gpu_count
 from service.ml.registry import Registry
 from service.services.identification import Limits
 from service.services.reembedding import ReembedConfig, Reembedder
-from service.services.replication import FollowConfig, IndexFollower
+from service.services.replication import FollowConfig, IndexFollower, follow_model_switch
 from service.services.species import Lifecycle, load_all
 from service.settings import Settings
 
@@ -123,7 +124,10 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             log.info("SQLite: a single API process per database (several processes need Postgres)")
         else:
             follower = IndexFollower(
-                sessions, registry, FollowConfig(settings.database_url, poll_s=settings.index_follow_poll_s)
+                sessions,
+                registry,
+                FollowConfig(settings.database_url, poll_s=settings.index_follow_poll_s),
+                on_model_switch=partial(follow_model_switch, lifecycle),
             )
             follower.mark()  # before the indexes are built: changes meanwhile are applied after
         load_all(lifecycle)

@@ -24,6 +24,7 @@ def upgrade() -> None:
         "index_changes",
         sa.Column("seq", BigIntId, autoincrement=True, nullable=False),
         sa.Column("species", sa.String(length=64), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("embedding_ids", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_index_changes")),

@@ -184,5 +184,7 @@ class IndexChange(Base):
 
     seq: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
     species: Mapped[str] = mapped_column(String(64))
+    # "vectors": these embeddings changed; "model": a new model version is active (ids empty).
+    kind: Mapped[str] = mapped_column(String(16), default="vectors")
     embedding_ids: Mapped[list[int]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

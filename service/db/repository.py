@@ -386,6 +386,15 @@ class Repository:
             text("SELECT pg_notify(:channel, :species)"), {"channel": INDEX_CHANNEL, "species": species}
         )
 
+    def record_model_switch(self, species: str) -> None:
+        """On Postgres, log (and NOTIFY) that a new model version of ``species`` is now active."""
+        if self.session.get_bind().dialect.name != "postgresql":
+            return
+        self.session.add(IndexChange(species=species, kind="model", embedding_ids=[]))
+        self.session.execute(
+            text("SELECT pg_notify(:channel, :species)"), {"channel": INDEX_CHANNEL, "species": species}
+        )
+
     def prune_index_changes(self, before: datetime) -> int:
         """Forget changes logged before ``before``; every process has applied them long since."""
         pruned = self.session.execute(delete(IndexChange).where(IndexChange.created_at < before))

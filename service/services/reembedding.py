@@ -101,6 +101,7 @@ class Reembedder:
                 )
                 with self._sessions() as session:
                     dropped = Repository(session).activate_version(species_id, pending.model_version_id)
+                    Repository(session).record_model_switch(slot.name)  # other processes swap too
                     session.commit()
                 slot.serving = Serving(pending.embedder, gallery, pending.model_version_id)
                 slot.pending = None

@@ -16,7 +16,9 @@ belong to a transaction that rolled back).
 
 SQLite stays single-process: nothing is logged, and the follower is not started. The log keeps
 an hour of changes (pruned by the followers).
-A model switch (reload and re-embedding) is not followed: see docs/deployment.md.
+A model switch is done once: the process that re-embeds logs a "model" change with the activation,
+and every other process whose artifact is that model swaps to it, building its index from the
+vectors already stored (:func:`follow_model_switch`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -37,6 +39,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.repository import INDEX_CHANNEL, Repository, vector_from_bytes
 from service.ml.gallery import GalleryEntry
 from service.ml.registry import Registry
+from service.services.species import Lifecycle, reload_species
+from training.artifact import ArtifactError, read_card
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +94,52 @@ def reconcile(sessions: sessionmaker[Session], registry: Registry, species: str,
         return changed
 
 
+def follow_model_switch(life: Lifecycle, species: str) -> str:
+    """Another process re-embedded ``species`` with a new model and activated it: serve it here too,
+    from the vectors already stored (no second re-embedding), if this process's artifact is that
+    model. Otherwise say so and keep serving: the slot's index no longer matches the database, and
+    /ready reports it until the process gets the same artifact and restarts."""
+    slot = life.registry.slots.get(species)
+    with life.sessions() as session:
+        repo = Repository(session)
+        row = repo.species_by_name(species)
+        active = repo.active_version(row.id) if row is not None else None
+    if active is None or (
+        slot is not None and slot.serving is not None and slot.serving.model_version_id == active.id
+    ):
+        return "already serving the active model"
+    try:
+        card = read_card(life.models_dir / species)
+    except (ArtifactError, OSError) as exc:
+        log.warning("species %s: another process activated model %s; here: %s", species, active.version, exc)
+        return f"no artifact: {exc}"
+    if card.model_version != active.version:
+        log.warning(
+            "species %s: another process activated model %s but %s holds %s; give this process that "
+            "artifact and restart it",
+            species,
+            active.version,
+            life.models_dir / species,
+            card.model_version,
+        )
+        return "a different artifact here"
+    return reload_species(life, species).message
+
+
 class IndexFollower:
     """The thread that applies other processes' index changes (Postgres only)."""
 
-    def __init__(self, sessions: sessionmaker[Session], registry: Registry, config: FollowConfig) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        registry: Registry,
+        config: FollowConfig,
+        on_model_switch: Callable[[str], object] | None = None,
+    ) -> None:
         self._sessions = sessions
         self._registry = registry
         self._config = config
+        self._on_model_switch = on_model_switch
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.cursor = 0  # the highest sequence number applied
@@ -129,16 +172,18 @@ class IndexFollower:
                 seq: seen for seq, seen in self._gaps.items() if now - seen < self._config.gap_timeout_s
             }
             with self._sessions() as session:
-                changes = [
-                    (change.seq, change.species, list(change.embedding_ids))
-                    for change in Repository(session).index_changes(self.cursor, self._gaps)
-                ]
+                found = Repository(session).index_changes(self.cursor, self._gaps)
+                changes = [(change.seq, change.species, list(change.embedding_ids)) for change in found]
+                switched = {change.species for change in found if change.kind == "model"}
             if not changes:
                 return total
             by_species: dict[str, set[int]] = defaultdict(set)
             for seq, species, ids in changes:
                 by_species[species].update(ids)
                 self._gaps.pop(seq, None)
+            for species in sorted(switched):
+                if self._on_model_switch is not None:
+                    self._on_model_switch(species)
             for species, touched in by_species.items():
                 reconcile(self._sessions, self._registry, species, touched)
             newest = max(seq for seq, _, _ in changes)

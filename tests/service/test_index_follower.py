@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from apps import AppRunner
+from apps import AppRunner, make_models_dir
 from imagegen import jpeg
 from sqlalchemy import func, select, update
 
@@ -67,3 +69,30 @@ def test_old_changes_are_pruned(backend: str, settings: Settings, runner: AppRun
         session.commit()
     assert pruned == (1 if backend == "postgres" else 0)
     assert len(changes(runtime)) == (1 if backend == "postgres" else 0)
+
+
+def test_a_model_switch_is_reembedded_once_and_the_other_process_swaps_to_it(
+    backend: str, settings: Settings, runner: AppRunner, service_root: Path, artifacts: dict[str, Path]
+) -> None:
+    if backend == "sqlite":
+        return  # one process per SQLite database: nothing to follow
+    first, second = runner.start(settings), runner.start(settings)
+    a: Runtime = first.app.state.runtime  # type: ignore[attr-defined]
+    b: Runtime = second.app.state.runtime  # type: ignore[attr-defined]
+    enroll(first, 820)
+    enroll(first, 821)
+    old = b.registry.serving("dog").model_version
+
+    make_models_dir(service_root, artifacts, dog="dog_v2")  # both processes read this folder
+    new = first.post("/species/dog/reload").json()["pending_model_version"]
+    assert new != old and a.reembedder.wait("dog", timeout=120)
+    assert a.registry.serving("dog").model_version == new
+
+    deadline = time.monotonic() + 30
+    while b.registry.serving("dog").model_version != new and time.monotonic() < deadline:
+        time.sleep(0.1)
+    serving = b.registry.serving("dog")
+    assert serving.model_version == new and len(serving.gallery) == 4
+    assert b.registry.slots["dog"].pending is None and "dog" not in b.reembedder._threads  # not re-embedded
+    ready = second.get("/ready").json()
+    assert ready["ready"] and all(item["consistent"] for item in ready["species"] if item["name"] == "dog")
