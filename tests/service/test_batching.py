@@ -11,16 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from apps import ADMIN, READ, TestClient, make_settings
 from imagegen import jpeg
 from test_index import entries_for, unit
 
 from service.app import create_app
-from service.ml.batching import BatchingConfig, MicroBatcher, SearchBatcher
+from service.ml.batching import BatchingConfig, EmbedBatcher, MicroBatcher, SearchBatcher
+from service.ml.embedder import Embedder
 from service.ml.gallery import Candidate, Gallery
 from service.ml.images import decode_image
 from service.runtime import Runtime
 from service.settings import Settings
+from training.artifact import load_artifact
 
 # Long enough that every thread of a test has queued before the first batch leaves, even on a
 # loaded 2-core machine; a batch also leaves as soon as it is full.
@@ -234,3 +237,18 @@ def test_concurrent_enrolls_and_verifies_are_batched_and_stored_like_single_ones
         similarities = concurrently(4, verify)
         assert stats.calls - before == 1 and stats.sizes[-1] == 4
         assert all(s == pytest.approx(1.0, abs=1e-4) for s in similarities)  # an enrolled photo again
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_batched_forward_passes_equal_single_ones_on_each_device(
+    device: str, artifacts: dict[str, Path]
+) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    embedder = Embedder(load_artifact(artifacts["dog"], device), torch.device(device))
+    images = [decode_image(jpeg(900 + i, i % 3), 10**8).image for i in range(6)]
+    alone = [embedder.embed([image])[0] for image in images]
+    batcher = EmbedBatcher(embedder, GATHER)
+    together = concurrently(6, lambda i: batcher.embed([images[i]])[0])
+    assert batcher.stats.sizes == [6]
+    np.testing.assert_allclose(np.stack(together), np.stack(alone), atol=1e-4)  # type: ignore[arg-type]
