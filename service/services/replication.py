@@ -146,6 +146,7 @@ class IndexFollower:
         self._gaps: dict[int, float] = {}  # skipped sequence number -> when first seen
         self.applied = 0  # changes applied so far
         self._pruned = time.monotonic()
+        self._catching_up = threading.Lock()
 
     def mark(self) -> None:
         """Start a little before the changes committed so far: call before building the indexes, so
@@ -164,7 +165,12 @@ class IndexFollower:
             self._thread.join(timeout)
 
     def catch_up(self) -> int:
-        """Apply every change past the cursor (and the gaps still awaited); how many were applied."""
+        """Apply every change past the cursor (and the gaps still awaited); how many were applied.
+        Safe to call from another thread (tests wait for their own writes to be applied this way)."""
+        with self._catching_up:
+            return self._catch_up()
+
+    def _catch_up(self) -> int:
         total = 0
         while True:
             now = time.monotonic()
