@@ -182,13 +182,16 @@ def populate(url: str, artifact: Path, n: int, per_individual: int) -> tuple[int
     return version_id, time.perf_counter() - start
 
 
-def start_server(url: str, root: Path, threads: int, port: int) -> tuple[subprocess.Popen[bytes], float]:
+def start_server(
+    url: str, root: Path, threads: int, port: int, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANIMALID_")}
     env.update(
         ANIMALID_DATABASE_URL=url, ANIMALID_MODELS_DIR=str(root / "models"),
         ANIMALID_IMAGE_STORE_DIR=str(root / "images"), ANIMALID_API_KEYS=f"{ADMIN_KEY}:admin",
         ANIMALID_CPU_THREADS=str(threads), ANIMALID_PORT=str(port), PYTHONPATH=str(REPO),
     )  # fmt: skip
+    env.update(extra_env or {})
     log = (root / "server.log").open("wb")
     start = time.perf_counter()
     process = subprocess.Popen(

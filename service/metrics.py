@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -61,6 +62,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+        self.batch_size = Histogram(
+            "animalid_batch_items",
+            "Items per batched call by species and operation (embed: images per forward pass, "
+            "search: queries per index search)",
+            ["species", "operation"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_batch(self, species: str, operation: str, size: int) -> None:
+        self.batch_size.labels(species, operation).observe(size)
 
     def watch_index_sizes(self, sizes: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_IndexSizes(sizes))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import faiss
 import torch
@@ -11,14 +12,17 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.migrate import require_head
-from service.db.session import make_engine, make_sessionmaker
+from service.db.session import is_sqlite, make_engine, make_sessionmaker
 from service.image_store import ImageStore
 from service.metrics import Metrics
+from service.ml.ann import IndexPlan
+from service.ml.batching import BatchingConfig
 from service.ml.embedder import resolve_device
 from service.ml.index import gpu_count
 from service.ml.registry import Registry
 from service.services.identification import Limits
 from service.services.reembedding import ReembedConfig, Reembedder
+from service.services.replication import FollowConfig, IndexFollower, follow_model_switch
 from service.services.species import Lifecycle, load_all
 from service.settings import Settings
 
@@ -35,6 +39,7 @@ class Runtime:
     metrics: Metrics
     reembedder: Reembedder
     lifecycle: Lifecycle
+    follower: IndexFollower | None = None  # Postgres: other processes' index changes
 
     @property
     def limits(self) -> Limits:
@@ -49,6 +54,8 @@ class Runtime:
         )
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         self.reembedder.stop()
         self.engine.dispose()
 
@@ -61,11 +68,21 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         faiss.omp_set_num_threads(settings.cpu_threads)
     # ANIMALID_DEVICE=cpu keeps the index on the CPU too; otherwise FAISS uses a GPU when it sees one.
     use_gpu_index = settings.device != "cpu" and gpu_count() > 0
+    index_plan = IndexPlan(exact_max_vectors=settings.exact_search_max_vectors, nprobe=settings.ivf_nprobe)
     engine = make_engine(settings.database_url)
     try:
         require_head(engine, settings.database_url)
         sessions = make_sessionmaker(engine)
-        registry = Registry(device=device, use_gpu_index=use_gpu_index)
+        registry = Registry(
+            device=device,
+            use_gpu_index=use_gpu_index,
+            embed_batching=BatchingConfig(settings.batch_wait_ms / 1000.0, settings.batch_max_images),
+            search_batching=BatchingConfig(
+                settings.search_batch_wait_ms / 1000.0, settings.search_batch_max_queries
+            ),
+            observe_batch=metrics.observe_batch,
+            index_plan=index_plan,
+        )
         store = ImageStore(settings.image_store_dir)
         store.open()
         reembedder = Reembedder(
@@ -76,6 +93,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
                 batch_size=settings.reembed_batch_size,
                 max_pixels=settings.max_image_pixels,
                 use_gpu_index=use_gpu_index,
+                index_plan=index_plan,
             ),
         )
         lifecycle = Lifecycle(
@@ -86,7 +104,20 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             warmup=settings.warmup,
             default_threshold=settings.default_threshold,
         )
+        follower = None
+        if is_sqlite(settings.database_url):
+            log.info("SQLite: a single API process per database (several processes need Postgres)")
+        else:
+            follower = IndexFollower(
+                sessions,
+                registry,
+                FollowConfig(settings.database_url, poll_s=settings.index_follow_poll_s),
+                on_model_switch=partial(follow_model_switch, lifecycle),
+            )
+            follower.mark()  # before the indexes are built: changes meanwhile are applied after
         load_all(lifecycle)
+        if follower is not None:
+            follower.start()
     except BaseException:
         engine.dispose()
         raise
@@ -106,4 +137,5 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         metrics=metrics,
         reembedder=reembedder,
         lifecycle=lifecycle,
+        follower=follower,
     )

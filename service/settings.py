@@ -135,6 +135,39 @@ class Settings(BaseSettings):
     embedded_worker: bool = Field(
         default=False, description="`serve` / `demo` also start a worker in a child process (SQLite setups)"
     )
+    batch_wait_ms: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=5000.0,
+        description="Dynamic batching: how long concurrent requests' images are gathered into one forward "
+        "pass (0: every request runs its own); a request alone waits at most this long",
+    )
+    batch_max_images: int = Field(
+        default=32, ge=1, description="Dynamic batching: the most images in one forward pass"
+    )
+    search_batch_wait_ms: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=5000.0,
+        description="Dynamic batching of index searches (0: off); one search for concurrent identifies",
+    )
+    search_batch_max_queries: int = Field(
+        default=64, ge=1, description="Dynamic batching: the most queries in one index search"
+    )
+    exact_search_max_vectors: int = Field(
+        default=50_000,
+        ge=0,
+        description="A species' gallery above this many vectors is searched through an IVF index "
+        "(approximate, on the CPU); at or below it exactly. 0: always exact. See docs/benchmarks.md",
+    )
+    ivf_nprobe: int = Field(default=32, ge=1, description="IVF cells scanned per query (recall vs speed)")
+    index_follow_poll_s: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=60.0,
+        description="Postgres: how often an API process checks for other processes' index changes when "
+        "no notification came (a notification applies them at once)",
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -513,3 +513,46 @@ def test_ci_runs_the_readme_test_command_in_a_fresh_environment() -> None:
     venv = next(i for i, line in enumerate(lines) if line.startswith("python3 -m venv "))
     activate = next(i for i, line in enumerate(lines) if re.fullmatch(r'\. "?\S+/bin/activate"?', line))
     assert venv < activate < positions[0] < positions[1]
+
+
+# --- Scale-out: several API replicas behind a reverse proxy ------------------------------------
+
+COMPOSE_SCALE = ROOT / "docker-compose.scale.yml"
+NGINX_CONF = ROOT / "deploy" / "nginx" / "animalid.conf"
+
+
+def test_scale_override_is_the_stack_with_a_proxy_in_front_of_unpublished_replicas() -> None:
+    base = plain(load_compose(COMPOSE))
+    scaled = merge(base, load_compose(COMPOSE_SCALE))
+    assert compose_errors(scaled) == []
+    assert compose_errors(merge(scaled, load_compose(COMPOSE_CPU))) == []
+    services = scaled["services"]
+    assert set(services) == set(base["services"]) | {"proxy"}
+    api, proxy = services["api"], services["proxy"]
+    # `--scale api=3` needs replicas without a fixed host port and without a container_name.
+    assert "ports" not in api and "container_name" not in api and api["expose"] == ["8000"]
+    assert {k: v for k, v in api.items() if k not in ("ports", "expose")} == {
+        k: v for k, v in base["services"]["api"].items() if k != "ports"
+    }
+    assert re.fullmatch(r"(nginx|caddy|traefik):[\w.-]+", proxy["image"])
+    assert proxy["depends_on"] == {"api": {"condition": "service_healthy"}}
+    assert "/health" in " ".join(proxy["healthcheck"]["test"])
+    assert proxy["ports"] == [base["services"]["api"]["ports"][0].replace(":8000", ":8080")]
+    mounted = {volume.split(":")[0] for volume in proxy["volumes"]}
+    assert "./" + str(NGINX_CONF.relative_to(ROOT)) in mounted
+
+
+def test_nginx_balances_over_every_replica_and_follows_them() -> None:
+    conf = NGINX_CONF.read_text()
+    lines = [line.split("#")[0].strip() for line in conf.splitlines()]
+    assert "resolver 127.0.0.11 valid=10s ipv6=off;" in lines  # Docker's DNS, re-read
+    server = next(line for line in lines if line.startswith("server api:"))
+    assert "api:8000" in server and " resolve" in server and "max_fails=" in server
+    assert "listen 8080;" in lines
+    assert any(line.startswith("proxy_next_upstream ") and "error" in line for line in lines)
+    assert conf.count("{") == conf.count("}")
+
+
+def test_deployment_doc_shows_the_scale_out_command() -> None:
+    doc = (ROOT / "docs" / "deployment.md").read_text()
+    assert "--scale api=3" in doc and "docker-compose.scale.yml" in doc

@@ -236,3 +236,16 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+class IndexChange(Base):
+    """One committed change to a species' searchable vectors (enroll, delete, merge), in commit's
+    transaction. ``seq`` only grows, so API replicas on one Postgres database catch up on what
+    they missed by reading past the last one they applied (see service/services/replication.py)."""
+
+    __tablename__ = "index_changes"
+
+    seq: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    species: Mapped[str] = mapped_column(String(64))
+    # "vectors": these embeddings changed; "model": a new model version is active (ids empty).
+    kind: Mapped[str] = mapped_column(String(16), default="vectors")
+    embedding_ids: Mapped[list[int]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

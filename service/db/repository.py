@@ -9,13 +9,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from service.db.models import (
     AuditEntry,
     Embedding,
     Image,
+    IndexChange,
     Individual,
     ModelVersion,
     ModelVersionStatus,
@@ -23,6 +24,8 @@ from service.db.models import (
 )
 
 VECTOR_DTYPE = np.dtype("<f4")
+# Postgres NOTIFY channel of index changes; the payload is the species name.
+INDEX_CHANNEL = "animalid_index_changes"
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
@@ -352,6 +355,65 @@ class Repository:
         result = self.session.execute(query)
         for part in result.partitions(chunk):
             yield [GalleryRow(int(eid), image_id, ind_id, vec) for eid, image_id, ind_id, vec in part]
+
+    def gallery_rows(self, embedding_ids: Iterable[int], model_version_id: int) -> list[GalleryRow]:
+        """The embeddings among ``embedding_ids`` that exist in ``model_version_id``, with their image
+        and individual (a replica reconciling its index after a change)."""
+        ids = sorted({int(i) for i in embedding_ids})
+        if not ids:
+            return []
+        query = (
+            select(Embedding.id, Embedding.image_id, Image.individual_id, Embedding.vector)
+            .join(Image, Image.id == Embedding.image_id)
+            .where(Embedding.model_version_id == model_version_id, Embedding.id.in_(ids))
+            .order_by(Embedding.id)
+        )
+        return [
+            GalleryRow(int(eid), image_id, ind_id, vec)
+            for eid, image_id, ind_id, vec in self.session.execute(query)
+        ]
+
+    # Index change log ---------------------------------------------------------------------------
+
+    def record_index_change(self, species: str, embedding_ids: Iterable[int]) -> None:
+        """On Postgres, log a change to these vectors in the current transaction and NOTIFY the
+        other processes (delivered only if and when the transaction commits)."""
+        ids = sorted({int(i) for i in embedding_ids})
+        if not ids or self.session.get_bind().dialect.name != "postgresql":
+            return  # SQLite serves from one process: nobody else follows
+        self.session.add(IndexChange(species=species, embedding_ids=ids))
+        self.session.execute(
+            text("SELECT pg_notify(:channel, :species)"), {"channel": INDEX_CHANNEL, "species": species}
+        )
+
+    def record_model_switch(self, species: str) -> None:
+        """On Postgres, log (and NOTIFY) that a new model version of ``species`` is now active."""
+        if self.session.get_bind().dialect.name != "postgresql":
+            return
+        self.session.add(IndexChange(species=species, kind="model", embedding_ids=[]))
+        self.session.execute(
+            text("SELECT pg_notify(:channel, :species)"), {"channel": INDEX_CHANNEL, "species": species}
+        )
+
+    def prune_index_changes(self, before: datetime) -> int:
+        """Forget changes logged before ``before``; every process has applied them long since."""
+        pruned = self.session.execute(delete(IndexChange).where(IndexChange.created_at < before))
+        return int(getattr(pruned, "rowcount", 0) or 0)
+
+    def last_index_change(self) -> int:
+        """The highest change sequence number so far, 0 when none."""
+        return int(self.session.scalar(select(func.coalesce(func.max(IndexChange.seq), 0))) or 0)
+
+    def index_changes(self, after: int, also: Iterable[int] = (), limit: int = 1000) -> list[IndexChange]:
+        """Changes with ``seq > after``, plus those numbered in ``also`` (gaps seen earlier: a
+        transaction that took its number before a later one but committed after it)."""
+        condition = IndexChange.seq > after
+        extra = sorted(set(also))
+        if extra:
+            condition = or_(condition, IndexChange.seq.in_(extra))
+        return list(
+            self.session.scalars(select(IndexChange).where(condition).order_by(IndexChange.seq).limit(limit))
+        )
 
     # Audit log ----------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.ml.ann import IndexPlan
 from service.ml.index import VectorIndex
 
 # First search asks for this many neighbours per requested individual; it grows until enough
@@ -45,6 +46,15 @@ class Gallery:
     def on_gpu(self) -> bool:
         return self._index.on_gpu
 
+    @property
+    def approximate(self) -> bool:
+        return self._index.approximate
+
+    def set_plan(self, plan: IndexPlan) -> None:
+        """Exact or IVF search by size from now on (see :class:`service.ml.ann.IndexPlan`)."""
+        with self._lock:
+            self._index.set_plan(plan)
+
     def __len__(self) -> int:
         with self._lock:
             return self._index.ntotal
@@ -70,6 +80,11 @@ class Gallery:
                 self._entries.pop(int(i), None)
             return removed
 
+    def entry(self, embedding_id: int) -> GalleryEntry | None:
+        """Which image and individual a stored vector is, None when the index lacks it."""
+        with self._lock:
+            return self._entries.get(int(embedding_id))
+
     def reassign(self, embedding_ids: Iterable[int], individual_id: uuid.UUID) -> None:
         """Point vectors at another individual (after a merge); the vectors themselves are unchanged."""
         with self._lock:
@@ -84,26 +99,43 @@ class Gallery:
 
     def search_individuals(self, query: np.ndarray, top_k: int) -> list[Candidate]:
         """The ``top_k`` most similar individuals, best first, each with its best-matching image."""
-        if top_k <= 0:
+        return self.search_individuals_many(np.asarray(query, dtype=np.float32).reshape(1, -1), [top_k])[0]
+
+    def search_individuals_many(self, queries: np.ndarray, top_ks: list[int]) -> list[list[Candidate]]:
+        """:meth:`search_individuals` for each row of ``queries``, with one index search per round
+        for all of them (one BLAS product on the CPU instead of a scan per query)."""
+        if len(top_ks) != len(queries):
+            raise ValueError(f"{len(queries)} queries for {len(top_ks)} top_k values")
+        if any(top_k <= 0 for top_k in top_ks):
             raise ValueError("top_k must be positive")
+        results: list[list[Candidate]] = [[] for _ in top_ks]
         with self._lock:
             total = self._index.ntotal
-            k = min(total, top_k * OVERFETCH)
-            while k > 0:
-                scores, ids = self._index.search(query, k)
-                best: dict[uuid.UUID, Candidate] = {}
-                for score, emb_id in zip(scores[0], ids[0], strict=True):
-                    if emb_id < 0:
-                        continue
-                    candidate = self._candidate(int(emb_id), float(score))
-                    # Results come best first, so the first vector seen is the individual's best.
-                    best.setdefault(candidate.individual_id, candidate)
-                    if len(best) == top_k:
-                        return list(best.values())
-                if k >= total:
-                    return list(best.values())
-                k = min(total, k * OVERFETCH)
-            return []
+            wanted = {i: min(total, top_k * OVERFETCH) for i, top_k in enumerate(top_ks) if total}
+            while wanted:
+                rows = sorted(wanted)
+                scores, ids = self._index.search(queries[rows], max(wanted.values()))
+                for row, row_scores, row_ids in zip(rows, scores, ids, strict=True):
+                    best = self._distinct(row_scores, row_ids, top_ks[row])
+                    if len(best) == top_ks[row] or len(row_ids) >= total:
+                        results[row] = best
+                        del wanted[row]
+                    else:
+                        wanted[row] = min(total, wanted[row] * OVERFETCH)
+        return results
+
+    def _distinct(self, scores: np.ndarray, ids: np.ndarray, top_k: int) -> list[Candidate]:
+        """The first ``top_k`` distinct individuals of one ranked row, each at its best image."""
+        best: dict[uuid.UUID, Candidate] = {}
+        for score, emb_id in zip(scores, ids, strict=True):
+            if emb_id < 0:
+                continue
+            candidate = self._candidate(int(emb_id), float(score))
+            # Results come best first, so the first vector seen is the individual's best.
+            best.setdefault(candidate.individual_id, candidate)
+            if len(best) == top_k:
+                break
+        return list(best.values())
 
     def _candidate(self, embedding_id: int, score: float) -> Candidate:
         entry = self._entries[embedding_id]

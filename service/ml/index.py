@@ -1,4 +1,5 @@
-"""Exact inner-product search over L2-normalised float32 vectors, with database ids as FAISS ids.
+"""Inner-product search over L2-normalised float32 vectors, with database ids as FAISS ids: exact,
+or through an IVF index above a configured size (:mod:`service.ml.ann`).
 
 The CPU index (``IndexIDMap2`` over ``IndexFlatIP``) is the master copy: it supports removal and
 reconstruction. When FAISS sees a GPU, a ``GpuIndexFlatIP`` mirror answers searches; it is
@@ -13,6 +14,8 @@ import logging
 
 import faiss
 import numpy as np
+
+from service.ml.ann import MAX_APPROXIMATE_K, IndexPlan, IvfIndex
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,15 @@ def as_unit_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
 
 
 class VectorIndex:
-    def __init__(self, dim: int, use_gpu: bool | None = None, gpu_device: int = 0) -> None:
+    def __init__(
+        self, dim: int, use_gpu: bool | None = None, gpu_device: int = 0, plan: IndexPlan | None = None
+    ) -> None:
         if dim <= 0:
             raise ValueError("dim must be positive")
         self.dim = dim
+        # Above the plan's size a CPU index also answers searches from an IVF (service/ml/ann.py).
+        self._plan = plan if plan is not None else IndexPlan()
+        self._ivf: IvfIndex | None = None
         self._cpu = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         use_blas_for_batches(dim)
         self._ids: set[int] = set()
@@ -77,6 +85,26 @@ class VectorIndex:
     @property
     def on_gpu(self) -> bool:
         return self._gpu is not None
+
+    @property
+    def approximate(self) -> bool:
+        """True while searches go to the IVF index rather than the exact scan."""
+        return self._ivf is not None
+
+    def set_plan(self, plan: IndexPlan) -> None:
+        """Adopt ``plan`` now: build the IVF index if the gallery is above its size (a k-means over
+        the vectors, which takes seconds at a million), or drop it if below."""
+        self._plan = plan
+        self._replan()
+
+    def _replan(self) -> None:
+        """Build, rebuild (after much growth) or drop the IVF index to follow the plan. Only a CPU
+        index turns approximate: on a GPU the exact scan of a million vectors takes about a millisecond."""
+        wanted = self._gpu is None and self._plan.wants_approximate(self.ntotal)
+        if not wanted:
+            self._ivf = None
+        elif self._ivf is None or self.ntotal >= self._ivf.built_size * self._plan.rebuild_growth:
+            self._ivf = IvfIndex(self.dim, self.vectors(), self.ids().copy(), self._plan)
 
     @property
     def ntotal(self) -> int:
@@ -131,6 +159,9 @@ class VectorIndex:
                 raise
             self._gpu_ids = np.concatenate([self._gpu_ids, id_array])
         self._ids |= new
+        if self._ivf is not None:
+            self._ivf.add(id_array, unit)
+        self._replan()
 
     def remove(self, ids: np.ndarray) -> int:
         id_array = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
@@ -139,6 +170,9 @@ class VectorIndex:
             return 0
         removed = self._remove_from_cpu(present)
         self._ids -= {int(i) for i in present}
+        if self._ivf is not None:
+            self._ivf.remove(present)
+            self._replan()
         if self._gpu is not None:
             self._rebuild_gpu()
         return removed
@@ -154,6 +188,8 @@ class VectorIndex:
         if self._gpu is not None and k <= GPU_MAX_K:
             scores, positions = self._gpu.search(unit, k)
             return scores, self._gpu_ids[positions]
+        if self._ivf is not None and k <= MAX_APPROXIMATE_K and k < self.ntotal:
+            return self._ivf.search(unit, k)
         scores, ids = self._cpu.search(unit, k)
         return scores, ids
 

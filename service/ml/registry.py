@@ -8,15 +8,20 @@ holds the old triple finishes on it, the next one gets the new one.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from service.errors import SpeciesNotFound, SpeciesUnavailable
+from service.ml.ann import IndexPlan
+from service.ml.batching import BatchingConfig, EmbedBatcher, SearchBatcher
 from service.ml.embedder import Embedder
-from service.ml.gallery import Gallery
+from service.ml.gallery import Candidate, Gallery
 
 
 class SpeciesStatus(StrEnum):
@@ -83,11 +88,53 @@ class SpeciesSlot:
         return serving
 
 
+# (species, operation, items in the batch): called once per forward pass or index search.
+BatchObserver = Callable[[str, str, int], None]
+
+
 @dataclass
 class Registry:
     device: torch.device
     use_gpu_index: bool
     slots: dict[str, SpeciesSlot] = field(default_factory=dict)
+    embed_batching: BatchingConfig = field(default_factory=BatchingConfig)
+    search_batching: BatchingConfig = field(default_factory=BatchingConfig)
+    observe_batch: BatchObserver | None = None
+    index_plan: IndexPlan = field(default_factory=IndexPlan)  # exact or IVF search, by gallery size
+    # Per species, the batcher of the model (and index) it served last; a swap starts a new one.
+    _embed_batchers: dict[str, EmbedBatcher] = field(default_factory=dict, repr=False)
+    _search_batchers: dict[str, SearchBatcher] = field(default_factory=dict, repr=False)
+    _batchers_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def embed(self, species: str, embedder: Embedder, images: Sequence[Image.Image]) -> np.ndarray:
+        """``embedder.embed(images)``, in one forward pass with concurrent requests' images."""
+        return self.embed_batcher(species, embedder).embed(images)
+
+    def search(self, species: str, gallery: Gallery, query: np.ndarray, top_k: int) -> list[Candidate]:
+        """``gallery.search_individuals(query, top_k)``, in one index search with concurrent ones."""
+        return self.search_batcher(species, gallery).search_individuals(query, top_k)
+
+    def embed_batcher(self, species: str, embedder: Embedder) -> EmbedBatcher:
+        with self._batchers_lock:
+            batcher = self._embed_batchers.get(species)
+            if batcher is None or batcher.embedder is not embedder:
+                batcher = EmbedBatcher(embedder, self.embed_batching, self._observer(species, "embed"))
+                self._embed_batchers[species] = batcher
+            return batcher
+
+    def search_batcher(self, species: str, gallery: Gallery) -> SearchBatcher:
+        with self._batchers_lock:
+            batcher = self._search_batchers.get(species)
+            if batcher is None or batcher.gallery is not gallery:
+                batcher = SearchBatcher(gallery, self.search_batching, self._observer(species, "search"))
+                self._search_batchers[species] = batcher
+            return batcher
+
+    def _observer(self, species: str, operation: str) -> Callable[[int], None] | None:
+        observe = self.observe_batch
+        if observe is None:
+            return None
+        return lambda size: observe(species, operation, size)
 
     def slot(self, species: str) -> SpeciesSlot:
         try:

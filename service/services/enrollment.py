@@ -84,7 +84,9 @@ def enroll(
     already = repo.images_by_sha(known.id, [d.sha256 for d in unique]) if known else {}
     fresh = [d for d in unique if d.sha256 not in already]
     vectors = dict(
-        zip((d.sha256 for d in fresh), _embed(serving, metrics, command.species, fresh), strict=True)
+        zip(
+            (d.sha256 for d in fresh), _embed(registry, serving, metrics, command.species, fresh), strict=True
+        )
     )
     session.rollback()  # end the read transaction before waiting for the lock
 
@@ -92,7 +94,9 @@ def enroll(
         current = slot.require_serving()
         if current is not serving:  # a new model was swapped in while this request embedded
             serving, vectors = current, {}
-        return _commit(session, repo, slot, serving, store, metrics, command, unique, vectors, actor)
+        return _commit(
+            session, repo, registry, slot, serving, store, metrics, command, unique, vectors, actor
+        )
 
 
 def _existing_individual(repo: Repository, command: EnrollCommand) -> Individual | None:
@@ -123,11 +127,13 @@ def _existing_individual(repo: Repository, command: EnrollCommand) -> Individual
     return repo.individual_by_external_id(species.id, command.external_id)
 
 
-def _embed(serving: Serving, metrics: Metrics, species: str, images: list[DecodedImage]) -> np.ndarray:
+def _embed(
+    registry: Registry, serving: Serving, metrics: Metrics, species: str, images: list[DecodedImage]
+) -> np.ndarray:
     if not images:
         return np.empty((0, serving.embedder.dim), dtype=np.float32)
     with metrics.time_inference(species, "embed"):
-        vectors = serving.embedder.embed([d.image for d in images])
+        vectors = registry.embed(species, serving.embedder, [d.image for d in images])
     # Checked before anything commits: the index refuses these, and after the commit that would be
     # a 500 for an image that is stored but never found.
     for decoded, vector in zip(images, vectors, strict=True):
@@ -146,6 +152,7 @@ def _embed(serving: Serving, metrics: Metrics, species: str, images: list[Decode
 def _commit(
     session: Session,
     repo: Repository,
+    registry: Registry,
     slot: SpeciesSlot,
     serving: Serving,
     store: ImageStore,
@@ -166,7 +173,9 @@ def _commit(
     already = repo.images_by_sha(individual.id, [d.sha256 for d in unique])
     to_add = [d for d in unique if d.sha256 not in already]
     late = [d for d in to_add if d.sha256 not in vectors]  # rare: a delete or a model swap meanwhile
-    vectors.update(zip((d.sha256 for d in late), _embed(serving, metrics, slot.name, late), strict=True))
+    vectors.update(
+        zip((d.sha256 for d in late), _embed(registry, serving, metrics, slot.name, late), strict=True)
+    )
     written: list[str] = []
     added: list[tuple[int, Image]] = []
     try:
@@ -202,6 +211,7 @@ def _commit(
                     "model_version": serving.model_version,
                 },
             )
+        repo.record_index_change(slot.name, [emb_id for emb_id, _ in added])  # other replicas follow
         session.commit()
     except BaseException:
         session.rollback()

@@ -10,6 +10,7 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.repository import Repository, vector_from_bytes
+from service.ml.ann import IndexPlan
 from service.ml.embedder import Embedder
 from service.ml.gallery import Gallery, GalleryEntry
 from training.artifact import ArtifactError, load_artifact
@@ -40,9 +41,14 @@ def load_embedder(species: str, path: Path, device: torch.device, warmup: bool) 
 
 
 def build_gallery(
-    sessions: sessionmaker[Session], model_version_id: int, dim: int, use_gpu: bool | None
+    sessions: sessionmaker[Session],
+    model_version_id: int,
+    dim: int,
+    use_gpu: bool | None,
+    plan: IndexPlan | None = None,
 ) -> Gallery:
-    """The index of every stored embedding of one model version, added in id order."""
+    """The index of every stored embedding of one model version, added in id order, then exact or
+    approximate by ``plan`` (an IVF index is built once, from all of them)."""
     gallery = Gallery(dim, use_gpu=use_gpu)
     with sessions() as session:
         for rows in Repository(session).iter_gallery(model_version_id):
@@ -54,4 +60,6 @@ def build_gallery(
                 vectors,
                 [GalleryEntry(image_id=row.image_id, individual_id=row.individual_id) for row in rows],
             )
+    if plan is not None:
+        gallery.set_plan(plan)
     return gallery

@@ -131,9 +131,11 @@ class Stopwatch:
         )
 
 
-def embed_one(serving: Serving, metrics: Metrics, species: str, decoded: DecodedImage) -> np.ndarray:
+def embed_one(
+    registry: Registry, serving: Serving, metrics: Metrics, species: str, decoded: DecodedImage
+) -> np.ndarray:
     with metrics.time_inference(species, "embed"):
-        return serving.embedder.embed([decoded.image])[0]
+        return registry.embed(species, serving.embedder, [decoded.image])[0]
 
 
 def identify(
@@ -156,10 +158,10 @@ def identify(
     clock = Stopwatch()
     decoded = decode_image(image, limits.max_pixels)
     clock.lap("decode")
-    query = embed_one(serving, metrics, species, decoded)
+    query = embed_one(registry, serving, metrics, species, decoded)
     clock.lap("embed")
     with metrics.search.labels(species).time():
-        found = serving.gallery.search_individuals(query, top_k)
+        found = registry.search(species, serving.gallery, query, top_k)
         gallery_size = len(serving.gallery)
     clock.lap("search")
     labels = Repository(session).individual_labels(c.individual_id for c in found)
@@ -233,13 +235,13 @@ def compare(
         other = decode_image(reference_image, max_pixels, field="reference_image")
         clock.lap("decode")
         with metrics.time_inference(species, "embed"):
-            query, reference = serving.embedder.embed([decoded.image, other.image])
+            query, reference = registry.embed(species, serving.embedder, [decoded.image, other.image])
         clock.lap("embed")
         return Comparison(serving, decoded, reference, float(query @ reference), None, 1, clock, other)
     assert individual_id is not None
     clock.lap("decode")
     serving, references = individual_references(session, registry, species, individual_id)
-    query = embed_one(serving, metrics, species, decoded)
+    query = embed_one(registry, serving, metrics, species, decoded)
     clock.lap("embed")
     scores = np.stack([vector for _, _, vector in references]) @ query
     best = int(np.argmax(scores))

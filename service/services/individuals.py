@@ -166,6 +166,7 @@ def delete_individual(
                 "images": [str(i) for i in image_ids],
             },
         )
+        repo.record_index_change(species, embedding_ids)  # other replicas follow
         session.commit()
         if slot.serving is not None:
             slot.serving.gallery.remove(embedding_ids)
@@ -227,6 +228,7 @@ def delete_image(
         embedding_ids = _indexed_embedding_ids(slot, repo, [image.id])
         repo.delete_images([image.id])
         repo.audit("delete_image", species, actor.fingerprint, individual_id, {"image": str(image_id)})
+        repo.record_index_change(species, embedding_ids)  # other replicas follow
         session.commit()
         if slot.serving is not None:
             slot.serving.gallery.remove(embedding_ids)
@@ -285,6 +287,7 @@ def merge(
         )
         session.flush()
         repo.delete_individual(source.individual)
+        repo.record_index_change(target.species, [*dropped_vectors, *moved_vectors])  # other replicas follow
         session.commit()
         if slot.serving is not None:
             slot.serving.gallery.remove(dropped_vectors)

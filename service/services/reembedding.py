@@ -21,6 +21,7 @@ from service.db.repository import Repository
 from service.errors import ImageRejected
 from service.image_store import ImageStore, ImageStoreError
 from service.metrics import Metrics
+from service.ml.ann import IndexPlan
 from service.ml.images import decode_image
 from service.ml.registry import Pending, Serving, SpeciesSlot
 from service.services.galleries import build_gallery
@@ -35,6 +36,7 @@ class ReembedConfig:
     batch_size: int
     max_pixels: int
     use_gpu_index: bool | None
+    index_plan: IndexPlan | None = None
 
 
 class Reembedder:
@@ -91,10 +93,15 @@ class Reembedder:
                 if slot.pending is not pending or not self._catch_up(slot, pending, species_id, skipped):
                     return
                 gallery = build_gallery(
-                    self._sessions, pending.model_version_id, pending.embedder.dim, self._config.use_gpu_index
+                    self._sessions,
+                    pending.model_version_id,
+                    pending.embedder.dim,
+                    self._config.use_gpu_index,
+                    self._config.index_plan,
                 )
                 with self._sessions() as session:
                     dropped = Repository(session).activate_version(species_id, pending.model_version_id)
+                    Repository(session).record_model_switch(slot.name)  # other processes swap too
                     session.commit()
                 slot.serving = Serving(pending.embedder, gallery, pending.model_version_id)
                 slot.pending = None

@@ -71,7 +71,13 @@ def _activate(life: Lifecycle, slot: SpeciesSlot, embedder: Embedder) -> str:
             # dropping this one's vectors, while this call waited for it. Built under the lock: an
             # enroll committing meanwhile must land in this index.
             if _active_version_id(life, species_id) == version_id:
-                gallery = build_gallery(life.sessions, version_id, embedder.dim, life.registry.use_gpu_index)
+                gallery = build_gallery(
+                    life.sessions,
+                    version_id,
+                    embedder.dim,
+                    life.registry.use_gpu_index,
+                    life.registry.index_plan,
+                )
                 slot.serving = Serving(embedder, gallery, version_id)
                 slot.pending = None
                 slot.disabled_reason = None

@@ -332,7 +332,8 @@ def test_an_index_add_failing_after_the_commit_is_a_503_and_the_retry_indexes(
     assert "send the same request again" in failed.json()["message"]
     stored = shared_client.get("/individuals", params={"external_id": ext}, headers=READ).json()
     assert stored["count"] == 1 and stored["data"][0]["id"] == failed.json()["details"]["individual_id"]
-    assert index_size(shared_client) == size
+    # On Postgres the process's index follower may already have added it from the change log.
+    assert index_size(shared_client) in (size, size + 1)
     retry = enroll(shared_client, ext, jpeg(113))
     assert retry.status_code == 200 and retry.json()["images"][0]["created"] is False
     assert index_size(shared_client) == size + 1

@@ -1,0 +1,224 @@
+"""Identify throughput and latency under 1, 8 and 32 concurrent clients, with and without dynamic
+batching, against a real server with a real dog photo.
+
+The server runs as `animalid serve` in a subprocess on loopback with the bundled demo dog model
+(service/demo/models/dog, ResNet18 at 112x112) and a gallery of `--gallery` stored random unit
+vectors (inserted into the database before start-up). Every request posts the same real DogFaceNet
+photo (service/demo/queries/25.jpg). Each configuration gets its own server start: batching off
+(ANIMALID_BATCH_WAIT_MS=0, ANIMALID_SEARCH_BATCH_WAIT_MS=0) and on (the settings' defaults, or
+`--wait-ms`). Next to them: the bare forward pass in this process at batch 1 and at batch 8 (same
+model, same thread count, server stopped), the ceiling that batching can reach.
+
+    PYTHONPATH=. python bench/concurrent_identify.py
+    PYTHONPATH=. python bench/concurrent_identify.py --clients 1 8 --requests-per-client 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from identify_latency import ADMIN_KEY, SPECIES, free_port, populate, start_server  # noqa: E402
+
+from service.db import migrate  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "service" / "demo" / "models" / SPECIES
+PHOTO = REPO / "service" / "demo" / "queries" / "25.jpg"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gallery", type=int, default=10_000, help="stored vectors")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests-per-client", type=int, default=12)
+    parser.add_argument("--min-requests", type=int, default=60, help="at least this many per level")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of the server (torch, FAISS)")
+    parser.add_argument("--wait-ms", type=float, help="ANIMALID_BATCH_WAIT_MS when batching is on")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per level and mode (median kept)")
+    parser.add_argument("--database-url", help="default: a SQLite file in a temporary folder")
+    return parser.parse_args()
+
+
+def run_level(port: int | list[int], photo: bytes, clients: int, total: int) -> dict[str, float]:
+    """``total`` identify requests from ``clients`` threads, each with its own connection; with
+    several ports, the clients are spread over them in turn."""
+    ports = port if isinstance(port, list) else [port]
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(total))
+    start_line = threading.Barrier(clients + 1)
+    errors: list[str] = []
+
+    def client(port: int) -> None:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"x-api-key": ADMIN_KEY}, timeout=120
+        ) as http:
+            http.get("/health")  # connect before the clock starts
+            start_line.wait()
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                t0 = time.perf_counter()
+                response = http.post(
+                    "/identify", data={"species": SPECIES, "top_k": "5"}, files={"image": ("q.jpg", photo)}
+                )
+                elapsed = (time.perf_counter() - t0) * 1000.0
+                with lock:
+                    if response.status_code != 200:
+                        errors.append(response.text[:200])
+                    latencies.append(elapsed)
+
+    threads = [threading.Thread(target=client, args=(ports[i % len(ports)],)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"{len(errors)} failed requests, e.g. {errors[0]}")
+    values = np.asarray(latencies)
+    return {
+        "throughput": len(values) / wall,
+        "p50": float(np.percentile(values, 50)),
+        "p95": float(np.percentile(values, 95)),
+        "p99": float(np.percentile(values, 99)),
+    }
+
+
+def batch_metrics(port: int) -> str:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"x-api-key": ADMIN_KEY}).text
+    found = {}
+    for line in text.splitlines():
+        for op in ("embed", "search"):
+            if line.startswith("animalid_batch_items_") and f'operation="{op}"' in line:
+                name = line.split("{")[0].removeprefix("animalid_batch_items_")
+                if name in ("sum", "count"):
+                    found[(op, name)] = float(line.rsplit(" ", 1)[1])
+    parts = []
+    for op in ("embed", "search"):
+        count = found.get((op, "count"), 0.0)
+        if count:
+            parts.append(f"{op}: {int(count)} calls, {found[(op, 'sum')] / count:.2f} items per call")
+    return "; ".join(parts)
+
+
+def bare_forward(threads: int, batch: int, repeats: int = 20) -> float:
+    """Images per second of the bare preprocessing + forward pass at ``batch``, measured in a fresh
+    process set up like the server (same thread count, OMP_NUM_THREADS as `animalid serve` sets)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    code = (
+        "import sys, time, torch\n"
+        "from service.ml.embedder import Embedder\n"
+        "from service.ml.images import decode_image\n"
+        "from training.artifact import load_artifact\n"
+        f"torch.set_num_threads({threads})\n"
+        f"embedder = Embedder(load_artifact({str(DEMO_MODEL)!r}, 'cpu'), torch.device('cpu'))\n"
+        f"image = decode_image(open({str(PHOTO)!r}, 'rb').read(), 40_000_000).image\n"
+        f"images = [image] * {batch}\n"
+        "for _ in range(3): embedder.embed(images)\n"
+        "t0 = time.perf_counter()\n"
+        f"for _ in range({repeats}): embedder.embed(images)\n"
+        f"print({batch * repeats} / (time.perf_counter() - t0))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse_args()
+    photo = PHOTO.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="animalid-bench-") as tmp:
+        root = Path(tmp)
+        (root / "models").mkdir()
+        shutil.copytree(DEMO_MODEL, root / "models" / SPECIES)
+        url = args.database_url or f"sqlite:///{root / 'bench.db'}"
+        migrate.upgrade(url)
+        populate(url, root / "models" / SPECIES, args.gallery, 10)
+        print(
+            f"concurrent_identify.py {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()}, "
+            f"{os.cpu_count()} CPUs (shared with other work: load average "
+            f"{os.getloadavg()[0]:.2f} at start); "
+            f"server {args.threads} thread(s); demo dog model 112x112; gallery {args.gallery:,} vectors; "
+            f"photo {PHOTO.relative_to(REPO)}"
+        )
+        modes = {
+            "off": {"ANIMALID_BATCH_WAIT_MS": "0", "ANIMALID_SEARCH_BATCH_WAIT_MS": "0"},
+            "on": {} if args.wait_ms is None else {"ANIMALID_BATCH_WAIT_MS": str(args.wait_ms)},
+        }
+        # Both servers run side by side (an idle one costs nothing) and the modes alternate at each
+        # level, so a burst of other work on the shared machine hits both alike.
+        ports = {mode: free_port() for mode in modes}
+        servers = {
+            mode: start_server(url, root, args.threads, ports[mode], env)[0] for mode, env in modes.items()
+        }
+        runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+        try:
+            for mode in modes:
+                run_level(ports[mode], photo, 1, 20)  # warm-up
+            for clients in args.clients:
+                total = max(args.min_requests, clients * args.requests_per_client)
+                for rep in range(args.repeats):
+                    for mode in modes:
+                        row = run_level(ports[mode], photo, clients, total)
+                        runs.setdefault((mode, clients), []).append(row)
+                        print(
+                            f"  batching {mode:>3}, {clients:>2} clients, run {rep + 1}: "
+                            f"{row['throughput']:6.1f} req/s  p50 {row['p50']:7.1f}  p95 {row['p95']:7.1f}  "
+                            f"p99 {row['p99']:7.1f} ms",
+                            flush=True,
+                        )
+            for mode in modes:
+                print(f"  batching {mode}: {batch_metrics(ports[mode])}")
+        finally:
+            for server in servers.values():
+                server.terminate()
+                server.wait(30)
+        results = {
+            key: {m: float(np.median([r[m] for r in rows])) for m in rows[0]} for key, rows in runs.items()
+        }
+        one, eight = bare_forward(args.threads, 1), bare_forward(args.threads, 8)
+    print(
+        f"\nbare forward pass (this process, {args.threads} threads): "
+        f"batch 1 {one:.1f} img/s, batch 8 {eight:.1f} img/s"
+    )
+    print(f"\nmedian of {args.repeats} runs per row:")
+    print("\n| batching | clients | req/s | p50 ms | p95 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for (mode, clients), row in results.items():
+        print(
+            f"| {mode} | {clients} | {row['throughput']:.1f} | "
+            f"{row['p50']:.0f} | {row['p95']:.0f} | {row['p99']:.0f} |"
+        )
+    for mode in modes:
+        if (mode, 1) in results and (mode, 8) in results:
+            base, eight_clients = results[(mode, 1)], results[(mode, 8)]
+            print(
+                f"batching {mode}: 8 clients / 1 client throughput "
+                f"{eight_clients['throughput'] / base['throughput']:.2f}x (target >= 1.8); "
+                f"p99 ratio {eight_clients['p99'] / base['p99']:.2f} (target <= 3); "
+                f"8-client throughput / bare batch-8 forward {eight_clients['throughput'] / eight:.2f} "
+                "(target >= 0.8)"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The index change log behind several API processes: what is logged, catch-up, pruning."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from apps import AppRunner, make_models_dir
+from imagegen import jpeg
+from sqlalchemy import func, select, update
+
+from service.db.models import IndexChange
+from service.db.repository import Repository
+from service.runtime import Runtime
+from service.settings import Settings
+
+
+def enroll(client, individual: int) -> str:  # type: ignore[no-untyped-def]
+    files = [("images", (f"{s}.jpg", jpeg(individual, s), "image/jpeg")) for s in range(2)]
+    response = client.post("/enroll", data={"species": "dog", "external_id": f"f{individual}"}, files=files)
+    assert response.status_code == 201, response.text
+    return str(response.json()["individual"]["id"])
+
+
+def changes(runtime: Runtime) -> list[IndexChange]:
+    with runtime.sessions() as session:
+        return list(session.scalars(select(IndexChange).order_by(IndexChange.seq)))
+
+
+def test_writes_are_logged_on_postgres_only_and_another_process_catches_up(
+    backend: str, settings: Settings, runner: AppRunner
+) -> None:
+    first = runner.start(settings)
+    runtime: Runtime = first.app.state.runtime  # type: ignore[attr-defined]
+    individual = enroll(first, 800)
+    logged = changes(runtime)
+    if backend == "sqlite":
+        assert logged == [] and runtime.follower is None  # one process: nothing to follow
+        return
+    assert len(logged) == 1 and logged[0].species == "dog" and len(logged[0].embedding_ids) == 2
+
+    # A second process on the same database, its follower stopped: it catches up by sequence alone.
+    second = runner.start(settings)
+    other: Runtime = second.app.state.runtime  # type: ignore[attr-defined]
+    assert other.follower is not None
+    other.follower.stop()
+    first.delete(f"/individuals/{individual}").raise_for_status()
+    kept = enroll(first, 801)
+    gallery = other.registry.serving("dog").gallery
+    assert len(gallery) == 2  # built at start: the first enroll only
+    assert other.follower.catch_up() == 2  # the delete and the new enroll
+    entries = [gallery.entry(int(i)) for i in gallery.snapshot()[0]]
+    assert len(gallery) == 2 and {e.individual_id for e in entries if e is not None} == {uuid.UUID(kept)}
+    assert other.follower.catch_up() == 0  # nothing new
+
+
+def test_old_changes_are_pruned(backend: str, settings: Settings, runner: AppRunner) -> None:
+    client = runner.start(settings)
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    enroll(client, 810)
+    enroll(client, 811)
+    with runtime.sessions() as session:
+        oldest = select(func.min(IndexChange.seq)).scalar_subquery()
+        two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+        session.execute(update(IndexChange).where(IndexChange.seq == oldest).values(created_at=two_hours_ago))
+        pruned = Repository(session).prune_index_changes(datetime.now(UTC) - timedelta(hours=1))
+        session.commit()
+    assert pruned == (1 if backend == "postgres" else 0)
+    assert len(changes(runtime)) == (1 if backend == "postgres" else 0)
+
+
+def test_a_model_switch_is_reembedded_once_and_the_other_process_swaps_to_it(
+    backend: str, settings: Settings, runner: AppRunner, service_root: Path, artifacts: dict[str, Path]
+) -> None:
+    if backend == "sqlite":
+        return  # one process per SQLite database: nothing to follow
+    first, second = runner.start(settings), runner.start(settings)
+    a: Runtime = first.app.state.runtime  # type: ignore[attr-defined]
+    b: Runtime = second.app.state.runtime  # type: ignore[attr-defined]
+    enroll(first, 820)
+    enroll(first, 821)
+    old = b.registry.serving("dog").model_version
+
+    make_models_dir(service_root, artifacts, dog="dog_v2")  # both processes read this folder
+    new = first.post("/species/dog/reload").json()["pending_model_version"]
+    assert new != old and a.reembedder.wait("dog", timeout=120)
+    assert a.registry.serving("dog").model_version == new
+
+    deadline = time.monotonic() + 30
+    while b.registry.serving("dog").model_version != new and time.monotonic() < deadline:
+        time.sleep(0.1)
+    serving = b.registry.serving("dog")
+    assert serving.model_version == new and len(serving.gallery) == 4
+    assert b.registry.slots["dog"].pending is None and "dog" not in b.reembedder._threads  # not re-embedded
+    ready = second.get("/ready").json()
+    assert ready["ready"] and all(item["consistent"] for item in ready["species"] if item["name"] == "dog")
