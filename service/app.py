@@ -6,12 +6,14 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
 
 from service import __version__
-from service.api.routes import enroll, explain, health, identify, individuals, species, verify
+from service.api.openapi import complete
+from service.api.routes import audit, enroll, explain, health, identify, individuals, species, verify
 from service.api.upload_limit import UploadLimitMiddleware
 from service.errors import ConfigurationError, install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
@@ -107,8 +109,17 @@ def create_app(settings: Settings | None = None, on_startup: StartupHook | None 
         individuals.router,
         species.router,
         health.router,
+        audit.router,
     ):
         app.include_router(router)
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete(build_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     # Added last, so it is the outermost of ours: oversized bodies never reach the routes.
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)

@@ -62,6 +62,12 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.orphans_removed = Counter(
+            "animalid_orphan_files_removed",
+            "Stored image files removed because no database row points at them (left by a crash)",
+            registry=self.registry,
+        )
+
     def watch_index_sizes(self, sizes: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_IndexSizes(sizes))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import faiss
@@ -12,14 +13,18 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.health import DatabaseHealth
 from service.db.migrate import MIGRATIONS_DIR, alembic_config
 from service.db.session import make_engine, make_sessionmaker
 from service.errors import ConfigurationError
 from service.image_store import ImageStore
 from service.metrics import Metrics
 from service.ml.embedder import resolve_device
+from service.ml.images import ImagePolicy
 from service.ml.index import gpu_count
 from service.ml.registry import Registry
+from service.security import FailureLimiter
+from service.services import orphans
 from service.services.identification import Limits
 from service.services.reembedding import ReembedConfig, Reembedder
 from service.services.species import Lifecycle, load_all
@@ -38,11 +43,14 @@ class Runtime:
     metrics: Metrics
     reembedder: Reembedder
     lifecycle: Lifecycle
+    images: ImagePolicy
+    database: DatabaseHealth
+    auth_failures: FailureLimiter
 
     @property
     def limits(self) -> Limits:
         return Limits(
-            max_pixels=self.settings.max_image_pixels,
+            images=self.images,
             default_threshold=self.settings.default_threshold,
             default_top_k=self.settings.default_top_k,
             max_top_k=self.settings.max_top_k,
@@ -68,6 +76,16 @@ def check_schema(engine: Engine, database_url: str) -> None:
         )
 
 
+def image_policy(settings: Settings) -> ImagePolicy:
+    return ImagePolicy(
+        max_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
+        min_side=settings.min_image_side,
+        min_std=settings.min_image_std,
+        decodes=threading.BoundedSemaphore(settings.max_concurrent_decodes),
+    )
+
+
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = resolve_device(settings.device)
     if settings.cpu_threads is not None:
@@ -76,20 +94,24 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         faiss.omp_set_num_threads(settings.cpu_threads)
     # ANIMALID_DEVICE=cpu keeps the index on the CPU too; otherwise FAISS uses a GPU when it sees one.
     use_gpu_index = settings.device != "cpu" and gpu_count() > 0
+    images = image_policy(settings)
     engine = make_engine(settings.database_url)
+    database = DatabaseHealth()
+    database.watch(engine)
     try:
         check_schema(engine, settings.database_url)
         sessions = make_sessionmaker(engine)
         registry = Registry(device=device, use_gpu_index=use_gpu_index)
         store = ImageStore(settings.image_store_dir)
         store.open()
+        orphans.sweep(sessions, store, settings.orphan_grace_seconds, metrics)
         reembedder = Reembedder(
             sessions,
             store,
             metrics,
             ReembedConfig(
                 batch_size=settings.reembed_batch_size,
-                max_pixels=settings.max_image_pixels,
+                images=images.for_stored_images(),
                 use_gpu_index=use_gpu_index,
             ),
         )
@@ -121,4 +143,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         metrics=metrics,
         reembedder=reembedder,
         lifecycle=lifecycle,
+        images=images,
+        database=database,
+        auth_failures=FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window_seconds),
     )

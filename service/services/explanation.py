@@ -12,10 +12,12 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from service.metrics import Metrics
+from service.ml.images import ImagePolicy
 from service.ml.registry import Registry
 from service.schemas import ExplainResult
 from service.services.identification import compare
 from training.gradcam import overlay
+from training.preprocess import REDUCING_GAP
 
 
 @dataclass(frozen=True)
@@ -54,14 +56,18 @@ def explain(
     session: Session,
     registry: Registry,
     metrics: Metrics,
-    max_pixels: int,
+    images: ImagePolicy,
     max_side: int,
     species: str,
     image: bytes,
     individual_id: uuid.UUID | None,
     reference_image: bytes | None,
 ) -> Explanation:
-    found = compare(session, registry, metrics, max_pixels, species, image, individual_id, reference_image)
+    # Decoded no smaller than the overlay (open_image keeps REDUCING_GAP times the size it is given).
+    overlay_side = -(-max_side // REDUCING_GAP)
+    found = compare(
+        session, registry, metrics, images, species, image, individual_id, reference_image, overlay_side
+    )
     with metrics.time_inference(species, "gradcam"):
         cam = found.serving.embedder.gradcam(found.image.image, found.reference)
     picture = overlay(_fit(found.image.image, max_side), cam)

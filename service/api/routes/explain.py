@@ -72,7 +72,7 @@ def explain(
         session,
         runtime.registry,
         runtime.metrics,
-        runtime.settings.max_image_pixels,
+        runtime.images,
         runtime.settings.explain_max_side,
         body.fields.species,
         body.image,
