@@ -20,10 +20,6 @@ from servers import Server
 from sqlalchemy import create_engine, make_url, select
 
 from service.db.models import Image
-from service.db.session import make_engine, make_sessionmaker
-from service.image_store import ImageStore
-from service.metrics import Metrics
-from service.services import orphans
 
 
 @contextmanager
@@ -119,6 +115,12 @@ def test_a_file_orphaned_by_sigkill_is_swept_at_the_next_start(server: Server, d
 def test_the_sweep_waits_out_the_grace_period_and_removes_temporary_files(
     database_url: str, tmp_path: Path
 ) -> None:
+    # Imported here, so that the SIGKILL test above runs (and fails) on code without the sweep.
+    from service.db.session import make_engine, make_sessionmaker
+    from service.image_store import ImageStore
+    from service.metrics import Metrics
+    from service.services import orphans
+
     store = ImageStore(tmp_path / "images")
     store.open()
     young = store.relative_path("dog", uuid.uuid4(), "jpg")
