@@ -143,7 +143,7 @@ def inspect_image(data: bytes, policy: ImagePolicy, field: str = "image") -> Hea
     try:
         with Image.open(io.BytesIO(data), formats=[fmt]) as header:
             width, height = header.size
-            orientation = header.getexif().get(ExifTags.Base.Orientation)
+            orientation = _orientation(header)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{field} has too many pixels", field=field, max_pixels=max_pixels) from exc
     except Exception as exc:  # noqa: BLE001 - any parser failure on untrusted bytes is the client's
@@ -170,6 +170,17 @@ def inspect_image(data: bytes, policy: ImagePolicy, field: str = "image") -> Hea
     if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
     return Header(format=fmt, width=width, height=height)
+
+
+def _orientation(header: Image.Image) -> int | None:
+    """The EXIF orientation found while reading the header. Never ``getexif()``: for a PNG it
+    decodes the whole image to look for an eXIf chunk after the pixel data."""
+    raw = header.info.get("exif")
+    if not isinstance(raw, bytes):
+        return None
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(ExifTags.Base.Orientation)
 
 
 def decode_images(
