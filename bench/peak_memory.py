@@ -62,11 +62,11 @@ def make_inputs(folder: Path) -> dict[str, Path]:
 # name -> (route, image file, images per request, concurrent requests, what it shows)
 SCENARIOS = {
     "identify-png16": ("/identify", "png16", 1, 1, "one 16-bit greyscale PNG"),
-    "identify-rgba": ("/identify", "rgba", 1, 1, "one RGBA PNG (4 bytes per decoded pixel)"),
+    "identify-rgba": ("/identify", "rgba", 1, 1, "one RGBA PNG (alpha: the worst case)"),
     "identify-jpeg": ("/identify", "jpeg", 1, 1, "one JPEG (decoded in draft mode)"),
     "identify-png16-x4": ("/identify", "png16", 1, 4, "4 concurrent identifies, 16-bit PNG"),
     "enroll-png16-x5": ("/enroll", "png16", 5, 1, "one enroll of 5 (the pixel budget's most)"),
-    "enroll-png16-x16": ("/enroll", "png16", 16, 1, "one enroll of 16 (over the budget: refused)"),
+    "enroll-png16-x16": ("/enroll", "png16", 16, 1, "one enroll of 16 (over the upload and pixel limits)"),
 }
 
 
