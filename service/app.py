@@ -6,13 +6,16 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service import __version__
+from service.api.openapi import complete
 from service.api.routes import (
+    audit,
     enroll,
     explain,
     health,
@@ -130,8 +133,17 @@ def create_app(settings: Settings | None = None, on_startup: StartupHook | None 
         jobs.router,
         health.router,
         review.router,
+        audit.router,
     ):
         app.include_router(router)
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete(build_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     # Added last, so it is the outermost of ours: oversized bodies never reach the routes.
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)

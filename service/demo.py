@@ -85,7 +85,7 @@ def enroll_gallery(runtime: Runtime, gallery: Path, species: str | None = None) 
                     runtime.registry,
                     runtime.store,
                     runtime.metrics,
-                    runtime.settings.max_image_pixels,
+                    runtime.images,
                     chunk,
                     command,
                     DEMO_ACTOR,

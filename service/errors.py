@@ -8,6 +8,7 @@ including validation errors, unknown routes and unexpected failures, has the bod
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.db.health import UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,20 @@ class ImageTooLarge(ImageRejected):
     code = "image_too_large"
 
 
+class PixelBudgetExceeded(ImageRejected):
+    """The images of one request have more pixels together than one request may decode."""
+
+    status_code = 413
+    code = "pixel_budget_exceeded"
+
+
+class ImageUninformative(ImageRejected):
+    """Too small, or nearly one flat colour: nothing in it to recognise an animal by."""
+
+    status_code = 422
+    code = "image_uninformative"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     code = "payload_too_large"
@@ -134,6 +151,17 @@ class JobConflict(ServiceError):
     code = "job_conflict"
 
 
+class TooManyFailedAttempts(ServiceError):
+    """Too many failed API key checks from one client address; ``retry_after`` in seconds."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after: int, **details: Any) -> None:
+        super().__init__(message, retry_after=retry_after, **details)
+        self.retry_after = retry_after
+
+
 class Unauthorized(ServiceError):
     status_code = 401
     code = "unauthorized"
@@ -145,7 +173,7 @@ class Forbidden(ServiceError):
 
 
 HTTP_CODES = {
-    400: "bad_request",
+    400: "malformed_body",  # FastAPI's answer to a JSON body it cannot parse
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
@@ -171,7 +199,10 @@ def error_response(
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc.status_code, exc.code, exc.message, exc.details)
+    response = error_response(exc.status_code, exc.code, exc.message, exc.details)
+    if isinstance(exc, TooManyFailedAttempts):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -183,12 +214,39 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "validation_error", "the request is not valid", {"errors": errors})
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the API documents at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        parts = re.split(r"(\{[^/]+?\})", template)
+        pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_CODES.get(exc.status_code, "http_error")
     response = error_response(exc.status_code, code, str(exc.detail))
     if exc.headers:
         response.headers.update(exc.headers)
+    if exc.status_code == 405:
+        response.headers["Allow"] = ", ".join(allowed_methods(request))
+    return response
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Logged once per outage by service.db.health, not once per request.
+    log.debug("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    retry = request.app.state.settings.database_retry_after_seconds
+    response = error_response(
+        503,
+        "database_unavailable",
+        "the database cannot be reached; retry later",
+        {"retry_after": retry},
+    )
+    response.headers["Retry-After"] = str(retry)
     return response
 
 
@@ -210,4 +268,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(DataError, _data_error)
+    for unavailable in UNAVAILABLE:
+        app.add_exception_handler(unavailable, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -29,6 +31,14 @@ class ImageStore:
     def relative_path(species: str, image_id: uuid.UUID, extension: str) -> str:
         hexid = image_id.hex
         return f"{species}/{hexid[:2]}/{hexid}.{extension}"
+
+    @staticmethod
+    def image_id(relative: str) -> uuid.UUID | None:
+        """The image id a stored file is named by; None for anything else (a temporary file)."""
+        try:
+            return uuid.UUID(hex=Path(relative).stem)
+        except ValueError:
+            return None
 
     def absolute(self, relative: str) -> Path:
         path = (self.root / relative).resolve()
@@ -64,3 +74,17 @@ class ImageStore:
 
     def delete(self, relative: str) -> None:
         self.absolute(relative).unlink(missing_ok=True)
+
+    def files_older_than(self, seconds: float) -> Iterator[str]:
+        """Relative paths of the stored files (temporary ones included) last written more than
+        ``seconds`` ago."""
+        cutoff = time.time() - seconds
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                path = Path(folder) / name
+                try:
+                    written = path.lstat().st_mtime
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                if written < cutoff:
+                    yield path.relative_to(self.root).as_posix()

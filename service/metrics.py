@@ -63,6 +63,11 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.orphans_removed = Counter(
+            "animalid_orphan_files_removed",
+            "Stored image files removed because no database row points at them (left by a crash)",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "animalid_batch_items",
             "Items per batched call by species and operation (embed: images per forward pass, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from functools import partial
 
@@ -11,6 +12,7 @@ import torch
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.health import DatabaseHealth
 from service.db.migrate import require_head
 from service.db.session import is_sqlite, make_engine, make_sessionmaker
 from service.image_store import ImageStore
@@ -18,8 +20,11 @@ from service.metrics import Metrics
 from service.ml.ann import IndexPlan
 from service.ml.batching import BatchingConfig
 from service.ml.embedder import resolve_device
+from service.ml.images import ImagePolicy
 from service.ml.index import gpu_count
 from service.ml.registry import Registry
+from service.security import FailureLimiter
+from service.services import orphans
 from service.services.identification import Limits
 from service.services.reembedding import ReembedConfig, Reembedder
 from service.services.replication import FollowConfig, IndexFollower, follow_model_switch
@@ -39,12 +44,15 @@ class Runtime:
     metrics: Metrics
     reembedder: Reembedder
     lifecycle: Lifecycle
+    images: ImagePolicy
+    database: DatabaseHealth
+    auth_failures: FailureLimiter
     follower: IndexFollower | None = None  # Postgres: other processes' index changes
 
     @property
     def limits(self) -> Limits:
         return Limits(
-            max_pixels=self.settings.max_image_pixels,
+            images=self.images,
             default_threshold=self.settings.default_threshold,
             default_top_k=self.settings.default_top_k,
             max_top_k=self.settings.max_top_k,
@@ -60,6 +68,16 @@ class Runtime:
         self.engine.dispose()
 
 
+def image_policy(settings: Settings) -> ImagePolicy:
+    return ImagePolicy(
+        max_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
+        min_side=settings.min_image_side,
+        min_std=settings.min_image_std,
+        decodes=threading.BoundedSemaphore(settings.max_concurrent_decodes),
+    )
+
+
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = resolve_device(settings.device)
     if settings.cpu_threads is not None:
@@ -69,7 +87,10 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     # ANIMALID_DEVICE=cpu keeps the index on the CPU too; otherwise FAISS uses a GPU when it sees one.
     use_gpu_index = settings.device != "cpu" and gpu_count() > 0
     index_plan = IndexPlan(exact_max_vectors=settings.exact_search_max_vectors, nprobe=settings.ivf_nprobe)
+    images = image_policy(settings)
     engine = make_engine(settings.database_url)
+    database = DatabaseHealth()
+    database.watch(engine)
     try:
         require_head(engine, settings.database_url)
         sessions = make_sessionmaker(engine)
@@ -85,13 +106,14 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         )
         store = ImageStore(settings.image_store_dir)
         store.open()
+        orphans.sweep(sessions, store, settings.orphan_grace_seconds, metrics)
         reembedder = Reembedder(
             sessions,
             store,
             metrics,
             ReembedConfig(
                 batch_size=settings.reembed_batch_size,
-                max_pixels=settings.max_image_pixels,
+                images=images.for_stored_images(),
                 use_gpu_index=use_gpu_index,
                 index_plan=index_plan,
             ),
@@ -138,4 +160,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         reembedder=reembedder,
         lifecycle=lifecycle,
         follower=follower,
+        images=images,
+        database=database,
+        auth_failures=FailureLimiter(settings.auth_failure_limit, settings.auth_failure_window_seconds),
     )

@@ -40,17 +40,25 @@ def _storable_string(value: str) -> None:
     _valid_unicode(value)
 
 
+MAX_METADATA_DEPTH = 32
+
+
 def _storable_json(value: dict[str, Any]) -> dict[str, Any]:
-    """Every key and value, however deep (iteratively: JSON nesting can exceed the recursion limit)."""
-    pending: list[Any] = [value]
+    """Every key and value, iteratively, at most ``MAX_METADATA_DEPTH`` levels deep (deeper nesting
+    would reach recursion limits when the answer is serialised)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
     while pending:
-        node = pending.pop()
+        node, depth = pending.pop()
+        if isinstance(node, dict | list) and depth > MAX_METADATA_DEPTH:
+            raise PydanticCustomError(
+                "too_deep", "metadata may nest at most {depth} levels", {"depth": MAX_METADATA_DEPTH}
+            )
         if isinstance(node, dict):
             for key in node:
                 _storable_string(key)
-            pending.extend(node.values())
+            pending.extend((child, depth + 1) for child in node.values())
         elif isinstance(node, list):
-            pending.extend(node)
+            pending.extend((child, depth + 1) for child in node)
         elif isinstance(node, str):
             _storable_string(node)
         elif isinstance(node, float) and not math.isfinite(node):
@@ -148,10 +156,15 @@ class IndividualsPublic(BaseModel):
 
 
 class IndividualUpdate(BaseModel):
-    """Fields present in the body are set; absent ones are left alone. ``metadata`` is replaced whole."""
+    """Fields present in the body are set; absent ones are left alone. ``metadata`` is replaced whole.
+    At least one field: an empty body is refused (422 invalid_request), as the schema says."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"name": "Rex", "metadata": {"breed": "beagle"}}]}
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "Rex", "metadata": {"breed": "beagle"}}],
+            "minProperties": 1,
+        },
     )
     name: Name | None = None
     metadata: Metadata | None = None
@@ -364,6 +377,11 @@ class IdentifyResult(BaseModel):
         default=None,
         description="The review-queue item kept for an uncertain answer (when ANIMALID_REVIEW_QUEUE is on)",
     )
+    names_available: bool = Field(
+        default=True,
+        description="false while the database cannot be reached: the search ran on the in-memory index, "
+        "candidates carry their ids and external_id and name are null",
+    )
 
 
 # Verify --------------------------------------------------------------------------------------------
@@ -564,22 +582,43 @@ class SpeciesReadiness(BaseModel):
     name: str
     status: str
     reason: str | None
+    detail: str | None = Field(default=None, description="The error behind the reason (admin status only)")
     index_size: int | None
     database_embeddings: int | None
     database_images: int | None
     consistent: bool
 
 
+CheckName = Literal["database", "models", "indexes"]
+
+
 class ReadyResult(BaseModel):
+    """The open readiness probe: up or down, and which check failed; never why."""
+
+    model_config = _examples(
+        {"ready": False, "checks": {"database": "down", "models": "up", "indexes": "up"}},
+    )
+    ready: bool
+    checks: dict[CheckName, Literal["up", "down"]] = Field(
+        description="database: it answers; models: some species serves and none waits for its first "
+        "index; indexes: every serving index holds exactly the database's vectors"
+    )
+
+
+class StatusResult(BaseModel):
+    """What the readiness probe found, with the errors behind it (admin scope)."""
+
     model_config = _examples(
         {
             "ready": True,
+            "checks": {"database": "up", "models": "up", "indexes": "up"},
             "database": {"ok": True, "error": None},
             "species": [
                 {
                     "name": "dog",
                     "status": "ready",
                     "reason": None,
+                    "detail": None,
                     "index_size": 1250,
                     "database_embeddings": 1250,
                     "database_images": 1250,
@@ -589,8 +628,12 @@ class ReadyResult(BaseModel):
         }
     )
     ready: bool
+    checks: dict[CheckName, Literal["up", "down"]]
     database: dict[str, Any]
     species: list[SpeciesReadiness]
+
+    def probe(self) -> ReadyResult:
+        return ReadyResult(ready=self.ready, checks=self.checks)
 
 
 # Review queue ---------------------------------------------------------------------------------------
@@ -665,3 +708,41 @@ class ReviewResolve(BaseModel):
     individual_id: uuid.UUID | None = None
     external_id: ExternalId | None = None
     name: Name | None = None
+
+# Audit log -----------------------------------------------------------------------------------------
+
+
+AUDIT_EXAMPLE = {
+    "id": 812,
+    "action": "merge",
+    "species": "dog",
+    "individual_id": EXAMPLE_UUID,
+    "actor": "3f1c2e4a9b7d",
+    "details": {"source_id": EXAMPLE_SOURCE_UUID, "moved_images": [EXAMPLE_IMAGE_UUID]},
+    "created_at": EXAMPLE_TS,
+}
+
+
+class AuditEntryPublic(BaseModel):
+    model_config = _examples(AUDIT_EXAMPLE)
+    id: int
+    action: str = Field(
+        description="enroll, update, delete_individual, delete_image, merge, reload, or auth_refused "
+        "(a 401 or 403)"
+    )
+    species: str | None = Field(description="null for entries that concern no species (auth_refused)")
+    individual_id: uuid.UUID | None
+    actor: str = Field(
+        description="Fingerprint of the API key (first 12 hex digits of its SHA-256), auth-disabled, "
+        "demo, or unauthenticated"
+    )
+    details: dict[str, Any]
+    created_at: datetime
+
+
+class AuditPage(BaseModel):
+    model_config = _examples({"data": [AUDIT_EXAMPLE], "count": 1, "offset": 0, "limit": 50})
+    data: list[AuditEntryPublic] = Field(description="Newest first")
+    count: int = Field(description="Entries matching the filters, all pages together")
+    offset: int
+    limit: int

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -75,3 +80,59 @@ class ApiKeyring:
         if found is None:
             return None
         return Principal(scope=found, fingerprint=digest.hex()[:12])
+
+
+class FailureLimiter:
+    """Failed key checks per client address in a sliding window; past the limit, the address waits.
+
+    While an address is over the limit every request from it that needs a key is refused (429)
+    without looking at the key, so guessing gets no answer at all. Thread-safe; remembers at most
+    ``max_clients`` addresses (the stalest are forgotten first), so its memory is bounded too.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        window_seconds: float,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window_seconds
+        self.max_clients = max_clients
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, client: str, now: float) -> deque[float] | None:
+        times = self._failures.get(client)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+            return None
+        return times
+
+    def wait(self, client: str) -> int:
+        """Seconds ``client`` must wait before its key is checked again; 0 when it need not."""
+        with self._lock:
+            now = self._clock()
+            times = self._recent(client, now)
+            if times is None or len(times) < self.limit:
+                return 0
+            return max(1, math.ceil(times[-self.limit] + self.window - now))
+
+    def failed(self, client: str) -> bool:
+        """Count one failure; True when it brings ``client`` to the limit."""
+        with self._lock:
+            now = self._clock()
+            times = self._recent(client, now)
+            if times is None:
+                times = self._failures[client] = deque()
+            times.append(now)
+            self._failures.move_to_end(client)
+            while len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)
+            return len(times) == self.limit

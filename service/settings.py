@@ -38,6 +38,32 @@ class Settings(BaseSettings):
     )
     max_image_pixels: int = Field(default=40_000_000, gt=0, description="Width x height cap per image")
     max_images_per_request: int = Field(default=32, gt=0, description="Images in one enroll")
+    max_request_pixels: int = Field(
+        default=200_000_000, gt=0, description="Width x height of all images of one request together"
+    )
+    max_concurrent_decodes: int = Field(
+        default=2, gt=0, description="Full-size image decodes at once in the process; more wait their turn"
+    )
+    min_image_side: int = Field(default=32, ge=1, description="Shorter side of an uploaded image, in pixels")
+    min_image_std: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="Least grey-level standard deviation (0-255) of an upload; flatter is refused; 0: off",
+    )
+    orphan_grace_seconds: int = Field(
+        default=3600,
+        ge=0,
+        description="Stored image files with no database row and older than this are removed at start-up",
+    )
+    auth_failure_limit: int = Field(
+        default=20, ge=1, description="Failed API key checks per client address per window before 429"
+    )
+    auth_failure_window_seconds: int = Field(
+        default=60, ge=1, description="The window of auth_failure_limit, in seconds"
+    )
+    database_retry_after_seconds: int = Field(
+        default=5, ge=1, description="Retry-After of a 503 database_unavailable answer"
+    )
 
     api_keys: SecretStr = Field(
         default=SecretStr(""), description="Comma-separated KEY:scope pairs, scope read or admin"

@@ -370,7 +370,7 @@ def build_shard(dataset: Dataset, spec: PreprocessSpec) -> Shard:
     pixels = torch.empty((len(dataset.samples), 3, *spec.input_size), dtype=torch.uint8)
     for i, s in enumerate(dataset.samples):
         try:
-            pixels[i] = to_uint8_tensor(open_image(s.path), spec)
+            pixels[i] = to_uint8_tensor(open_image(s.path, size=spec.input_size), spec)
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             where = f"{dataset.source}:{s.line}" if s.line else str(s.path)
             raise DatasetError(f"{where}: unreadable image {s.path.name}: {exc}") from exc

@@ -74,31 +74,69 @@ class PreprocessSpec:
         )
 
 
+# How far above the model's input size an image is decoded and box-reduced before the final resize.
+# Pillow documents a reducing gap of 3 or more as indistinguishable from a full-size resample in
+# most cases (``Image.resize(reducing_gap=...)``); it is what bounds the memory of one decode.
+REDUCING_GAP = 3
+
+
 def open_image(
-    source: str | Path | bytes | BinaryIO, formats: tuple[str, ...] = ALLOWED_FORMATS
+    source: str | Path | bytes | BinaryIO,
+    formats: tuple[str, ...] = ALLOWED_FORMATS,
+    size: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode an image by its content and return it as RGB.
 
     ``formats`` restricts which decoders Pillow may try. Greyscale, palette, CMYK and alpha images
     become 3-channel RGB (alpha is composited on black). EXIF orientation is applied.
+
+    ``size`` (height, width) is the size the image is headed for (the model input). When given,
+    the image is decoded and reduced to no less than ``REDUCING_GAP`` times its longer side before
+    anything else: JPEG in draft mode (the decoder's 1/2, 1/4, 1/8 DCT scaling), other formats by
+    an integer box reduction right after decoding. Training and serving both pass the model's
+    input size, so they see the same pixels.
     """
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     with Image.open(source, formats=list(formats)) as opened:
+        side = max(size) * REDUCING_GAP if size is not None else None
+        if side is not None and opened.format == "JPEG":
+            opened.draft(None, (side, side))
         opened.load()
-        img: Image.Image = ImageOps.exif_transpose(opened)
+        img: Image.Image = _reduced(opened, side) if side is not None else opened
+        img = ImageOps.exif_transpose(img)
         if img.mode == "RGB":
-            return img.copy()
+            return img.copy() if img is opened else img  # exif_transpose copies; be sure
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             background = Image.new("RGB", rgba.size)
             background.paste(rgba, mask=rgba.getchannel("A"))
             return background
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            top = arr.max() or 1.0
-            img = Image.fromarray((arr * (255.0 / top)).astype(np.uint8), mode="L")
+            img = _to_8bit(img)
         return img.convert("RGB")
+
+
+def _reduced(image: Image.Image, side: int) -> Image.Image:
+    """``image`` box-reduced by the largest integer factor that keeps both sides >= ``side``."""
+    factor = min(image.width // side, image.height // side)
+    if factor < 2:
+        return image
+    # A box filter over factor x factor blocks is Image.reduce, which 16-bit modes lack.
+    return image.resize(
+        (-(-image.width // factor), -(-image.height // factor)), Image.Resampling.BOX, reducing_gap=None
+    )
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit greyscale scaled so its maximum is 255, in integers (no float64 copy)."""
+    arr = np.asarray(image)
+    top = int(arr.max()) if arr.size else 0
+    if top <= 0:
+        return Image.new("L", image.size)
+    wide = np.uint64 if top >= 2**24 else np.uint32  # x255 must not overflow
+    scaled = np.clip(arr, 0, None).astype(wide) * 255 // top
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
 
 
 def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:

@@ -45,7 +45,7 @@ def test_photos(card: ModelCard, count: int, seed: int) -> tuple[list[str], list
 
 def pixels(path: Path, spec: PreprocessSpec) -> torch.Tensor:
     """The shared preprocessing's uint8 (3, H, W) input for one photo."""
-    return to_uint8_tensor(open_image(path), spec)
+    return to_uint8_tensor(open_image(path, size=spec.input_size), spec)
 
 
 def explained(artifact: Path, pairs: list[tuple[Path, Path]]) -> list[Image.Image]:

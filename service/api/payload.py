@@ -35,15 +35,23 @@ class Payload:
     files: dict[str, list[bytes]] = field(default_factory=dict)
 
 
+def parse_json(raw: str | bytes, what: str) -> Any:
+    """Parse JSON from a client. Nesting deep enough to exhaust Python's recursion limit in the
+    parser is a malformed body like any other, not a server error."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedBody(f"{what} is not valid JSON") from exc
+    except RecursionError as exc:
+        raise MalformedBody(f"{what} is nested too deeply") from exc
+
+
 async def read_payload(request: Request, max_files: int) -> Payload:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         return await _read_multipart(request, max_files)
     if content_type == "application/json":
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MalformedBody("the body is not valid JSON") from exc
+        body = parse_json(await request.body(), "the body")
         if not isinstance(body, dict):
             raise InvalidRequest("the JSON body must be an object")
         return Payload(kind="json", fields=body)
@@ -89,8 +97,11 @@ def json_field(payload: Payload, name: str) -> None:
     raw = payload.fields.get(name)
     if isinstance(raw, str):
         try:
-            payload.fields[name] = json.loads(raw) if raw.strip() else None
-        except json.JSONDecodeError as exc:
+            payload.fields[name] = parse_json(raw, f"field {name!r}") if raw.strip() else None
+        except MalformedBody as exc:
+            if isinstance(exc.__cause__, RecursionError):
+                raise
+            # A field that is not JSON is a wrong value in a well-formed form, as before.
             raise InvalidRequest(f"field {name!r} must be a JSON object", field=name) from exc
 
 

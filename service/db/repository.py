@@ -45,6 +45,16 @@ class GalleryRow:
 
 
 @dataclass(frozen=True)
+class AuditFilter:
+    action: str | None = None
+    species: str | None = None
+    individual_id: uuid.UUID | None = None
+    actor: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True)
 class IndividualRow:
     individual: Individual
     species: str
@@ -228,6 +238,13 @@ class Repository:
             select(Image).where(Image.individual_id == individual_id, Image.sha256.in_(sha_list))
         )
         return {row.sha256: row for row in rows}
+
+    def storage_paths(self, image_ids: Sequence[uuid.UUID]) -> set[str]:
+        """The storage paths of those of these images that have a row (by primary key)."""
+        if not image_ids:
+            return set()
+        query = select(Image.storage_path).where(Image.id.in_(list(image_ids)))
+        return set(self.session.scalars(query))
 
     def images_of(self, individual_id: uuid.UUID) -> list[Image]:
         return list(
@@ -425,6 +442,27 @@ class Repository:
                 action=action, species=species, individual_id=individual_id, actor=actor, details=details
             )
         )
+
+    def audit_page(self, filters: AuditFilter, offset: int, limit: int) -> tuple[list[AuditEntry], int]:
+        """Entries matching every given filter, newest first, and how many match in all."""
+        conditions: list[Any] = []
+        if filters.action is not None:
+            conditions.append(AuditEntry.action == filters.action)
+        if filters.species is not None:
+            conditions.append(AuditEntry.species == filters.species)
+        if filters.individual_id is not None:
+            conditions.append(AuditEntry.individual_id == filters.individual_id)
+        if filters.actor is not None:
+            conditions.append(AuditEntry.actor == filters.actor)
+        if filters.since is not None:
+            conditions.append(AuditEntry.created_at >= filters.since)
+        if filters.until is not None:
+            conditions.append(AuditEntry.created_at < filters.until)
+        total = self.session.scalar(select(func.count(AuditEntry.id)).where(*conditions)) or 0
+        rows = self.session.scalars(
+            select(AuditEntry).where(*conditions).order_by(AuditEntry.id.desc()).offset(offset).limit(limit)
+        )
+        return list(rows), int(total)
 
     def audit_entries(self, individual_id: uuid.UUID | None = None) -> list[AuditEntry]:
         query = select(AuditEntry).order_by(AuditEntry.id)

@@ -57,7 +57,10 @@ class SpeciesSlot:
     artifact_path: Path | None = None
     serving: Serving | None = None
     pending: Pending | None = None
+    # Why the species does not serve, in words safe to show anyone (no paths, no hashes) ...
     disabled_reason: str | None = None
+    # ... and the underlying error, for the log and the admin status only.
+    disabled_detail: str | None = None
     # Serialises writes to this species' database rows and index (enroll, delete, merge, swap).
     write_lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -72,16 +75,26 @@ class SpeciesSlot:
     @property
     def reason(self) -> str | None:
         if self.pending is not None and self.pending.error:
-            return f"re-embedding failed: {self.pending.error}"
+            return "re-embedding failed"
         if self.serving is None and self.pending is not None:
             return "re-embedding stored images with a new model; nothing older can serve"
         return self.disabled_reason
+
+    @property
+    def detail(self) -> str | None:
+        """The error behind ``reason`` (may name files): for the log and the admin status."""
+        if self.pending is not None and self.pending.error:
+            return self.pending.error
+        return self.disabled_detail if self.disabled_reason is not None else None
+
+    def disable(self, reason: str | None, detail: str | None = None) -> None:
+        self.disabled_reason, self.disabled_detail = reason, detail
 
     def require_serving(self) -> Serving:
         serving = self.serving
         if serving is None:
             raise SpeciesUnavailable(
-                f"species {self.name!r} is not serving: {self.reason or 'no model'}",
+                f"species {self.name!r} is not serving: {self.reason or 'no model'}",  # never the detail
                 species=self.name,
                 status=self.status.value,
             )

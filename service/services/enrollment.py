@@ -31,7 +31,7 @@ from service.errors import (
 from service.image_store import ImageStore
 from service.metrics import Metrics
 from service.ml.gallery import GalleryEntry
-from service.ml.images import DecodedImage, decode_image
+from service.ml.images import DecodedImage, ImagePolicy, decode_images
 from service.ml.index import as_unit_vectors
 from service.ml.registry import Registry, Serving, SpeciesSlot
 from service.schemas import EnrolledImage, EnrollResult
@@ -62,7 +62,7 @@ def enroll(
     registry: Registry,
     store: ImageStore,
     metrics: Metrics,
-    max_pixels: int,
+    images: ImagePolicy,
     max_images: int,
     command: EnrollCommand,
     actor: Principal,
@@ -75,7 +75,11 @@ def enroll(
         raise InvalidRequest("give individual_id (existing) or external_id (found or created)")
     slot = registry.slot(command.species)
     serving = slot.require_serving()
-    decoded = [decode_image(data, max_pixels, field=f"images[{i}]") for i, data in enumerate(command.images)]
+    decoded = decode_images(
+        [(f"images[{i}]", data) for i, data in enumerate(command.images)],
+        images,
+        serving.embedder.card.preprocess.input_size,
+    )
     unique = list({d.sha256: d for d in decoded}.values())
     repo = Repository(session)
 

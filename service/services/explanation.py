@@ -15,11 +15,12 @@ from service.db.repository import Repository
 from service.errors import ImageNotFound
 from service.image_store import ImageStore, ImageStoreError
 from service.metrics import Metrics
-from service.ml.images import decode_image
+from service.ml.images import ImagePolicy, decode_image
 from service.ml.registry import Registry
 from service.schemas import ExplainResult
 from service.services.identification import Comparison, compare
 from training.gradcam import explanation_panel
+from training.preprocess import REDUCING_GAP
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,12 @@ def _rounded(heatmap: np.ndarray) -> list[list[float]]:
 
 
 def _reference(
-    session: Session, store: ImageStore, max_pixels: int, found: Comparison, individual_id: uuid.UUID | None
+    session: Session,
+    store: ImageStore,
+    images: ImagePolicy,
+    size: tuple[int, int],
+    found: Comparison,
+    individual_id: uuid.UUID | None,
 ) -> tuple[Image.Image, str]:
     """The reference photo and how the picture names it: the individual and its image, or the photo."""
     if found.reference_photo is not None:
@@ -66,7 +72,7 @@ def _reference(
             f"image {found.reference_image_id} is gone", image_id=str(found.reference_image_id)
         )
     try:
-        photo = decode_image(store.read(image.storage_path), max_pixels, field="reference_image").image
+        photo = decode_image(store.read(image.storage_path), images, size, field="reference_image").image
     except ImageStoreError as exc:
         raise ImageNotFound(
             f"the stored file of image {image.id} is missing", image_id=str(image.id)
@@ -81,7 +87,7 @@ def explain(
     registry: Registry,
     store: ImageStore,
     metrics: Metrics,
-    max_pixels: int,
+    images: ImagePolicy,
     max_side: int,
     species: str,
     image: bytes,
@@ -89,9 +95,15 @@ def explain(
     reference_image: bytes | None,
 ) -> Explanation:
     """The comparison :func:`compare` makes, with both photos' heat maps and the picture of them."""
-    found = compare(session, registry, metrics, max_pixels, species, image, individual_id, reference_image)
-    photo, label = _reference(session, store, max_pixels, found, individual_id)
+    # Decoded no smaller than the picture (open_image keeps REDUCING_GAP times the size it is given).
+    tile_side = -(-max_side // REDUCING_GAP)
+    found = compare(
+        session, registry, metrics, images, species, image, individual_id, reference_image, tile_side
+    )
     embedder = found.serving.embedder
+    height, width = embedder.card.preprocess.input_size
+    size = (max(height, tile_side), max(width, tile_side))
+    photo, label = _reference(session, store, images, size, found, individual_id)
     with metrics.time_inference(species, "gradcam"):
         query_vector = embedder.embed([found.image.image])[0]
         cam = embedder.gradcam(found.image.image, found.reference)

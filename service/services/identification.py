@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy.orm import Session
 
+from service.db.health import UNAVAILABLE
 from service.db.repository import Repository
 from service.errors import IndividualNotFound, InvalidRequest, SpeciesMismatch
 from service.image_store import ImageStore
 from service.metrics import Metrics
-from service.ml.images import DecodedImage, decode_image
+from service.ml.images import DecodedImage, ImagePolicy, decode_image, decode_images
 from service.ml.registry import Registry, Serving
 from service.schemas import (
     CandidatePublic,
@@ -41,7 +42,7 @@ def effective_threshold(
 
 @dataclass(frozen=True)
 class Limits:
-    max_pixels: int
+    images: ImagePolicy
     default_threshold: float
     default_top_k: int
     max_top_k: int
@@ -131,6 +132,11 @@ class Stopwatch:
         )
 
 
+def input_size(serving: Serving) -> tuple[int, int]:
+    """The model input (height, width) that uploads are decoded toward."""
+    return serving.embedder.card.preprocess.input_size
+
+
 def embed_one(
     registry: Registry, serving: Serving, metrics: Metrics, species: str, decoded: DecodedImage
 ) -> np.ndarray:
@@ -156,7 +162,7 @@ def identify(
         raise InvalidRequest(f"top_k must be at most {limits.max_top_k}", max_top_k=limits.max_top_k)
     serving = registry.serving(species)
     clock = Stopwatch()
-    decoded = decode_image(image, limits.max_pixels)
+    decoded = decode_image(image, limits.images, input_size(serving))
     clock.lap("decode")
     query = embed_one(registry, serving, metrics, species, decoded)
     clock.lap("embed")
@@ -164,18 +170,17 @@ def identify(
         found = registry.search(species, serving.gallery, query, top_k)
         gallery_size = len(serving.gallery)
     clock.lap("search")
-    labels = Repository(session).individual_labels(c.individual_id for c in found)
-    session.rollback()  # end the read now: the connection goes back to the pool before serialisation
+    labels = _labels(session, [c.individual_id for c in found])
     candidates = [
         CandidatePublic(
             individual_id=c.individual_id,
-            external_id=labels[c.individual_id][0],
-            name=labels[c.individual_id][1],
+            external_id=labels[c.individual_id][0] if labels is not None else None,
+            name=labels[c.individual_id][1] if labels is not None else None,
             similarity=c.similarity,
             image_id=c.image_id,
         )
         for c in found
-        if c.individual_id in labels  # deleted between the search and this read
+        if labels is None or c.individual_id in labels  # deleted between the search and this read
     ]
     point = operating_point(serving.embedder.card, limits, species, gallery_size, threshold)
     top = candidates[0].similarity if candidates else None
@@ -194,10 +199,26 @@ def identify(
         target_fpir=point.target_fpir,
         review_threshold=point.review_threshold,
         reason=point.reason,
+        names_available=labels is not None,
     )
-    if decision == "uncertain" and review_store is not None:
+    # The queue lives in the database: an answer given while it is away is not kept.
+    if decision == "uncertain" and review_store is not None and labels is not None:
         result.review_id = review.keep(session, review_store, decoded, result)
     return result
+
+
+def _labels(
+    session: Session, individual_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, tuple[str | None, str | None]] | None:
+    """(external id, name) of each individual, or None while the database cannot be reached: the
+    search ran on the in-memory index and its ids are still the answer."""
+    try:
+        labels = Repository(session).individual_labels(individual_ids)
+        session.rollback()  # end the read now: the connection goes back to the pool before serialisation
+    except UNAVAILABLE:
+        session.rollback()
+        return None
+    return labels
 
 
 @dataclass(frozen=True)
@@ -218,27 +239,32 @@ def compare(
     session: Session,
     registry: Registry,
     metrics: Metrics,
-    max_pixels: int,
+    images: ImagePolicy,
     species: str,
     image: bytes,
     individual_id: uuid.UUID | None,
     reference_image: bytes | None,
+    min_side: int = 0,
 ) -> Comparison:
     """The 1:1 comparison behind verify and explain: exactly one of ``individual_id`` (every image of
-    it, the best one wins) and ``reference_image`` (both photos embedded in one batch)."""
+    it, the best one wins) and ``reference_image`` (both photos embedded in one batch). Images are
+    decoded toward the model input, or toward ``min_side`` when that is larger (explain draws its
+    overlay from the decoded photo)."""
     if (individual_id is None) == (reference_image is None):
         raise InvalidRequest("give exactly one of individual_id and reference_image")
     clock = Stopwatch()
-    decoded = decode_image(image, max_pixels)
+    height, width = input_size(registry.serving(species))
+    size = (max(height, min_side), max(width, min_side))
     if reference_image is not None:
         serving = registry.serving(species)
-        other = decode_image(reference_image, max_pixels, field="reference_image")
+        decoded, other = decode_images([("image", image), ("reference_image", reference_image)], images, size)
         clock.lap("decode")
         with metrics.time_inference(species, "embed"):
             query, reference = registry.embed(species, serving.embedder, [decoded.image, other.image])
         clock.lap("embed")
         return Comparison(serving, decoded, reference, float(query @ reference), None, 1, clock, other)
     assert individual_id is not None
+    decoded = decode_image(image, images, size)
     clock.lap("decode")
     serving, references = individual_references(session, registry, species, individual_id)
     query = embed_one(registry, serving, metrics, species, decoded)
@@ -263,7 +289,7 @@ def verify(
     include_timings: bool,
 ) -> VerifyResult:
     found = compare(
-        session, registry, metrics, limits.max_pixels, species, image, individual_id, reference_image
+        session, registry, metrics, limits.images, species, image, individual_id, reference_image
     )
     cut, source = effective_threshold(found.serving.embedder.card, limits.default_threshold, threshold)
     return VerifyResult(

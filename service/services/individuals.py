@@ -248,9 +248,19 @@ def merge(
 
     An image the target already has (same bytes) is dropped rather than duplicated.
     """
-    if target_id == source_id:
-        raise InvalidRequest("cannot merge an individual into itself", individual_id=str(target_id))
     repo = Repository(session)
+    if target_id == source_id:  # nothing to move; the schema cannot forbid it, so it is a no-op
+        target = _row(repo, target_id)
+        repo.audit(
+            "merge", target.species, actor.fingerprint, target_id, {"source_id": str(source_id), "noop": True}
+        )
+        session.commit()
+        return MergeResult(
+            individual=individual_public(target),
+            source_id=source_id,
+            moved_images=0,
+            duplicate_images_dropped=0,
+        )
     target_species = _row(repo, target_id).species
     slot = _get_or_add_slot(registry, target_species)
     with slot.write_lock:

@@ -12,9 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 
+from service.security import Principal, Scope
 from service.services.galleries import discover_artifacts
 from service.services.species import Lifecycle, reload_species
 from training.artifact import ArtifactError, read_card
+
+# Who a reload for a new model version found in the models folder is audited as.
+WATCHER_ACTOR = Principal(scope=Scope.ADMIN, fingerprint="model-watch")
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class ModelWatcher:
             if version in known or self._tried.get(name) == version:
                 continue
             self._tried[name] = version
-            result = reload_species(self._life, name)
+            result = reload_species(self._life, name, WATCHER_ACTOR)
             log.info("models folder: %s has %s: %s", name, version, result.message)
             reloaded.append(name)
         return reloaded

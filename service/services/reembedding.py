@@ -22,7 +22,7 @@ from service.errors import ImageRejected
 from service.image_store import ImageStore, ImageStoreError
 from service.metrics import Metrics
 from service.ml.ann import IndexPlan
-from service.ml.images import decode_image
+from service.ml.images import ImagePolicy, decode_image
 from service.ml.registry import Pending, Serving, SpeciesSlot
 from service.services.galleries import build_gallery
 
@@ -34,7 +34,7 @@ MAX_CONFLICTS = 5
 @dataclass(frozen=True)
 class ReembedConfig:
     batch_size: int
-    max_pixels: int
+    images: ImagePolicy  # of stored images: caps and decode slots, no quality gate
     use_gpu_index: bool | None
     index_plan: IndexPlan | None = None
 
@@ -105,7 +105,7 @@ class Reembedder:
                     session.commit()
                 slot.serving = Serving(pending.embedder, gallery, pending.model_version_id)
                 slot.pending = None
-                slot.disabled_reason = None
+                slot.disable(None)
             log.info(
                 "species %s now serves %s (%d vectors, %d old vectors dropped, %d images unreadable)",
                 slot.name,
@@ -126,9 +126,9 @@ class Reembedder:
         with slot.write_lock:
             if slot.pending is pending:
                 slot.pending = None
-                slot.disabled_reason = (
-                    f"re-embedding with {pending.embedder.model_version} failed: {pending.error}; "
-                    "reload the species to retry"
+                slot.disable(
+                    f"re-embedding with {pending.embedder.model_version} failed; reload the species to retry",
+                    pending.error,
                 )
 
     def _catch_up(
@@ -154,7 +154,11 @@ class Reembedder:
                 readable, pictures = [], []
                 for image in batch:
                     try:
-                        decoded = decode_image(self._store.read(image.storage_path), self._config.max_pixels)
+                        decoded = decode_image(
+                            self._store.read(image.storage_path),
+                            self._config.images,
+                            embedder.card.preprocess.input_size,
+                        )
                     except (ImageStoreError, ImageRejected) as exc:
                         log.error("cannot re-embed image %s of %s: %s", image.id, slot.name, exc)
                         skipped.add(image.id)

@@ -39,8 +39,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db.repository import INDEX_CHANNEL, Repository, vector_from_bytes
 from service.ml.gallery import GalleryEntry
 from service.ml.registry import Registry
+from service.security import Principal, Scope
 from service.services.species import Lifecycle, reload_species
 from training.artifact import ArtifactError, read_card
+
+# Who a reload that follows another process's model switch is audited as.
+FOLLOWER_ACTOR = Principal(scope=Scope.ADMIN, fingerprint="index-follower")
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,7 @@ def follow_model_switch(life: Lifecycle, species: str) -> str:
             card.model_version,
         )
         return "a different artifact here"
-    return reload_species(life, species).message
+    return reload_species(life, species, FOLLOWER_ACTOR).message
 
 
 class IndexFollower:

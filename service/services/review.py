@@ -29,7 +29,7 @@ from service.errors import (
 )
 from service.image_store import ImageStore, ImageStoreError
 from service.metrics import Metrics
-from service.ml.images import DecodedImage
+from service.ml.images import DecodedImage, ImagePolicy
 from service.ml.registry import Registry
 from service.schemas import (
     CandidatePublic,
@@ -149,7 +149,7 @@ def resolve(
     registry: Registry,
     store: ImageStore,
     metrics: Metrics,
-    max_pixels: int,
+    images: ImagePolicy,
     review_id: uuid.UUID,
     decision: ReviewResolve,
     actor: Principal,
@@ -171,7 +171,7 @@ def resolve(
             data = store.read(item.storage_path)
             session.rollback()
             command = replace(command, images=[data])
-            outcome = enrollment.enroll(session, registry, store, metrics, max_pixels, 1, command, actor)
+            outcome = enrollment.enroll(session, registry, store, metrics, images, 1, command, actor)
             individual_id, image_id = outcome.result.individual.id, outcome.result.images[0].image_id
             item, species = _get(session, review_id)
         item.status = STATUS_OF[decision.action]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -13,13 +14,18 @@ from service.db.repository import Repository
 from service.errors import SpeciesNotFound
 from service.ml.embedder import Embedder
 from service.ml.registry import Pending, Registry, Serving, SpeciesSlot, SpeciesStatus
-from service.schemas import ReadyResult, ReloadResult, SpeciesPublic, SpeciesReadiness
+from service.schemas import CheckName, ReloadResult, SpeciesPublic, SpeciesReadiness, StatusResult
+from service.security import Principal
 from service.services.galleries import build_gallery, discover_artifacts, load_embedder
 from service.services.identification import effective_threshold
 from service.services.reembedding import Reembedder
 from training.artifact import ArtifactError
 
 log = logging.getLogger(__name__)
+
+# What an open or read-scoped answer says of an artifact that does not load; the error itself
+# (paths, hashes) goes to the log and the admin status.
+UNLOADABLE = "the model artifact could not be loaded"
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,8 @@ def load_all(life: Lifecycle) -> None:
             if species.name not in life.registry.slots:
                 life.registry.slots[species.name] = SpeciesSlot(
                     name=species.name,
-                    disabled_reason=f"no model artifact at {life.models_dir / species.name}",
+                    disabled_reason="no model artifact",
+                    disabled_detail=f"no model artifact at {life.models_dir / species.name}",
                 )
 
 
@@ -56,7 +63,7 @@ def _load_slot(life: Lifecycle, slot: SpeciesSlot) -> str:
     except (ArtifactError, OSError) as exc:
         log.error("species %s disabled: %s", slot.name, exc)
         if slot.serving is None:
-            slot.disabled_reason = str(exc)
+            slot.disable(UNLOADABLE, str(exc))
             return f"not loaded: {exc}"
         return f"not loaded, the current model keeps serving: {exc}"
     return _activate(life, slot, embedder)
@@ -80,7 +87,7 @@ def _activate(life: Lifecycle, slot: SpeciesSlot, embedder: Embedder) -> str:
                 )
                 slot.serving = Serving(embedder, gallery, version_id)
                 slot.pending = None
-                slot.disabled_reason = None
+                slot.disable(None)
                 log.info(
                     "species %s serves %s with %d vectors", slot.name, embedder.model_version, len(gallery)
                 )
@@ -127,8 +134,8 @@ def _active_version_id(life: Lifecycle, species_id: int) -> int | None:
         return active.id if active else None
 
 
-def reload_species(life: Lifecycle, name: str) -> ReloadResult:
-    """Re-read ``<models_dir>/<name>/``; a new model version is re-embedded and swapped in."""
+def reload_species(life: Lifecycle, name: str, actor: Principal) -> ReloadResult:
+    """Re-read ``<models_dir>/<name>/``; a new model version is re-embedded and swapped in. Audited."""
     slot = life.registry.slots.get(name)
     path = life.models_dir / name
     if slot is None:
@@ -146,23 +153,27 @@ def reload_species(life: Lifecycle, name: str) -> ReloadResult:
         except (ArtifactError, OSError) as exc:
             log.error("species %s: reload failed: %s", name, exc)
             if serving is None:
-                slot.disabled_reason = str(exc)
+                slot.disable(UNLOADABLE, str(exc))
             message = f"not loaded: {exc}"
         else:
             if serving is not None and serving.model_version == embedder.model_version and pending is None:
-                slot.disabled_reason = None  # a failed switch to another model no longer applies
+                slot.disable(None)  # a failed switch to another model no longer applies
                 message = f"{embedder.model_version} is already serving"
             elif pending is not None and pending.embedder.model_version == embedder.model_version:
                 message = f"{embedder.model_version} is already being re-embedded"
             else:
                 message = _activate(life, slot, embedder)
-    return ReloadResult(
+    result = ReloadResult(
         species=name,
         status=slot.status.value,
         model_version=slot.serving.model_version if slot.serving else None,
         pending_model_version=slot.pending.embedder.model_version if slot.pending else None,
         message=message,
     )
+    with life.sessions() as session:
+        Repository(session).audit("reload", name, actor.fingerprint, None, result.model_dump())
+        session.commit()
+    return result
 
 
 def describe(session: Session, registry: Registry, default_threshold: float) -> list[SpeciesPublic]:
@@ -209,20 +220,33 @@ def describe_one(session: Session, registry: Registry, default_threshold: float,
     return next(item for item in describe(session, registry, default_threshold) if item.name == name)
 
 
-def readiness(sessions: sessionmaker[Session], registry: Registry) -> ReadyResult:
-    """Ready when the database answers, some species serves, and every serving index matches the database."""
+def _checks(database: bool, models: bool, indexes: bool) -> dict[CheckName, Literal["up", "down"]]:
+    def state(ok: bool) -> Literal["up", "down"]:
+        return "up" if ok else "down"
+
+    return {"database": state(database), "models": state(models), "indexes": state(indexes)}
+
+
+def readiness(sessions: sessionmaker[Session], registry: Registry) -> StatusResult:
+    """Ready when the database answers, some species serves, and every serving index matches the database.
+
+    The result holds the errors behind each failed check; the open probe shows only which failed.
+    """
     try:
         with sessions() as session:
             session.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001 - any failure to reach the database means "not ready"
-        return ReadyResult(
+        any_serving = any(slot.serving is not None for slot in registry.slots.values())
+        return StatusResult(
             ready=False,
+            checks=_checks(False, any_serving, True),
             database={"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]},
             species=[
                 SpeciesReadiness(
                     name=name,
                     status=slot.status.value,
                     reason=slot.reason,
+                    detail=slot.detail,
                     index_size=None,
                     database_embeddings=None,
                     database_images=None,
@@ -248,6 +272,7 @@ def readiness(sessions: sessionmaker[Session], registry: Registry) -> ReadyResul
                     name=name,
                     status=slot.status.value,
                     reason=slot.reason,
+                    detail=slot.detail,
                     index_size=index_size,
                     database_embeddings=embeddings,
                     database_images=images,
@@ -256,5 +281,11 @@ def readiness(sessions: sessionmaker[Session], registry: Registry) -> ReadyResul
             )
     serving_items = [item for item in items if item.status in (SpeciesStatus.READY, SpeciesStatus.REINDEXING)]
     waiting = [item for item in items if item.status == SpeciesStatus.BUILDING]
-    ready = bool(serving_items) and not waiting and all(item.consistent for item in serving_items)
-    return ReadyResult(ready=ready, database={"ok": True, "error": None}, species=items)
+    models = bool(serving_items) and not waiting
+    indexes = all(item.consistent for item in serving_items)
+    return StatusResult(
+        ready=models and indexes,
+        checks=_checks(True, models, indexes),
+        database={"ok": True, "error": None},
+        species=items,
+    )

@@ -89,6 +89,8 @@ def make_settings(database_url: str, root: Path, models_dir: Path, **overrides: 
         "api_keys": f"{READ_KEY}:read,{ADMIN_KEY}:admin",
         "cpu_threads": 1,  # the test box has 2 shared cores; more threads only thrash
         "model_watch_s": 0,  # tests reload explicitly; a test of the watcher turns it on
+        # Tests send many wrong keys from one address on purpose; the limit has tests of its own.
+        "auth_failure_limit": 10_000,
         "_env_file": None,
     }
     values.update(overrides)

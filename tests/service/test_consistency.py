@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Embedding, ModelVersion
 from service.db.repository import Repository
+from service.security import ANONYMOUS_ADMIN
 from service.services.species import reload_species
 
 
@@ -43,7 +44,8 @@ def snapshot(client: TestClient) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assert_ready(client: TestClient) -> dict:
-    response = client.get("/ready")
+    assert client.get("/ready").status_code == 200
+    response = client.get("/status")
     assert response.status_code == 200, response.text
     dog = next(item for item in response.json()["species"] if item["name"] == "dog")
     assert dog["consistent"] and dog["index_size"] == dog["database_embeddings"] == dog["database_images"]
@@ -221,7 +223,8 @@ def test_restoring_the_old_model_while_the_new_one_swaps_in_reembeds_the_old_one
         make_models_dir(tmp_path, artifacts, dog="dog_v2")
         new = client.post("/species/dog/reload").json()["pending_model_version"]
         make_models_dir(tmp_path, artifacts, dog="dog")
-        result = reload_species(runtime.lifecycle, "dog")  # what POST /species/dog/reload runs
+        # What POST /species/dog/reload runs:
+        result = reload_species(runtime.lifecycle, "dog", ANONYMOUS_ADMIN)
         assert interleaved and result.message.startswith("re-embedding 6 images"), result.message
         assert runtime.reembedder.wait("dog", timeout=60)
     finally:
@@ -266,7 +269,9 @@ def test_a_failed_reembedding_is_reported_and_reloading_the_same_model_retries_i
         old,
         None,
     )
-    assert new in failed["reason"] and "IsADirectoryError" in failed["reason"]
+    assert new in failed["reason"] and "IsADirectoryError" not in failed["reason"]
+    status = next(item for item in client.get("/status").json()["species"] if item["name"] == "dog")
+    assert "IsADirectoryError" in status["detail"]  # the error itself: admin status only
     assert identify(client, jpeg(730, 6))["model_version"] == old  # the old model still serves
 
     make_models_dir(tmp_path, artifacts, dog="dog")  # going back to the serving model drops the failure
@@ -337,5 +342,5 @@ def test_a_stored_image_that_went_missing_does_not_stop_reembedding(
         2,
         3,
     )  # the unreadable image is reported, not served
-    ready = second.get("/ready").json()["species"][0]
+    ready = second.get("/status").json()["species"][0]
     assert ready["consistent"] and ready["database_embeddings"] == 2

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,70 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apps import ADMIN, ADMIN_KEY, READ_KEY, make_models_dir
+from apps import ADMIN, make_models_dir
 from imagegen import jpeg
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """``animalid serve`` in a subprocess, configured through ANIMALID_* like in production."""
-
-    def __init__(self, database_url: str, root: Path, models: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("ANIMALID_")},
-            "ANIMALID_DATABASE_URL": database_url,
-            "ANIMALID_MODELS_DIR": str(models),
-            "ANIMALID_IMAGE_STORE_DIR": str(root / "images"),
-            "ANIMALID_API_KEYS": f"{READ_KEY}:read,{ADMIN_KEY}:admin",
-            "ANIMALID_CPU_THREADS": "1",
-            "ANIMALID_PORT": str(self.port),
-            "PYTHONPATH": str(REPO),
-        }
-        self.root = root
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = (self.root / "server.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "serve"],
-            cwd=self.root,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
+from servers import Server
 
 
 @pytest.fixture
@@ -127,7 +61,7 @@ def test_sigkill_during_enrolls_loses_nothing_acknowledged(server: Server) -> No
 
     server.start()
     with httpx.Client(base_url=server.url, headers=ADMIN, timeout=30) as http:
-        ready = http.get("/ready").json()
+        ready = http.get("/status").json()
         dog = next(item for item in ready["species"] if item["name"] == "dog")
         assert ready["ready"] and dog["consistent"]
         assert dog["index_size"] == dog["database_embeddings"] == dog["database_images"] >= len(acknowledged)

@@ -312,7 +312,7 @@ def test_an_embedding_the_index_would_refuse_is_refused_before_anything_is_store
         assert error_code(response) == (422, "image_rejected"), response.text
         assert "zero" in response.json()["message"]
         assert client.get("/individuals", headers=READ).json()["count"] == 0
-        dog = next(item for item in client.get("/ready").json()["species"] if item["name"] == "dog")
+        dog = next(item for item in client.get("/status").json()["species"] if item["name"] == "dog")
         assert (dog["consistent"], dog["index_size"], dog["database_images"]) == (True, 0, 0)
 
 
@@ -362,5 +362,5 @@ def test_resending_images_indexes_their_stored_vectors_the_index_lacks(shared_cl
     )
     assert found.json()["best"]["image_id"] == str(image_ids[0])
     assert all(
-        item["consistent"] for item in shared_client.get("/ready").json()["species"] if item["index_size"]
+        item["consistent"] for item in shared_client.get("/status").json()["species"] if item["index_size"]
     )

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from imagegen import jpeg
 from PIL import Image
 
-from service.ml.images import decode_image
+from service.ml.images import ImagePolicy, decode_image
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,9 @@ def test_json_variant_has_the_raw_map_at_model_resolution(shared_client: TestCli
     assert overlay.format == "PNG"
     # The reference is the individual's enrolled photo most similar to the query.
     serving = shared_client.app.state.runtime.registry.serving("dog")
-    vectors = serving.embedder.embed([decode_image(jpeg(300, s, size=96), 10**8).image for s in (0, 1, 2, 8)])
+    policy = ImagePolicy(max_pixels=10**8, max_request_pixels=10**8)
+    photos = [jpeg(300, s, size=96) for s in (0, 1, 2, 8)]
+    vectors = serving.embedder.embed([decode_image(data, policy).image for data in photos])
     best = int(np.argmax(vectors[:3] @ vectors[3]))
     assert body["reference_image_id"] == rex["images"][best]["image_id"]
     assert body["similarity"] == pytest.approx(float(vectors[best] @ vectors[3]), abs=1e-4)

@@ -160,9 +160,10 @@ def test_verify_against_an_individual_takes_its_best_image(
     assert body["compared_images"] == 2
     # The oracle: cosine similarity of the query with each enrolled photo, embedded by the same model.
     embedder = shared_client.app.state.runtime.registry.serving("dog").embedder
-    from service.ml.images import decode_image
+    from service.ml.images import ImagePolicy, decode_image
 
-    vectors = embedder.embed([decode_image(jpeg(200, s), 10**8).image for s in (0, 1, 9)])
+    policy = ImagePolicy(max_pixels=10**8, max_request_pixels=10**8)
+    vectors = embedder.embed([decode_image(jpeg(200, s), policy).image for s in (0, 1, 9)])
     sims = vectors[:2] @ vectors[2]
     assert body["similarity"] == pytest.approx(float(sims.max()), abs=1e-4)
     assert body["best_image_id"] == target["images"][int(np.argmax(sims))]["image_id"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from apps import READ, AppRunner, make_models_dir, make_settings
+from apps import ADMIN, READ, AppRunner, make_models_dir, make_settings
 from fastapi.testclient import TestClient
 from imagegen import jpeg
 from pydantic import BaseModel
@@ -50,7 +50,8 @@ def test_health_and_ready_need_no_key(client: TestClient) -> None:
     assert client.get("/health", headers={}).json() == {"status": "ok"}
     ready = client.get("/ready", headers={})
     assert ready.status_code == 200
-    body = ready.json()
+    assert ready.json() == {"ready": True, "checks": {"database": "up", "models": "up", "indexes": "up"}}
+    body = client.get("/status").json()
     assert body["ready"] is True and body["database"]["ok"] is True
     dog = next(item for item in body["species"] if item["name"] == "dog")
     assert (dog["index_size"], dog["database_embeddings"], dog["database_images"]) == (1, 1, 1)
@@ -67,7 +68,8 @@ def test_ready_reports_an_index_that_disagrees_with_the_database(client: TestCli
     gallery.remove(ids[:1])  # simulate a lost index write
     response = client.get("/ready")
     assert response.status_code == 503
-    dog = next(item for item in response.json()["species"] if item["name"] == "dog")
+    assert response.json()["checks"] == {"database": "up", "models": "up", "indexes": "down"}
+    dog = next(item for item in client.get("/status").json()["species"] if item["name"] == "dog")
     assert dog["consistent"] is False and (dog["index_size"], dog["database_embeddings"]) == (0, 1)
 
 
@@ -101,14 +103,16 @@ def test_a_broken_artifact_disables_only_its_species(
     with TestClient(create_app(make_settings(database_url, tmp_path, models)), headers=READ) as client:
         species = {item["name"]: item for item in client.get("/species").json()["data"]}
         assert species["cat"]["status"] == "disabled"
-        assert reason in species["cat"]["reason"]
+        assert species["cat"]["reason"] == "the model artifact could not be loaded"  # no paths, no hashes
         assert species["dog"]["status"] == "ready"
         ready = client.get("/ready")
         assert ready.status_code == 200  # the dog still serves
-        cat = next(item for item in ready.json()["species"] if item["name"] == "cat")
-        assert cat["status"] == "disabled" and reason in cat["reason"]
+        status = client.get("/status", headers=ADMIN).json()
+        cat = next(item for item in status["species"] if item["name"] == "cat")
+        assert cat["status"] == "disabled" and reason in cat["detail"]
         refused = client.post("/identify", data={"species": "cat"}, files={"image": jpeg(1)})
         assert (refused.status_code, refused.json()["code"]) == (503, "species_unavailable")
+        assert str(tmp_path) not in refused.text and reason not in refused.json()["message"]
         served = client.post("/identify", data={"species": "dog"}, files={"image": jpeg(1)})
         assert served.status_code == 200
 
@@ -224,6 +228,8 @@ def test_openapi_documents_every_endpoint_with_examples(client: TestClient) -> N
         ("post", "/jobs/{job_id}/cancel"),
         ("get", "/health"),
         ("get", "/ready"),
+        ("get", "/status"),
+        ("get", "/audit"),
         ("get", "/metrics"),
         ("get", "/review"),
         ("get", "/review/{review_id}"),

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import socket
-import struct
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from apps import ADMIN, ADMIN_KEY, READ, make_models_dir, make_settings
-from apps import live_server as serve
 from fastapi.testclient import TestClient
-from imagegen import encode, jpeg, photo
-from PIL import Image
+from imagegen import jpeg
+from servers import serving
 
 from service.app import create_app
 from service.errors import ConfigurationError
@@ -36,6 +31,8 @@ ADMIN_ONLY = {
     ("get", "/review/{review_id}"),
     ("get", "/review/{review_id}/image"),
     ("post", "/review/{review_id}/resolve"),
+    ("get", "/status"),
+    ("get", "/audit"),
 }
 
 
@@ -198,8 +195,8 @@ def test_a_body_under_the_limit_is_parsed(shared_client: TestClient) -> None:
 def live_server(database_url: str, tmp_path: Path, artifacts: dict[str, Path]) -> Iterator[int]:
     """The app under uvicorn on a loopback port, in a thread of this process."""
     models = make_models_dir(tmp_path, artifacts, dog="dog")
-    with serve(create_app(make_settings(database_url, tmp_path, models))) as url:
-        yield int(url.rsplit(":", 1)[1])
+    with serving(create_app(make_settings(database_url, tmp_path, models))) as port:
+        yield port
 
 
 def test_real_server_answers_413_before_the_body_is_sent(live_server: int) -> None:
@@ -221,96 +218,7 @@ def test_real_server_answers_413_before_the_body_is_sent(live_server: int) -> No
     assert elapsed < 5
 
 
-# --- Hostile and odd images ----------------------------------------------------------------------
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    )
-
-
-def huge_png(width: int, height: int) -> bytes:
-    """A few hundred bytes that claim width x height pixels (a decompression bomb's header)."""
-    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + header
-        + png_chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def huge_bmp(width: int, height: int) -> bytes:
-    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
-    return b"BM" + struct.pack("<IHHI", 54 + 64, 0, 0, 54) + info + b"\0" * 64
-
-
-def corpus() -> dict[str, tuple[bytes, int, str | None]]:
-    """name -> (bytes, expected status, expected code)."""
-    good_jpeg, good_png = jpeg(1), encode(photo(1), "PNG")
-    webp = encode(photo(2), "WEBP")
-    broken_crc = bytearray(good_png)
-    broken_crc[30] ^= 0xFF  # inside IHDR: the CRC no longer matches
-    gif = encode(photo(3).convert("P"), "GIF")
-    frames = [photo(3).convert("P"), photo(4).convert("P")]
-    animated = io.BytesIO()
-    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
-    cmyk = encode(photo(5).convert("CMYK"), "JPEG")
-    sixteen = io.BytesIO()
-    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(sixteen, format="PNG")
-    rgba = encode(photo(6).convert("RGBA"), "PNG")
-    pgm = encode(photo(7).convert("L"), "PPM")
-    return {
-        "empty": (b"", 422, "image_unreadable"),
-        "text": (b"hello, I am a photo", 415, "unsupported_media_type"),
-        "random": (np.random.default_rng(0).bytes(5000), 415, "unsupported_media_type"),
-        "gif_named_jpg": (gif, 415, "unsupported_media_type"),
-        "animated_gif": (animated.getvalue(), 415, "unsupported_media_type"),
-        "tiff": (encode(photo(1), "TIFF"), 415, "unsupported_media_type"),
-        "pdf": (b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n", 415, "unsupported_media_type"),
-        "fits": (b"SIMPLE  =                    T" + b" " * 2850, 415, "unsupported_media_type"),
-        "jpeg_truncated": (good_jpeg[: len(good_jpeg) // 2], 422, "image_unreadable"),
-        "jpeg_header_only": (good_jpeg[:20], 422, "image_unreadable"),
-        "jpeg_magic_then_garbage": (b"\xff\xd8\xff" + b"\x00" * 500, 422, "image_unreadable"),
-        "png_truncated": (good_png[: len(good_png) // 2], 422, "image_unreadable"),
-        "png_bad_crc": (bytes(broken_crc), 422, "image_unreadable"),
-        "webp_truncated": (webp[: len(webp) // 2], 422, "image_unreadable"),
-        "png_30000x30000_header": (huge_png(30000, 30000), 413, "image_too_large"),
-        "png_100000x100000_header": (huge_png(100000, 100000), 413, "image_too_large"),
-        "bmp_20000x20000_header": (huge_bmp(20000, 20000), 413, "image_too_large"),
-        "png_named_jpg": (good_png, 200, None),
-        "webp": (webp, 200, None),
-        "bmp": (encode(photo(2), "BMP"), 200, None),
-        "cmyk_jpeg": (cmyk, 200, None),
-        "png_16_bit_grey": (sixteen.getvalue(), 200, None),
-        "png_rgba": (rgba, 200, None),
-        "pgm": (pgm, 200, None),  # ORL's human faces are PGM files: training takes them, so does the service
-        "ppm": (encode(photo(7), "PPM"), 200, None),
-        "pgm_plain": (b"P2\n4 4\n255\n" + b"10 200 30 40\n" * 4, 200, None),
-        "pgm_truncated": (pgm[: len(pgm) // 2], 422, "image_unreadable"),
-        "pfm_float": (b"Pf\n2 2\n-1.0\n" + b"\0" * 16, 415, "unsupported_media_type"),
-    }
-
-
-@pytest.mark.parametrize("name", sorted(corpus()))
-def test_hostile_uploads_get_4xx_never_5xx(shared_client: TestClient, name: str) -> None:
-    data, status, code = corpus()[name]
-    start = time.monotonic()
-    identified = shared_client.post(
-        "/identify", data={"species": "dog"}, files={"image": ("photo.jpg", data, "image/jpeg")}, headers=READ
-    )
-    elapsed = time.monotonic() - start
-    assert identified.status_code == status, identified.text
-    if code is not None:
-        assert identified.json()["code"] == code
-        assert elapsed < 2.0  # refused from the header, never decoded
-    enrolled = shared_client.post(
-        "/enroll",
-        data={"species": "dog", "external_id": f"corpus-{name}"},
-        files={"images": ("photo.jpg", data, "image/jpeg")},
-    )
-    assert enrolled.status_code == (201 if status == 200 else status), enrolled.text
+# Hostile and odd images: tests/service/hostile.py and test_hostile_images.py.
 
 
 def test_an_oversized_upload_is_refused_with_payload_too_large(shared_client: TestClient) -> None:

@@ -83,7 +83,7 @@ def enroll(
         runtime.registry,
         runtime.store,
         runtime.metrics,
-        runtime.settings.max_image_pixels,
+        runtime.images,
         runtime.settings.max_images_per_request,
         command,
         principal,

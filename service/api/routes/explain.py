@@ -75,7 +75,7 @@ def explain(
         runtime.registry,
         runtime.store,
         runtime.metrics,
-        runtime.settings.max_image_pixels,
+        runtime.images,
         runtime.settings.explain_max_side,
         body.fields.species,
         body.image,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import ReadPrincipal, RuntimeDep
-from service.schemas import HealthResult, ReadyResult
+from service.api.deps import AdminPrincipal, ReadPrincipal, RuntimeDep
+from service.api.openapi import error_responses
+from service.schemas import HealthResult, ReadyResult, StatusResult
 from service.services import species
 
 router = APIRouter(tags=["operations"])
@@ -29,16 +30,31 @@ async def health() -> HealthResult:
     description=(
         "200 when the database answers, at least one species serves, no species is waiting for its first "
         "index, and every serving index holds exactly the database's vectors; 503 with the same body "
-        "otherwise. Disabled species are listed with their reason but do not make the service unready. "
-        "No API key needed."
+        "otherwise. The body says only which check is down; `GET /status` (admin scope) and the log say "
+        "why. Disabled species do not make the service unready. No API key needed."
     ),
-    responses={503: {"model": ReadyResult, "description": "Not ready; the body says why"}},
+    responses={503: {"model": ReadyResult, "description": "Not ready; the body says which check failed"}},
 )
 def ready(runtime: RuntimeDep, response: Response) -> ReadyResult:
     result = species.readiness(runtime.sessions, runtime.registry)
     if not result.ready:
         response.status_code = 503
-    return result
+    return result.probe()
+
+
+@router.get(
+    "/status",
+    response_model=StatusResult,
+    summary="Readiness with its reasons",
+    description=(
+        "What `/ready` checks, with the error behind each failed check: the database driver's message, "
+        "each species' status, reason and underlying error (file paths included), index and database "
+        "counts. Always 200. Needs the admin scope."
+    ),
+    responses=error_responses(401, 403),
+)
+def status(principal: AdminPrincipal, runtime: RuntimeDep) -> StatusResult:
+    return species.readiness(runtime.sessions, runtime.registry)
 
 
 @router.get(
@@ -57,7 +73,8 @@ def ready(runtime: RuntimeDep, response: Response) -> ReadyResult:
                     'animalid_http_requests_total{method="POST",route="/identify",status="200"} 42.0\n'
                 }
             }
-        }
+        },
+        **error_responses(401, 403),
     },
 )
 def metrics(principal: ReadPrincipal, runtime: RuntimeDep) -> Response:

@@ -78,8 +78,11 @@ def get_individual(
     "/{individual_id}",
     response_model=IndividualPublic,
     summary="Update an individual's name and metadata",
-    description="Fields present in the body are set (metadata is replaced whole). Needs the admin scope.",
-    responses=error_responses(401, 403, 404, 422),
+    description=(
+        "Fields present in the body are set (metadata is replaced whole); at least one must be present. "
+        "Needs the admin scope."
+    ),
+    responses=error_responses(400, 401, 403, 404, 422),
 )
 def update_individual(
     principal: AdminPrincipal, session: SessionDep, individual_id: IndividualIdPath, update: IndividualUpdate
@@ -108,9 +111,9 @@ def delete_individual(
         "Moves every image of `source_id` to this individual (an image it already has is dropped), "
         "then deletes "
         "the source. Both must be of the same species. The source's name and metadata are kept in the audit "
-        "log. Needs the admin scope."
+        "log. Merging an individual into itself changes nothing and answers with it. Needs the admin scope."
     ),
-    responses=error_responses(401, 403, 404, 409, 422),
+    responses=error_responses(400, 401, 403, 404, 409, 422),
 )
 def merge_individuals(
     principal: AdminPrincipal,

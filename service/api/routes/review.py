@@ -86,7 +86,7 @@ def resolve(
         runtime.registry,
         runtime.store,
         runtime.metrics,
-        runtime.settings.max_image_pixels,
+        runtime.images,
         review_id,
         body,
         principal,

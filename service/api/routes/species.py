@@ -60,4 +60,4 @@ def get_species(
     responses=error_responses(401, 403, 404),
 )
 async def reload_species(principal: AdminPrincipal, runtime: RuntimeDep, name: SpeciesPath) -> ReloadResult:
-    return await run_in_threadpool(species.reload_species, runtime.lifecycle, name)
+    return await run_in_threadpool(species.reload_species, runtime.lifecycle, name, principal)
