@@ -11,6 +11,7 @@ from apps import READ, AppRunner, build_artifact, make_models_dir, make_settings
 from imagegen import jpeg
 from test_identify import enroll
 
+from service.ml.images import ImagePolicy
 from service.services.identification import Limits, operating_point
 from training.artifact import read_card, write_card
 from training.open_set import OpenSetCalibration
@@ -25,7 +26,7 @@ TABLE = OpenSetCalibration(
     images_per_individual=2.0,
 )
 LIMITS = Limits(
-    max_pixels=10**6,
+    images=ImagePolicy(max_pixels=10**6, max_request_pixels=10**7),
     default_threshold=0.5,
     default_top_k=5,
     max_top_k=10,
