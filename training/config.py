@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from training.backbones import get_backbone
-from training.model import NECKS
+from training.model import NECKS, parse_architecture
 
 
 @dataclass(frozen=True)
@@ -248,10 +249,28 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
     preset = values.get("preset", "fast")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    merged = {**PRESETS[preset], **values}
+    merged = {**PRESETS[preset], **_start_architecture(values), **values}
     config = TrainConfig(**{k: _coerce(hints[k], v) for k, v in merged.items()})
     _validate(config)
     return config
+
+
+def _start_architecture(values: dict[str, Any]) -> dict[str, Any]:
+    """Backbone, neck and embedding size of the ``init_from`` artifact, for a run that names none.
+
+    Fine-tuning from a model means its architecture; saying so again is only needed to change it
+    (which the run then refuses, naming both).
+    """
+    source = values.get("init_from")
+    card = Path(source) / "model_card.json" if source else None
+    if card is None or not card.is_file() or {"backbone", "neck"} & set(values):
+        return {}
+    try:
+        data = json.loads(card.read_text())
+        backbone, neck = parse_architecture(str(data["architecture"]))
+        return {"backbone": backbone, "neck": neck, "embedding_dim": int(data["embedding_dim"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # the run's own check reports an unreadable artifact
 
 
 def _validate(c: TrainConfig) -> None:

@@ -35,7 +35,7 @@ def test_switching_to_an_efficientnet_lite_model_reembeds_and_serves_it(
             "/identify", data={"species": "dog"}, files={"image": jpeg(individual, 5)}, headers=READ
         ).json()
         assert answer["model_version"] == species["model_version"]
-        assert answer["best"]["individual_id"] == individual_id
+        assert answer["candidates"][0]["individual_id"] == individual_id
     verify = client.post(
         "/verify",
         data={"species": "dog", "individual_id": made[801]},

@@ -197,3 +197,14 @@ def test_a_frozen_imagenet_start_exports_as_an_artifact_the_card_describes(tmp_p
     reference = build_model(config).eval()
     x = torch.randn(2, 3, 48, 48)
     assert np.allclose(loaded.model.embed(x).numpy(), reference.embed(x).numpy(), atol=5e-3)
+
+
+def test_a_run_from_an_artifact_takes_its_architecture_unless_told_otherwise(tmp_path, animals):
+    run = fit(_config(tmp_path, animals, epochs=0, neck="identity"))
+    (artifact,) = export_run(run, tmp_path / "out")
+    adopted = build_config({"init_from": str(artifact), "datasets": [{"source": "x", "species": "goat"}]})
+    assert (adopted.backbone, adopted.neck, adopted.embedding_dim) == ("efficientnet_lite0", "identity", 1280)
+    assert build_model(adopted).architecture == "efficientnet_lite0-gap-identity"
+    mismatched = build_config({"init_from": str(artifact), "backbone": "resnet18"})
+    with pytest.raises(ValueError, match="efficientnet_lite0-gap-identity model; this run builds resnet18"):
+        build_model(mismatched)
