@@ -46,7 +46,9 @@ from service.db.models import Image as ImageRow
 from service.db.session import make_engine, make_sessionmaker
 from service.ml.embedder import Embedder
 from service.ml.images import decode_image
+from service.runtime import image_policy
 from service.services.galleries import build_gallery
+from service.settings import Settings
 from training.artifact import ModelCard, export_artifact, load_artifact
 from training.model import EmbeddingNet
 from training.preprocess import PreprocessSpec
@@ -251,10 +253,11 @@ def time_bare(url: str, artifact: Path, version_id: int, images: list[bytes], ar
     engine.dispose()
     embedder = Embedder(load_artifact(artifact, "cpu"), torch.device("cpu"))
     embedder.warmup()
+    policy = image_policy(Settings(_env_file=None))  # the service's default decode limits
     parts: dict[str, list[float]] = {"decode": [], "forward": [], "search": [], "total": []}
     for i in range(args.warmup + args.requests):
         t0 = time.perf_counter()
-        decoded = decode_image(images[i % len(images)], 40_000_000)
+        decoded = decode_image(images[i % len(images)], policy, embedder.card.preprocess.input_size)
         t1 = time.perf_counter()
         vector = embedder.embed([decoded.image])[0]
         t2 = time.perf_counter()

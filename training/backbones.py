@@ -84,6 +84,7 @@ class LiteTrunk(nn.Module):
         net = EfficientNet.from_name(f"efficientnet-{variant}", image_size=None)
         self._conv_stem, self._bn0, self._blocks = net._conv_stem, net._bn0, net._blocks
         self._conv_head, self._bn1 = net._conv_head, net._bn1
+        self.head_activation = nn.ReLU6()  # a module of its own, so Grad-CAM can read the last feature map
         self.drop_connect_rate = float(net._global_params.drop_connect_rate or 0.0)
         # The stage each block belongs to: blocks of one BlockArgs row share a stage.
         self.stage_of_block: list[int] = []
@@ -98,7 +99,7 @@ class LiteTrunk(nn.Module):
         for i, block in enumerate(self._blocks):
             rate = self.drop_connect_rate * i / len(self._blocks) if self.drop_connect_rate else None
             x = block(x, drop_connect_rate=rate)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = self.head_activation(self._bn1(self._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 

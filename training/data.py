@@ -314,15 +314,8 @@ class Shard:
     fingerprint: str
 
     def subset(self, keep: set[str]) -> Shard:
-        idx = [i for i, ind in enumerate(self.individuals) if ind in keep]
-        return Shard(
-            self.pixels[idx],
-            [self.individuals[i] for i in idx],
-            [self.groups[i] for i in idx],
-            [self.paths[i] for i in idx],
-            self.species,
-            self.fingerprint,
-        )
+        """Every sample of the individuals in ``keep``, in order."""
+        return self.take([i for i, ind in enumerate(self.individuals) if ind in keep])
 
     def take(self, indices: Sequence[int] | np.ndarray) -> Shard:
         """The samples at ``indices``, in that order."""
