@@ -20,7 +20,7 @@ from service.app import create_app
 from service.ml.batching import BatchingConfig, EmbedBatcher, MicroBatcher, SearchBatcher
 from service.ml.embedder import Embedder
 from service.ml.gallery import Candidate, Gallery
-from service.ml.images import decode_image
+from service.ml.images import ImagePolicy, decode_image
 from service.runtime import Runtime
 from service.settings import Settings
 from training.artifact import load_artifact
@@ -28,6 +28,9 @@ from training.artifact import load_artifact
 # Long enough that every thread of a test has queued before the first batch leaves, even on a
 # loaded 2-core machine; a batch also leaves as soon as it is full.
 GATHER = BatchingConfig(max_wait_s=2.0, max_items=8)
+
+# Decode limits that let every test photo through whole.
+LOOSE = ImagePolicy(max_pixels=10**8, max_request_pixels=10**8)
 
 
 def concurrently(count: int, work: Callable[[int], object]) -> list[object]:
@@ -218,7 +221,7 @@ def test_concurrent_enrolls_and_verifies_are_batched_and_stored_like_single_ones
         ids, vectors = serving.gallery.snapshot()
         assert len(ids) == 8
         want = serving.embedder.embed(
-            [decode_image(jpeg(400 + i, s), 10**8).image for i in range(4) for s in range(2)]
+            [decode_image(jpeg(400 + i, s), LOOSE).image for i in range(4) for s in range(2)]
         )
         np.testing.assert_allclose(np.max(vectors @ want.T, axis=0), 1.0, atol=1e-4)
 
@@ -246,7 +249,7 @@ def test_batched_forward_passes_equal_single_ones_on_each_device(
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
     embedder = Embedder(load_artifact(artifacts["dog"], device), torch.device(device))
-    images = [decode_image(jpeg(900 + i, i % 3), 10**8).image for i in range(6)]
+    images = [decode_image(jpeg(900 + i, i % 3), LOOSE).image for i in range(6)]
     alone = [embedder.embed([image])[0] for image in images]
     batcher = EmbedBatcher(embedder, GATHER)
     together = concurrently(6, lambda i: batcher.embed([images[i]])[0])

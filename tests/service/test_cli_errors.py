@@ -17,6 +17,7 @@ from databases import postgres_schema
 from ports import free_port
 
 from service import cli
+from service.db import migrate
 
 REPO = Path(__file__).resolve().parents[2]
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing answers HTTP there
@@ -117,8 +118,9 @@ def test_serve_on_an_unmigrated_postgres_says_what_to_run(
         monkeypatch.setenv("ANIMALID_DATABASE_URL", url)
         monkeypatch.setenv("ANIMALID_AUTH_DISABLED", "true")
         assert cli.main(["serve", "--port", str(free_port())]) == 2
+        head = migrate.head_revision(url)
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [
-        "animalid serve: error: the database schema is at revision none, this code needs 0001: "
+        f"animalid serve: error: the database schema is at revision none, this code needs {head}: "
         "run `animalid migrate` (with the same ANIMALID_DATABASE_URL) first"
     ]

@@ -9,7 +9,7 @@ from apps import READ, TestClient
 from imagegen import encode, photo
 from shared_data import shared_manifest
 
-from service.ml.images import decode_image, sniff_format
+from service.ml.images import ImagePolicy, decode_image, sniff_format
 from training.data import load_dataset
 from training.preprocess import IMAGE_FORMATS, IMAGE_SUFFIXES
 
@@ -26,7 +26,7 @@ def test_every_file_name_training_reads_is_a_format_the_service_decodes() -> Non
     }
     for suffix, data in samples.items():
         assert suffix in IMAGE_SUFFIXES
-        decoded = decode_image(data, max_pixels=10**6)
+        decoded = decode_image(data, ImagePolicy(max_pixels=10**6, max_request_pixels=10**6))
         assert decoded.image.mode == "RGB" and sniff_format(data) in {f.decoder for f in IMAGE_FORMATS}
 
 
