@@ -80,12 +80,15 @@ def _error(status: int) -> dict[str, Any]:
 
 def complete(spec: dict[str, Any]) -> dict[str, Any]:
     """Document what every operation can answer besides its own statuses: with a key, 401, 403 and
-    429 (too many failed key checks); with the database, 503 ``database_unavailable`` with
-    Retry-After; and the enroll answer's links to the operations that take its ids."""
+    429 (too many failed key checks); with a JSON body, 400 ``malformed_body``; with the database,
+    503 ``database_unavailable`` with Retry-After; and the enroll answer's links to the operations
+    that take its ids."""
     for path, item in spec.get("paths", {}).items():
         for method, operation in item.items():
             responses = operation.setdefault("responses", {})
             common = [401, 403, 429] if operation.get("security") else []
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                common.append(400)
             if (method, path) not in NO_DATABASE:
                 common.append(503)
             for status in common:

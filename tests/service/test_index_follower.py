@@ -94,5 +94,5 @@ def test_a_model_switch_is_reembedded_once_and_the_other_process_swaps_to_it(
     serving = b.registry.serving("dog")
     assert serving.model_version == new and len(serving.gallery) == 4
     assert b.registry.slots["dog"].pending is None and "dog" not in b.reembedder._threads  # not re-embedded
-    ready = second.get("/ready").json()
+    ready = second.get("/status").json()
     assert ready["ready"] and all(item["consistent"] for item in ready["species"] if item["name"] == "dog")

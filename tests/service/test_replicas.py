@@ -61,7 +61,7 @@ class Replica:
         return candidates[0]["individual_id"] if candidates else None
 
     def dog_readiness(self) -> dict:
-        body = self.http.get("/ready").json()
+        body = self.http.get("/status").json()
         return next(s for s in body["species"] if s["name"] == "dog")
 
 
