@@ -33,6 +33,8 @@ ADMIN_ONLY = {
     ("post", "/review/{review_id}/resolve"),
     ("get", "/status"),
     ("get", "/audit"),
+    ("post", "/species/{name}/finetune"),
+    ("post", "/jobs/{job_id}/cancel"),
 }
 
 
@@ -42,7 +44,8 @@ def operations(client: TestClient) -> list[tuple[str, str]]:
 
 
 def call(client: TestClient, method: str, path: str, headers: dict[str, str]):  # noqa: ANN201
-    url = path.format(individual_id=uuid.uuid4(), image_id=uuid.uuid4(), name="dog", review_id=uuid.uuid4())
+    ids = {key: uuid.uuid4() for key in ("individual_id", "image_id", "review_id", "job_id")}
+    url = path.format(name="dog", **ids)
     return client.request(method, url, headers=headers)
 
 
