@@ -231,6 +231,13 @@ class IndexFollower:
                             self.catch_up()
                             self._prune()
                             last = time.monotonic()
-            except Exception:  # noqa: BLE001 - a lost connection or a failed catch-up: retry, then catch up
-                log.exception("index follower: reconnecting in %.1f s", self._config.reconnect_s)
+            except Exception as exc:  # noqa: BLE001 - a lost connection or a failed catch-up: retry
+                # One line, no traceback: an outage is reported by the database health check, and a
+                # failing catch-up says why here; the next connection catches up on what was missed.
+                log.warning(
+                    "index follower: %s: %s; reconnecting in %.1f s",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                    self._config.reconnect_s,
+                )
                 self._stop.wait(self._config.reconnect_s)
