@@ -20,7 +20,7 @@ import httpx
 import hypothesis
 import pytest
 import schemathesis
-from apps import ADMIN, ADMIN_KEY, READ_KEY, make_models_dir, make_settings
+from apps import ADMIN, ADMIN_KEY, READ_KEY, live_server, make_models_dir, make_settings
 from databases import provisioned_database
 from hostile import corpus
 from hypothesis import HealthCheck
@@ -35,7 +35,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 from schemathesis.transport.serialization import Binary
-from servers import serving
 
 from service.app import create_app
 
@@ -103,8 +102,7 @@ def api(
     schemathesis.openapi.format("binary", st.sampled_from(images).map(Binary))
     with provisioned_database("postgres", root) as url:
         app = create_app(make_settings(url, root, models))
-        with serving(app) as port:
-            base = f"http://127.0.0.1:{port}"
+        with live_server(app) as base:
             for n in range(2):  # something to list, find and compare with from the start
                 httpx.post(
                     f"{base}/enroll",

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from apps import ADMIN, ADMIN_KEY, READ, make_models_dir, make_settings
+from apps import live_server as serve
 from fastapi.testclient import TestClient
 from imagegen import jpeg
-from servers import serving
 
 from service.app import create_app
 from service.errors import ConfigurationError
@@ -198,8 +198,8 @@ def test_a_body_under_the_limit_is_parsed(shared_client: TestClient) -> None:
 def live_server(database_url: str, tmp_path: Path, artifacts: dict[str, Path]) -> Iterator[int]:
     """The app under uvicorn on a loopback port, in a thread of this process."""
     models = make_models_dir(tmp_path, artifacts, dog="dog")
-    with serving(create_app(make_settings(database_url, tmp_path, models))) as port:
-        yield port
+    with serve(create_app(make_settings(database_url, tmp_path, models))) as url:
+        yield int(url.rsplit(":", 1)[1])
 
 
 def test_real_server_answers_413_before_the_body_is_sent(live_server: int) -> None:
