@@ -137,6 +137,13 @@ class TrainConfig:
         default=0,
         metadata=_h("freeze the first N stages (ResNet: stem, layer1-4; Lite: stem, stage1-7, head)"),
     )
+    cache_features: bool = field(
+        default=False,
+        metadata=_h(
+            "freeze the whole backbone and train the neck and head on its features, computed once "
+            "(a metric learnt on frozen features; of the augmentations only the mirror image is kept)"
+        ),
+    )
     target_far: float = field(
         default=1e-3, metadata=_h("false-accept rate the decision threshold is set for")
     )
@@ -306,6 +313,11 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"normalization must be auto, imagenet or symmetric, not {c.normalization!r}")
     if c.backbone_lr < 0 or c.head_only < 0 or c.head_only > c.epochs:
         raise ValueError("backbone_lr_scale must be >= 0 and head_only_epochs between 0 and epochs")
+    if c.cache_features and (not c.starts_pretrained or c.neck == "identity"):
+        raise ValueError(
+            "cache_features trains a neck on a frozen pretrained backbone: it needs pretrained weights "
+            "or init_from, and a trained neck (linear_bn or svd_fc)"
+        )
     if c.epochs < 1 and not c.starts_pretrained:
         raise ValueError("epochs 0 (evaluate the start as it is) needs pretrained weights or init_from")
     if c.batch_size < 2 or c.epochs < 0 or min(c.input_shape) < 32:

@@ -49,6 +49,7 @@ from training.data import (
     split_individuals,
 )
 from training.evaluate import embed_pixels
+from training.frozen_features import backbone_features, draw_views, neck_embeddings
 from training.losses import ArcFaceHead, CosFaceHead, MarginLoss, build_loss
 from training.metrics import identification_ranks, similarity, topk_accuracy
 from training.model import (
@@ -88,6 +89,10 @@ class SpeciesData:
     fingerprint: str
     # Sessions of training individuals held back for the closed-set evaluation (holdout_sessions).
     held: Shard | None = None
+    # cache_features: the frozen backbone's features of the training photos (N, views, F) and of
+    # the validation photos (N, F), computed once.
+    features: torch.Tensor | None = None
+    val_features: torch.Tensor | None = None
 
 
 def split_dataset(config: TrainConfig, ds_cfg: DatasetConfig) -> tuple[Dataset, IndividualSplit]:
@@ -153,15 +158,21 @@ def prepare_data(config: TrainConfig, spec: PreprocessSpec) -> list[SpeciesData]
 
 
 class TrainModule(nn.Module):
-    """The embedding network plus one criterion (head) per species; returns the batch loss."""
+    """The embedding network plus one criterion (head) per species; returns the batch loss.
 
-    def __init__(self, model: EmbeddingNet, criteria: dict[str, nn.Module]) -> None:
+    ``on_features``: the inputs are the frozen backbone's features, and only the neck runs.
+    """
+
+    def __init__(
+        self, model: EmbeddingNet, criteria: dict[str, nn.Module], on_features: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.criteria = nn.ModuleDict(criteria)
+        self.on_features = on_features
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        embeddings = self.model(images)
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        embeddings = self.model.neck(inputs) if self.on_features else self.model(inputs)
         total = embeddings.new_zeros(())
         for i, name in enumerate(self.criteria):
             mask = species == i
@@ -236,12 +247,72 @@ def build_model(config: TrainConfig) -> EmbeddingNet:
 
 def build_train_module(config: TrainConfig, data: list[SpeciesData]) -> tuple[TrainModule, list[str]]:
     model = build_model(config)
-    frozen = freeze_stages(model, config.freeze_stages)
+    frozen = freeze_stages(model, len(stage_names(model)) if config.cache_features else config.freeze_stages)
     criteria = {
         d.species: build_loss(config.loss, model.embedding_dim, len(d.classes), config.scale, config.margin)
         for d in data
     }
-    return TrainModule(model, criteria), frozen
+    return TrainModule(model, criteria, on_features=config.cache_features), frozen
+
+
+def cache_features(
+    model: EmbeddingNet,
+    data: list[SpeciesData],
+    config: TrainConfig,
+    spec: PreprocessSpec,
+    device: torch.device,
+) -> None:
+    """Embed every training photo (and its mirror image when ``hflip``) and every validation photo
+    once with the frozen backbone (``cache_features``)."""
+    start = time.perf_counter()
+    for d in data:
+        d.features = backbone_features(model, d.train.pixels, spec, device, mirror=config.hflip)
+        d.val_features = backbone_features(model, d.val.pixels, spec, device, mirror=False)[:, 0]
+    count = sum(len(d.train.pixels) + len(d.val.pixels) for d in data)
+    log.info(
+        "cached the frozen backbone's features of %d photos in %.0f s", count, time.perf_counter() - start
+    )
+
+
+def _batch_inputs(
+    data: list[SpeciesData],
+    batch: np.ndarray,
+    part: slice,
+    generator: torch.Generator,
+    config: TrainConfig,
+    spec: PreprocessSpec,
+    device: torch.device,
+) -> torch.Tensor:
+    """This process's inputs of a batch: cached features with a drawn view, or augmented pixels.
+
+    Every process draws the whole batch's augmentation (same generator), then keeps its slice.
+    """
+    rows = batch.tolist()
+    if config.cache_features:
+        by_species = [draw_views(data[s].features, [i], generator) for s, i in rows]  # type: ignore[arg-type]
+        return torch.cat(by_species)[part].to(device)
+    pixels = torch.cat([data[s].train.pixels[i : i + 1] for s, i in rows])
+    pixels = augment(pixels, generator, config)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    return normalize(pixels[part].to(device, non_blocking=True), spec).contiguous(memory_format=memory_format)
+
+
+def training_embeddings(
+    model: EmbeddingNet, d: SpeciesData, spec: PreprocessSpec, device: torch.device
+) -> np.ndarray:
+    """L2-normalised embeddings of a species' training photos (from the cached features when there are)."""
+    if d.features is not None:
+        return neck_embeddings(model, d.features[:, 0], device)
+    return embed_pixels(model, d.train.pixels, spec, device)
+
+
+def validation_embeddings(
+    model: EmbeddingNet, d: SpeciesData, spec: PreprocessSpec, device: torch.device
+) -> np.ndarray:
+    """L2-normalised embeddings of a species' validation photos (from the cached features when there are)."""
+    if d.val_features is not None:
+        return neck_embeddings(model, d.val_features, device)
+    return embed_pixels(model, d.val.pixels, spec, device)
 
 
 def epoch_batches(data: list[SpeciesData], config: TrainConfig, epoch: int) -> list[np.ndarray]:
@@ -396,7 +467,6 @@ def train_one_epoch(
     torch.manual_seed(config.seed * 1_000_003 + epoch + dist_info.rank)
     batches = epoch_batches(data, config, epoch)
     use_amp = config.amp and device.type == "cuda"
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     bar = tqdm(
         batches,
@@ -408,17 +478,12 @@ def train_one_epoch(
         and os.environ.get("ANIMALID_PROGRESS") != "1",
     )
     for batch in bar:
-        # Every process draws the whole batch's augmentation (same generator), then keeps its slice.
-        pixels = torch.cat([data[s].train.pixels[i : i + 1] for s, i in batch.tolist()])
-        pixels = augment(pixels, generator, config)
         part = process_share(len(batch), dist_info)
+        inputs = _batch_inputs(data, batch, part, generator, config, spec, device)
         species = torch.from_numpy(batch[part, 0]).to(device)
         labels = torch.stack([data[s].labels[i] for s, i in batch[part].tolist()]).to(device)
-        images = normalize(pixels[part].to(device, non_blocking=True), spec).contiguous(
-            memory_format=memory_format
-        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = module(images, labels, species)
+            loss = module(inputs, labels, species)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -457,7 +522,7 @@ def imprint_heads(
         criterion = module.criteria[d.species]
         if not isinstance(criterion, MarginLoss):
             continue
-        emb = torch.from_numpy(embed_pixels(module.model, d.train.pixels, spec, device))
+        emb = torch.from_numpy(training_embeddings(module.model, d, spec, device))
         centres = torch.zeros_like(criterion.head.weight, device="cpu")
         centres.index_add_(0, d.labels, emb)
         criterion.head.weight.copy_(
@@ -467,13 +532,13 @@ def imprint_heads(
 
 
 def validation_top1(
-    model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, device: torch.device, seed: int
+    model: EmbeddingNet, d: SpeciesData, spec: PreprocessSpec, device: torch.device, seed: int
 ) -> float:
     """Top-1 of the enrol-half / query-half protocol on validation individuals (one seeded split)."""
-
+    shard = d.val
     if len(set(shard.individuals)) < 2:
         return float("nan")
-    emb = embed_pixels(model, shard.pixels, spec, device)
+    emb = validation_embeddings(model, d, spec, device)
     enrol, query = enrol_query_split(shard.individuals, shard.groups, random.Random(seed))
     labels = np.array(shard.individuals)
     ranks = identification_ranks(similarity(emb[query], emb[enrol]), labels[query], labels[enrol])
@@ -540,6 +605,8 @@ def fit(config: TrainConfig, resume: bool = False, on_epoch: EpochHook | None = 
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         log.info("resumed %s at epoch %d", checkpoint_path, start_epoch + 1)
+    if config.cache_features and start_epoch < config.epochs:
+        cache_features(module.model, data, config, spec, device)
     if config.imprint_head and start_epoch == 0:
         imprint_heads(module, data, spec, device)
     train_module: nn.Module = module
@@ -567,7 +634,7 @@ def fit(config: TrainConfig, resume: bool = False, on_epoch: EpochHook | None = 
             record["margin"] = round(module.margin(), 5)
         for d in data:
             record[f"val_top1_{d.species}"] = round(
-                validation_top1(module.model, d.val, spec, device, config.seed), 4
+                validation_top1(module.model, d, spec, device, config.seed), 4
             )
         record["images_per_s"] = round(stats["images_per_s"], 1)
         record["time_s"] = round(stats["time_s"], 1)

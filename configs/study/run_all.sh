@@ -14,7 +14,8 @@ if [ ${#runs[@]} -eq 0 ]; then
         cattle-from-dogs-192x96 dogs-arcface-aug dogs-arcface-112 cattle-from-dogs112-128x64
         dogs-arcface-ids25 dogs-arcface-ids50 dogs-arcface-ids75
         cattle-from-dogs-128x64-ids25 cattle-from-dogs-128x64-ids50 cattle-from-dogs-128x64-ids75
-        cattle-from-dogs-256x128 dogs-lite0-frozen dogs-lite0-svdfc dogs-lite2-frozen cattle-lite0-224x112)
+        cattle-from-dogs-256x128 dogs-lite0-frozen dogs-lite0-svdfc dogs-lite2-frozen cattle-lite0-224x112
+        dogs-lite0-arcface-224)
 fi
 python=${PYTHON:-.venv/bin/python}
 mkdir -p runs/study
