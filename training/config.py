@@ -144,6 +144,13 @@ class TrainConfig:
             "(a metric learnt on frozen features; of the augmentations only the mirror image is kept)"
         ),
     )
+    distill_from: str | None = field(
+        default=None,
+        metadata=_h("artifact dir of a teacher whose embeddings the model also learns from (distillation)"),
+    )
+    distill_weight: float = field(
+        default=1.0, metadata=_h("weight of the distillation loss next to the margin loss")
+    )
     target_far: float = field(
         default=1e-3, metadata=_h("false-accept rate the decision threshold is set for")
     )
@@ -317,6 +324,10 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(
             "cache_features trains a neck on a frozen pretrained backbone: it needs pretrained weights "
             "or init_from, and a trained neck (linear_bn or svd_fc)"
+        )
+    if c.distill_weight < 0 or (c.distill_from and c.cache_features):
+        raise ValueError(
+            "distill_weight must be >= 0, and distill_from trains a whole network (no cache_features)"
         )
     if c.epochs < 1 and not c.starts_pretrained:
         raise ValueError("epochs 0 (evaluate the start as it is) needs pretrained weights or init_from")

@@ -32,6 +32,7 @@ from training.preprocess import IMAGE_SUFFIXES, PreprocessSpec, open_image, to_u
 
 log = logging.getLogger(__name__)
 
+
 class DatasetError(ValueError):
     """A manifest or folder cannot be used; the message names the file and line."""
 

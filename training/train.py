@@ -48,6 +48,7 @@ from training.data import (
     load_dataset,
     split_individuals,
 )
+from training.distill import relational_loss, teacher_targets
 from training.evaluate import embed_pixels
 from training.frozen_features import backbone_features, draw_views, neck_embeddings
 from training.losses import ArcFaceHead, CosFaceHead, MarginLoss, build_loss
@@ -93,6 +94,8 @@ class SpeciesData:
     # the validation photos (N, F), computed once.
     features: torch.Tensor | None = None
     val_features: torch.Tensor | None = None
+    # distill_from: the teacher's embeddings of the training photos (N, D).
+    teacher: torch.Tensor | None = None
 
 
 def split_dataset(config: TrainConfig, ds_cfg: DatasetConfig) -> tuple[Dataset, IndividualSplit]:
@@ -161,19 +164,36 @@ class TrainModule(nn.Module):
     """The embedding network plus one criterion (head) per species; returns the batch loss.
 
     ``on_features``: the inputs are the frozen backbone's features, and only the neck runs.
+    ``targets`` (distillation): the teacher's embeddings of the batch's photos, whose relational
+    loss at ``distill_scale``, times ``distill_weight``, is added.
     """
 
     def __init__(
-        self, model: EmbeddingNet, criteria: dict[str, nn.Module], on_features: bool = False
+        self,
+        model: EmbeddingNet,
+        criteria: dict[str, nn.Module],
+        on_features: bool = False,
+        distill_weight: float = 0.0,
+        distill_scale: float = 32.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.criteria = nn.ModuleDict(criteria)
         self.on_features = on_features
+        self.distill_weight = distill_weight
+        self.distill_scale = distill_scale
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        species: torch.Tensor,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         embeddings = self.model.neck(inputs) if self.on_features else self.model(inputs)
         total = embeddings.new_zeros(())
+        if targets is not None:
+            total = total + self.distill_weight * relational_loss(embeddings, targets, self.distill_scale)
         for i, name in enumerate(self.criteria):
             mask = species == i
             count = int(mask.sum())
@@ -252,7 +272,29 @@ def build_train_module(config: TrainConfig, data: list[SpeciesData]) -> tuple[Tr
         d.species: build_loss(config.loss, model.embedding_dim, len(d.classes), config.scale, config.margin)
         for d in data
     }
-    return TrainModule(model, criteria, on_features=config.cache_features), frozen
+    module = TrainModule(
+        model,
+        criteria,
+        on_features=config.cache_features,
+        distill_weight=config.distill_weight,
+        distill_scale=config.scale,
+    )
+    return module, frozen
+
+
+def attach_teacher(config: TrainConfig, data: list[SpeciesData], device: torch.device) -> None:
+    """Embed every training photo once with the ``distill_from`` teacher, at its own input size."""
+    assert config.distill_from is not None
+    teacher = load_artifact(config.distill_from, device)
+    spec = teacher.card.preprocess
+    for ds_cfg, d in zip(config.datasets, data, strict=True):
+        dataset, _ = split_dataset(config, ds_cfg)
+        shard = cached_shard(dataset, spec, config.cache_dir or None)
+        rows = {path: i for i, path in enumerate(shard.paths)}
+        d.teacher = teacher_targets(
+            teacher.model, shard.pixels[[rows[p] for p in d.train.paths]], spec, device
+        )
+    log.info("distilling from %s (%s)", config.distill_from, teacher.card.architecture)
 
 
 def cache_features(
@@ -482,8 +524,11 @@ def train_one_epoch(
         inputs = _batch_inputs(data, batch, part, generator, config, spec, device)
         species = torch.from_numpy(batch[part, 0]).to(device)
         labels = torch.stack([data[s].labels[i] for s, i in batch[part].tolist()]).to(device)
+        targets = None
+        if config.distill_from:
+            targets = torch.stack([data[s].teacher[i] for s, i in batch[part].tolist()]).to(device)  # type: ignore[index]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = module(inputs, labels, species)
+            loss = module(inputs, labels, species, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -607,6 +652,8 @@ def fit(config: TrainConfig, resume: bool = False, on_epoch: EpochHook | None = 
         log.info("resumed %s at epoch %d", checkpoint_path, start_epoch + 1)
     if config.cache_features and start_epoch < config.epochs:
         cache_features(module.model, data, config, spec, device)
+    if config.distill_from and start_epoch < config.epochs:
+        attach_teacher(config, data, device)
     if config.imprint_head and start_epoch == 0:
         imprint_heads(module, data, spec, device)
     train_module: nn.Module = module
