@@ -270,6 +270,8 @@ def test_api_is_healthy_only_when_ready_and_never_restarts_in_a_loop() -> None:
     assert "curl" not in probe and "wget" not in probe, "the slim image has neither"
     restart = re.fullmatch(r"on-failure:(\d+)", api["restart"])
     assert restart and 1 <= int(restart[1]) <= 10, f"a bounded restart policy, not {api['restart']!r}"
+
+
 def test_the_worker_runs_the_api_image_after_the_migration_with_the_models_writable() -> None:
     services = plain(load_compose(COMPOSE))["services"]
     worker, api = services["worker"], services["api"]

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training import __version__
-from training.model import ARCHITECTURE, EmbeddingNet, parse_architecture
+from training.fusion import Branch, FusedEmbeddingNet
+from training.model import ARCHITECTURE, FUSION_ARCHITECTURE, EmbeddingModel, EmbeddingNet, parse_architecture
 from training.open_set import OpenSetCalibration
 from training.preprocess import PREPROCESS_VERSION, PreprocessSpec
 
@@ -56,6 +57,16 @@ class ModelCard:
     open_set: OpenSetCalibration | None = None
     # The species the weights were trained for, when the card was relabelled for another one.
     relabelled_from: str | None = None
+    # A fused model's networks (architecture fusion-concat): each one's architecture, width,
+    # preprocessing, weight and source model (training/fusion.py).
+    fusion: list[Branch] | None = None
+
+    @property
+    def backbone(self) -> str:
+        """The backbone's name; ``fusion`` for several networks fused."""
+        if self.architecture == FUSION_ARCHITECTURE:
+            return "fusion"
+        return parse_architecture(self.architecture)[0]
 
     @property
     def model_version(self) -> str:
@@ -68,7 +79,7 @@ class ModelCard:
             "species": self.species,
             "model_version": self.model_version,
             "architecture": self.architecture,
-            "backbone": parse_architecture(self.architecture)[0],
+            "backbone": self.backbone,
             "pretrained": self.pretrained,
             "embedding_dim": self.embedding_dim,
             "input_size": list(self.preprocess.input_size),
@@ -86,6 +97,7 @@ class ModelCard:
             "weights_dtype": self.weights_dtype,
             "open_set": None if self.open_set is None else self.open_set.to_dict(),
             "relabelled_from": self.relabelled_from,
+            "fusion": None if self.fusion is None else [b.to_dict() for b in self.fusion],
         }
 
     @classmethod
@@ -117,6 +129,9 @@ class ModelCard:
                 weights_dtype=str(data.get("weights_dtype", "float32")),
                 open_set=OpenSetCalibration.from_dict(data["open_set"]) if data.get("open_set") else None,
                 relabelled_from=None if data.get("relabelled_from") is None else str(data["relabelled_from"]),
+                fusion=[Branch.from_dict(b, spec.version) for b in data["fusion"]]
+                if data.get("fusion")
+                else None,
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ArtifactError(f"invalid model card: {exc!r}") from exc
@@ -124,7 +139,7 @@ class ModelCard:
 
 @dataclass
 class LoadedModel:
-    model: EmbeddingNet
+    model: EmbeddingModel
     card: ModelCard
     path: Path
 
@@ -154,7 +169,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_artifact(model: EmbeddingNet, card: ModelCard, out_dir: str | Path, fp16: bool = False) -> Path:
+def export_artifact(model: EmbeddingModel, card: ModelCard, out_dir: str | Path, fp16: bool = False) -> Path:
     """Write weights (fp16 when asked: half the size, same embeddings to ~1e-3) and the card."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,10 +231,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Loade
     """Load an exported model for inference (eval mode, float32) after checking its checksum."""
     root = Path(path)
     card = read_card(root)
-    try:
-        backbone, neck = parse_architecture(card.architecture)
-    except ValueError as exc:
-        raise ArtifactError(f"{exc}: this code builds <backbone>-gap-<neck> models") from exc
+    model = build_for_card(card)
     if card.preprocess.version != PREPROCESS_VERSION:
         raise ArtifactError(
             f"the model was trained with preprocessing version {card.preprocess.version!r}; this code "
@@ -237,7 +249,6 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Loade
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises several types for a corrupt header
         raise ArtifactError(f"{weights} is not a readable safetensors file: {exc}") from exc
-    model = EmbeddingNet(embedding_dim=card.embedding_dim, backbone=backbone, neck=neck)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
@@ -245,3 +256,18 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Loade
         raise ArtifactError(f"{weights} does not match {card.architecture}: {exc}") from exc
     model.eval().to(device)
     return LoadedModel(model=model, card=card, path=root)
+
+
+def build_for_card(card: ModelCard) -> EmbeddingModel:
+    """The network a card describes, with fresh weights (ArtifactError for an unknown one)."""
+    try:
+        if card.architecture == FUSION_ARCHITECTURE:
+            if not card.fusion:
+                raise ValueError("a fusion-concat card must list its networks under 'fusion'")
+            return FusedEmbeddingNet(card.fusion, card.preprocess)
+        backbone, neck = parse_architecture(card.architecture)
+    except ValueError as exc:
+        raise ArtifactError(
+            f"{exc}: this code builds <backbone>-gap-<neck> and fusion-concat models"
+        ) from exc
+    return EmbeddingNet(embedding_dim=card.embedding_dim, backbone=backbone, neck=neck)

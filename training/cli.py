@@ -1,4 +1,4 @@
-"""``animalid train | evaluate | export | gradcam``: the training package's commands."""
+"""``animalid train | evaluate | export | calibrate | fuse | gradcam``: the training package's commands."""
 
 from __future__ import annotations
 
@@ -120,6 +120,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     calibrate.set_defaults(func=_calibrate)
 
+    fuse = subparsers.add_parser(
+        "fuse",
+        help="fuse models of one species trained on different data into one artifact (calibrated, evaluated)",
+        description="Each network sees the photo at its own input size and normalisation; their normalised "
+        "embeddings are concatenated, each scaled by the square root of its weight, so a similarity is the "
+        "weighted mean of the networks' similarities. The models must share their split (the same test "
+        "animals); the fused model is evaluated on it and its report written to OUT/report.",
+    )
+    fuse.add_argument("artifacts", type=Path, nargs="+", help="artifact folders (two or more)")
+    fuse.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    fuse.add_argument(
+        "--weights", type=float, nargs="+", metavar="W", help="one weight per artifact (default: equal)"
+    )
+    fuse.add_argument("--fp16", action="store_true", help="store weights in float16")
+    fuse.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="inference device")
+    fuse.set_defaults(func=_fuse, user_errors=USER_ERRORS)
+
     gradcam = subparsers.add_parser(
         "gradcam", help="Heat maps of an image's and a reference image's similarity, side by side, as PNG"
     )
@@ -148,6 +165,16 @@ def _export(args: argparse.Namespace) -> int:
 
     for path in export_run(args.run_dir, args.out, args.species, args.fp16):
         print(json.dumps({"artifact": str(path)}))
+    return 0
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from training.artifact import read_card
+    from training.pipeline import fuse_artifacts
+
+    out = fuse_artifacts(args.artifacts, args.out, args.weights, args.fp16, args.device)
+    card = read_card(out)
+    print(json.dumps({"artifact": str(out), "threshold": card.threshold, **card.metrics}))
     return 0
 
 

@@ -39,7 +39,7 @@ from training.metrics import (
     topk_accuracy,
     verification_metrics,
 )
-from training.model import EmbeddingNet
+from training.model import EmbeddingModel
 from training.preprocess import PreprocessSpec
 
 
@@ -150,7 +150,7 @@ def evaluate_closed_set(
 
 
 def evaluate_held_back(
-    model: EmbeddingNet, spec: PreprocessSpec, gallery: Shard, held: Shard, threshold: float
+    model: EmbeddingModel, spec: PreprocessSpec, gallery: Shard, held: Shard, threshold: float
 ) -> EvaluationResult:
     """:func:`evaluate_closed_set` of ``model`` with ``gallery`` (training photos) and ``held`` photos."""
     device = next(model.parameters()).device

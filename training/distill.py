@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from training.evaluate import embed_pixels
-from training.model import EmbeddingNet
+from training.model import EmbeddingModel
 from training.preprocess import PreprocessSpec
 
 
 def teacher_targets(
-    teacher: EmbeddingNet, pixels: torch.Tensor, spec: PreprocessSpec, device: torch.device
+    teacher: EmbeddingModel, pixels: torch.Tensor, spec: PreprocessSpec, device: torch.device
 ) -> torch.Tensor:
     """The teacher's L2-normalised embeddings (N, D) of photos at its own input size, each the mean
     of the photo's and its mirror image's."""

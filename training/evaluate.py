@@ -43,7 +43,7 @@ from training.metrics import (
     verification_accuracy,
     verification_metrics,
 )
-from training.model import EmbeddingNet
+from training.model import EmbeddingModel
 from training.preprocess import PreprocessSpec, normalize
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ Labels = Sequence[str] | np.ndarray
 
 
 def embed_pixels(
-    model: EmbeddingNet,
+    model: EmbeddingModel,
     pixels: torch.Tensor,
     spec: PreprocessSpec,
     device: str | torch.device,

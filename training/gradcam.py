@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from training.model import EmbeddingNet
+from training.model import EmbeddingModel
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _activations_and_gradients(
-    model: EmbeddingNet, image: torch.Tensor, reference: torch.Tensor, layer: torch.nn.Module
+    model: EmbeddingModel, image: torch.Tensor, reference: torch.Tensor, layer: torch.nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``layer``'s (C, h, w) output for a normalised (3, H, W) image and the gradient of the cosine
     similarity to ``reference`` with respect to it."""
@@ -80,7 +80,7 @@ def _to_map(cam: torch.Tensor, height: int, width: int) -> np.ndarray:
 
 
 def gradcam_map(
-    model: EmbeddingNet, image: torch.Tensor, reference: torch.Tensor, layer: torch.nn.Module | None = None
+    model: EmbeddingModel, image: torch.Tensor, reference: torch.Tensor, layer: torch.nn.Module | None = None
 ) -> np.ndarray:
     """Grad-CAM heatmap (H, W) float32 in [0, 1] of a normalised (3, H, W) image.
 
@@ -99,7 +99,7 @@ def gradcam_map(
 
 
 def layercam_map(
-    model: EmbeddingNet, image: torch.Tensor, reference: torch.Tensor, layer: torch.nn.Module | None = None
+    model: EmbeddingModel, image: torch.Tensor, reference: torch.Tensor, layer: torch.nn.Module | None = None
 ) -> np.ndarray:
     """LayerCAM heatmap (H, W) float32 in [0, 1]: the finer map the service and reports show.
 
@@ -124,7 +124,7 @@ def hottest_first(heat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @torch.no_grad()
 def deletion_curve(
-    model: EmbeddingNet, image: torch.Tensor, reference: torch.Tensor, order: np.ndarray, steps: int = 16
+    model: EmbeddingModel, image: torch.Tensor, reference: torch.Tensor, order: np.ndarray, steps: int = 16
 ) -> np.ndarray:
     """Cosine similarity to ``reference`` as the pixels of a normalised (3, H, W) image are hidden.
 
@@ -157,7 +157,7 @@ def curve_area(curve: np.ndarray) -> float:
 
 
 def deletion_areas(
-    model: EmbeddingNet,
+    model: EmbeddingModel,
     image: torch.Tensor,
     reference: torch.Tensor,
     heat: np.ndarray,

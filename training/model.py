@@ -19,6 +19,8 @@ from training.backbones import DEFAULT_BACKBONE, Classifier, get_backbone, svd_f
 # themselves; svd_fc: the pretrained classifier's weights orthonormalised by SVD (needs one).
 NECKS = ("linear_bn", "identity", "svd_fc")
 DEFAULT_NECK = "linear_bn"
+# Several networks' embeddings concatenated (training/fusion.py).
+FUSION_ARCHITECTURE = "fusion-concat"
 
 
 def architecture_name(backbone: str, neck: str) -> str:
@@ -27,6 +29,10 @@ def architecture_name(backbone: str, neck: str) -> str:
 
 def parse_architecture(name: str) -> tuple[str, str]:
     """``<backbone>-gap-<neck>`` -> (backbone, neck); ValueError for anything else."""
+    if name == FUSION_ARCHITECTURE:
+        raise ValueError(
+            f"{name} is several networks fused (training/fusion.py): train one of its branches and fuse again"
+        )
     backbone, sep, neck = name.partition("-gap-")
     neck = neck.replace("-", "_")
     if not sep or neck not in NECKS:
@@ -38,7 +44,31 @@ def parse_architecture(name: str) -> tuple[str, str]:
 ARCHITECTURE = architecture_name(DEFAULT_BACKBONE, DEFAULT_NECK)
 
 
-class EmbeddingNet(nn.Module):
+class EmbeddingModel(nn.Module):
+    """What evaluation and serving need of a model: raw embeddings from ``forward``, L2-normalised
+    ones from ``embed``, their width, the architecture's name and the layers the maps read.
+    :class:`EmbeddingNet` is one network; :class:`training.fusion.FusedEmbeddingNet` several."""
+
+    embedding_dim: int
+
+    @property
+    def architecture(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def fine_gradcam_layer(self) -> nn.Module:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.forward(images), dim=1)
+
+
+class EmbeddingNet(EmbeddingModel):
     """Backbone trunk (pooled features), then the neck to ``embedding_dim``.
 
     ``forward`` returns raw embeddings (what margin heads train on); ``embed`` returns the
@@ -100,10 +130,6 @@ class EmbeddingNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.neck(self.backbone(images))
-
-    @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.forward(images), dim=1)
 
 
 def stage_names(model: EmbeddingNet) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.artifact import ModelCard, export_artifact, load_artifact
+from training.artifact import ArtifactError, ModelCard, export_artifact, load_artifact
 from training.closed_set import evaluate_held_back, side_by_side
 from training.config import DatasetConfig, TrainConfig, build_config
 from training.data import Dataset, Shard, cached_shard, enrol_query_split, load_dataset
@@ -31,8 +31,9 @@ from training.evaluate import (
     one_shot_identification,
     pair_verification_accuracy,
 )
+from training.fusion import Branch, fused_from, normalised_weights
 from training.gradcam import explanation_panel, gradcam_grid, layercam_map
-from training.model import EmbeddingNet
+from training.model import FUSION_ARCHITECTURE, EmbeddingModel, EmbeddingNet
 from training.open_set import MIN_INDIVIDUALS, OpenSetCalibration, calibrate_open_set
 from training.preprocess import PreprocessSpec, normalize
 from training.report import write_report
@@ -99,7 +100,7 @@ def strangers_of(strangers: Shard | None, species: str) -> Shard | None:
     return strangers if strangers is not None and strangers.species == species else None
 
 
-def gradcam_examples(model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, seed: int, count: int = 4):
+def gradcam_examples(model: EmbeddingModel, shard: Shard, spec: PreprocessSpec, seed: int, count: int = 4):
     """(title, [panel]) rows for a few test individuals: a query and an enrolled reference side by
     side, each with its LayerCAM map of the similarity to the other."""
     rng = random.Random(seed)
@@ -122,7 +123,7 @@ def gradcam_examples(model: EmbeddingNet, shard: Shard, spec: PreprocessSpec, se
 
 
 def evaluate_species(
-    model: EmbeddingNet,
+    model: EmbeddingModel,
     spec: PreprocessSpec,
     config: TrainConfig,
     val: Shard,
@@ -254,31 +255,120 @@ def export_run(
             continue
         target = out_root / d.species
         card = _card(d, spec, config, state, run_dir, model)
-        evaluation = evaluate_species(
-            model,
-            spec,
-            config,
-            d.val,
-            d.test,
-            strangers_of(strangers, d.species),
-            target / "report",
-            f"{config.name}: {d.species}",
-            card.to_dict() | {"weights_sha256": "(see card)"},
-        )
-        card.threshold = evaluation.threshold
-        card.threshold_far = config.target_far
-        card.metrics = evaluation.metrics()
-        card.open_set = evaluation.open_set
-        card.warnings = evaluation.warnings
-        if d.held is not None:
-            closed = evaluate_held_back(model, spec, d.train, d.held, evaluation.threshold)
-            with evaluation.report.open("a") as fh:
-                fh.write(side_by_side(evaluation.result.summary(), closed.summary(), evaluation.threshold))
-            card.metrics["closed_set"] = closed.summary()
+        _evaluate_into_card(card, model, config, d, strangers_of(strangers, d.species), target, config.name)
         export_artifact(model, card, target, fp16=config.fp16_export if fp16 is None else fp16)
         log.info("exported %s to %s", d.species, target)
         written.append(target)
     return written
+
+
+def _evaluate_into_card(
+    card: ModelCard,
+    model: EmbeddingModel,
+    config: TrainConfig,
+    d: SpeciesData,
+    strangers: Shard | None,
+    target: Path,
+    title: str,
+) -> None:
+    """Calibrate and evaluate on the split's validation and test individuals (report in
+    ``target/report``) and record the threshold, metrics, open-set table and warnings in ``card``."""
+    spec = card.preprocess
+    evaluation = evaluate_species(
+        model,
+        spec,
+        config,
+        d.val,
+        d.test,
+        strangers,
+        target / "report",
+        f"{title}: {d.species}",
+        card.to_dict() | {"weights_sha256": "(see card)"},
+    )
+    card.threshold = evaluation.threshold
+    card.threshold_far = config.target_far
+    card.metrics = evaluation.metrics()
+    card.open_set = evaluation.open_set
+    card.warnings = evaluation.warnings
+    if d.held is not None:
+        closed = evaluate_held_back(model, spec, d.train, d.held, evaluation.threshold)
+        with evaluation.report.open("a") as fh:
+            fh.write(side_by_side(evaluation.result.summary(), closed.summary(), evaluation.threshold))
+        card.metrics["closed_set"] = closed.summary()
+
+
+def fuse_artifacts(
+    paths: list[str | Path],
+    out_dir: str | Path,
+    weights: list[float] | None = None,
+    fp16: bool = False,
+    device: str = "auto",
+) -> Path:
+    """One artifact of several models of one species fused (training/fusion.py), evaluated and
+    calibrated on their split like an exported run.
+
+    Every model must have the same validation and test individuals (the same data, seed and
+    fractions), so none of them saw an animal the fused model is tested on; the first model's
+    training configuration is the fused card's.
+    """
+    if len(paths) < 2:
+        raise ValueError("fuse needs at least two artifacts")
+    torch_device = resolve_device(device)
+    loaded = [load_artifact(p, torch_device) for p in paths]
+    cards = [item.card for item in loaded]
+    if len({c.species for c in cards}) != 1:
+        raise ValueError(f"the models are of different species: {sorted({c.species for c in cards})}")
+    nets = []
+    for item in loaded:
+        if not isinstance(item.model, EmbeddingNet):
+            raise ArtifactError(f"{item.path} is itself a fused model: fuse its networks directly")
+        nets.append(item.model)
+    for card in cards[1:]:
+        for part in ("val", "test"):
+            if _individuals(split_part(card, part)) != _individuals(split_part(cards[0], part)):
+                raise ValueError(
+                    f"{card.model_version} and {cards[0].model_version} were trained on different splits "
+                    f"(their {part} individuals differ): the fused model's test animals must be new to all"
+                )
+    shares = normalised_weights(list(weights or []), len(loaded))
+    branches = [
+        Branch(c.architecture, c.embedding_dim, c.preprocess, w, c.model_version)
+        for c, w in zip(cards, shares, strict=True)
+    ]
+    model = fused_from(list(zip(nets, branches, strict=True))).to(torch_device)
+    config = card_config(cards[0])
+    config = replace(
+        config, datasets=tuple(d for d in config.datasets if d.species in (None, cards[0].species))
+    )
+    (d,) = [d for d in prepare_data(config, model.preprocess) if d.species == cards[0].species]
+    card = ModelCard(
+        species=cards[0].species,
+        embedding_dim=model.embedding_dim,
+        preprocess=model.preprocess,
+        architecture=FUSION_ARCHITECTURE,
+        pretrained="fusion of " + ", ".join(f"{c.model_version} ({c.pretrained})" for c in cards),
+        training_config=cards[0].training_config
+        | {"fused_from": [c.model_version for c in cards], "fusion_weights": shares},
+        dataset_fingerprint=d.fingerprint,
+        fusion=branches,
+    )
+    target = Path(out_dir)
+    _evaluate_into_card(
+        card,
+        model,
+        config,
+        d,
+        strangers_of(load_strangers(config, model.preprocess), d.species),
+        target,
+        "fusion",
+    )
+    export_artifact(model, card, target, fp16=fp16)
+    log.info("fused %s into %s", ", ".join(c.model_version for c in cards), target)
+    return target
+
+
+def _individuals(dataset: Dataset) -> set[str]:
+    return {s.individual for s in dataset.samples}
 
 
 def _card(
@@ -296,11 +386,14 @@ def _card(
     )
 
 
+# What a card's training_config records beyond the run's options: the epochs trained, the run's
+# folder, a fine-tuned model's lineage, a fused model's sources and weights.
+CARD_ONLY_KEYS = ("epochs_trained", "run_dir", "lineage", "fused_from", "fusion_weights")
+
+
 def card_config(card: ModelCard) -> TrainConfig:
     """The configuration an artifact was trained with, as its model card records it."""
-    return build_config(
-        {k: v for k, v in card.training_config.items() if k not in ("epochs_trained", "run_dir", "lineage")}
-    )
+    return build_config({k: v for k, v in card.training_config.items() if k not in CARD_ONLY_KEYS})
 
 
 def held_out(card: ModelCard, source: str | Path | None = None) -> Dataset:

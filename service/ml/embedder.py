@@ -15,7 +15,7 @@ from PIL import Image
 from service.errors import ConfigurationError
 from training.artifact import LoadedModel, ModelCard
 from training.gradcam import layercam_map
-from training.model import EmbeddingNet
+from training.model import EmbeddingModel
 from training.preprocess import preprocess
 
 
@@ -36,7 +36,7 @@ class Embedder:
     def __init__(self, loaded: LoadedModel, device: torch.device) -> None:
         self.loaded = loaded
         self.device = device
-        self.model: EmbeddingNet = loaded.model.to(device).eval()
+        self.model: EmbeddingModel = loaded.model.to(device).eval()
 
     @property
     def card(self) -> ModelCard:

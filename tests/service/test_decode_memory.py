@@ -61,5 +61,3 @@ def test_decodes_beyond_the_cap_wait_for_a_slot_rather_than_fail() -> None:
     policy.decodes.release()
     worker.join(30)
     assert len(done) == 1  # and served
-
-

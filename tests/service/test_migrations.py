@@ -17,7 +17,14 @@ from service.db.models import Base
 from service.errors import ConfigurationError
 
 TABLES = {
-    "species", "model_versions", "individuals", "images", "embeddings", "audit_log", "review_items", "jobs",
+    "species",
+    "model_versions",
+    "individuals",
+    "images",
+    "embeddings",
+    "audit_log",
+    "review_items",
+    "jobs",
     "index_changes",
 }
 

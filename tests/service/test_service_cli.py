@@ -40,7 +40,14 @@ def test_parser_has_the_service_commands_and_the_training_ones() -> None:
 def test_parser_works_without_training_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "training.cli", None)  # as if the module did not exist
     assert subcommands(cli.build_parser()) == {
-        "serve", "migrate", "demo", "enroll", "identify", "gallery", "finetune", "worker"
+        "serve",
+        "migrate",
+        "demo",
+        "enroll",
+        "identify",
+        "gallery",
+        "finetune",
+        "worker",
     }
 
 

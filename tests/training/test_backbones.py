@@ -127,8 +127,13 @@ def test_a_state_dict_path_loads_and_a_mismatched_one_is_refused_by_name(tmp_pat
 
 def test_svd_fc_neck_is_the_orthonormalised_classifier():
     config = build_config(
-        {"datasets": [{"source": "x", "species": "dog"}], "backbone": "efficientnet_lite0",
-         "pretrained": "imagenet", "neck": "svd_fc", "epochs": 0}
+        {
+            "datasets": [{"source": "x", "species": "dog"}],
+            "backbone": "efficientnet_lite0",
+            "pretrained": "imagenet",
+            "neck": "svd_fc",
+            "epochs": 0,
+        }
     )
     model = build_model(config)
     weight = model.neck[-1].weight.double()
@@ -158,11 +163,22 @@ def animals(tmp_path_factory):
 
 def _config(tmp_path, animals, **overrides):
     values = {
-        "name": "t", "datasets": [{"source": str(animals), "species": "goat"}],
-        "out_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-        "backbone": "efficientnet_lite0", "pretrained": "imagenet", "input_size": 48,
-        "embedding_dim": 32, "batch_size": 16, "lr": 0.05, "scale": 16.0, "margin": 0.2,
-        "val_fraction": 0.15, "test_fraction": 0.15, "eval_repeats": 2, "threads": 1,
+        "name": "t",
+        "datasets": [{"source": str(animals), "species": "goat"}],
+        "out_dir": str(tmp_path / "runs"),
+        "cache_dir": str(tmp_path / "cache"),
+        "backbone": "efficientnet_lite0",
+        "pretrained": "imagenet",
+        "input_size": 48,
+        "embedding_dim": 32,
+        "batch_size": 16,
+        "lr": 0.05,
+        "scale": 16.0,
+        "margin": 0.2,
+        "val_fraction": 0.15,
+        "test_fraction": 0.15,
+        "eval_repeats": 2,
+        "threads": 1,
     }
     return build_config(values | overrides)
 

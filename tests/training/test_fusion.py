@@ -1,0 +1,111 @@
+"""Fusion (``animalid fuse``): networks trained on different data become one artifact whose
+similarity is the weighted mean of theirs, evaluated on the split they share."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from synthetic import make_folder_dataset
+
+from training.artifact import ArtifactError, load_artifact
+from training.cli import main
+from training.config import build_config
+from training.evaluate import embed_pixels
+from training.fusion import FusedEmbeddingNet
+from training.pipeline import export_run, fuse_artifacts
+from training.train import build_model, fit, prepare_data
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two dog-like models of one split: Lite0's ImageNet features at 48 px and a ResNet18 at 32 px
+    trained for one epoch; and a ResNet18 of another split (another seed)."""
+    root = tmp_path_factory.mktemp("fusion")
+    animals = make_folder_dataset(root / "animals", n_individuals=14, n_images=6, size=48)
+
+    def artifact(name, **overrides):
+        values = {
+            "name": name, "datasets": [{"source": str(animals), "species": "goat"}],
+            "out_dir": str(root / "runs"), "cache_dir": str(root / "cache"), "input_size": 32,
+            "embedding_dim": 16, "batch_size": 16, "lr": 0.05, "scale": 16.0, "margin": 0.2, "epochs": 1,
+            "val_fraction": 0.3, "test_fraction": 0.3, "eval_repeats": 2, "threads": 1,
+        }  # fmt: skip
+        config = build_config(values | overrides)
+        (path,) = export_run(fit(config), root / "artifacts" / name)
+        return path, config
+
+    return {
+        "lite": artifact(
+            "lite",
+            backbone="efficientnet_lite0",
+            pretrained="imagenet",
+            neck="identity",
+            epochs=0,
+            input_size=48,
+        ),
+        "resnet": artifact("resnet"),
+        "other_split": artifact("other", seed=1),
+        "root": root,
+    }
+
+
+def test_the_fused_similarity_is_the_weighted_mean_of_the_models(models, tmp_path):
+    (lite, lite_config), (resnet, resnet_config) = models["lite"], models["resnet"]
+    out = fuse_artifacts([lite, resnet], tmp_path / "fused", weights=[3, 1], device="cpu")
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["architecture"] == "fusion-concat" and card["backbone"] == "fusion"
+    assert card["embedding_dim"] == 1280 + 16 and card["input_size"] == [48, 48]
+    assert [(b["architecture"], b["weight"], b["input_size"]) for b in card["fusion"]] == [
+        ("efficientnet_lite0-gap-identity", 0.75, [48, 48]),
+        ("resnet18-gap-linear-bn", 0.25, [32, 32]),
+    ]
+    assert card["threshold"] is not None and 0 <= card["metrics"]["top1"] <= 1
+    assert (out / "report" / "report.md").is_file()
+
+    fused = load_artifact(out)
+    assert isinstance(fused.model, FusedEmbeddingNet)
+    test = prepare_data(lite_config, fused.card.preprocess)[0].test
+    emb = embed_pixels(fused.model, test.pixels, fused.card.preprocess, "cpu")
+    # Each model on the photos as its own preprocessing makes them (the ResNet's 32 px directly from
+    # the photo, the fused model's from its 48 px input: nearly the same pixels).
+    per_model = []
+    for path, config in ((lite, lite_config), (resnet, resnet_config)):
+        loaded = load_artifact(path)
+        pixels = prepare_data(config, loaded.card.preprocess)[0].test.pixels
+        per_model.append(embed_pixels(loaded.model, pixels, loaded.card.preprocess, "cpu"))
+    expected = 0.75 * per_model[0] @ per_model[0].T + 0.25 * per_model[1] @ per_model[1].T
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert np.abs(emb @ emb.T - expected).max() < 0.02
+
+
+def test_models_of_different_splits_or_a_fused_model_are_refused(models, tmp_path):
+    lite, resnet, other = models["lite"][0], models["resnet"][0], models["other_split"][0]
+    with pytest.raises(ValueError, match="different splits"):
+        fuse_artifacts([lite, other], tmp_path / "x", device="cpu")
+    with pytest.raises(ValueError, match="one positive weight per model"):
+        fuse_artifacts([lite, resnet], tmp_path / "x", weights=[1.0], device="cpu")
+    fused = fuse_artifacts([lite, resnet], tmp_path / "fused", device="cpu")
+    with pytest.raises(ArtifactError, match="itself a fused model"):
+        fuse_artifacts([fused, resnet], tmp_path / "y", device="cpu")
+    # Training from a fused model is refused with a reason, not a key error.
+    config = build_config({"init_from": str(fused), "datasets": [{"source": "x", "species": "goat"}]})
+    with pytest.raises(ValueError, match="fusion-concat"):
+        build_model(config)
+
+
+def test_the_fuse_command_writes_the_artifact_and_prints_its_figures(models, tmp_path, capsys):
+    lite, resnet = models["lite"][0], models["resnet"][0]
+    out = tmp_path / "cli"
+    code = main(
+        ["fuse", str(lite), str(resnet), "--weights", "0.9", "0.1", "--out", str(out), "--device", "cpu"]
+    )
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["artifact"] == str(out) and "top1" in printed
+    assert [
+        b["weight"] for b in json.loads((out / "model_card.json").read_text())["fusion"]
+    ] == pytest.approx([0.9, 0.1])
+    assert main(["fuse", str(lite), "--out", str(tmp_path / "one")]) == 2
+    assert "animalid-train fuse: error: fuse needs at least two artifacts" in capsys.readouterr().err
