@@ -13,6 +13,7 @@ of CPU threads, while the server idles.
     .venv/bin/python bench/identify_latency.py                  # N = 100,000
     .venv/bin/python bench/identify_latency.py --gallery 10000 --requests 100
     .venv/bin/python bench/identify_latency.py --models resnet18:112 efficientnet_lite0:224:identity
+    .venv/bin/python bench/identify_latency.py --models artifact:service/demo/models/dog artifact:runs/fused
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import io
 import os
 import platform
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,7 +51,7 @@ from service.ml.images import decode_image
 from service.runtime import image_policy
 from service.services.galleries import build_gallery
 from service.settings import Settings
-from training.artifact import ModelCard, export_artifact, load_artifact
+from training.artifact import ModelCard, export_artifact, load_artifact, read_card
 from training.model import EmbeddingNet
 from training.preprocess import PreprocessSpec
 
@@ -74,8 +76,9 @@ def parse_args() -> argparse.Namespace:
         "--models",
         nargs="+",
         default=["resnet18:112"],
-        metavar="BACKBONE:HEIGHT[xWIDTH][:NECK]",
-        help="models to compare, e.g. efficientnet_lite0:224:identity (neck default linear_bn, 512-D)",
+        metavar="BACKBONE:HEIGHT[xWIDTH][:NECK] | artifact:PATH",
+        help="models to compare, e.g. efficientnet_lite0:224:identity (neck default linear_bn, 512-D), or "
+        "artifact:PATH for a dog artifact as it is (a fused model, say)",
     )
     parser.add_argument("--database-url", help="default: a SQLite file in the work folder")
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
@@ -107,19 +110,28 @@ class ModelChoice:
     backbone: str
     input_size: tuple[int, int]
     neck: str
+    artifact: Path | None = None  # a dog artifact served as it is (e.g. a fused model)
 
     @classmethod
     def parse(cls, text: str) -> ModelChoice:
+        if text.startswith("artifact:"):
+            path = Path(text.removeprefix("artifact:"))
+            card = read_card(path)
+            return cls(card.architecture, card.preprocess.input_size, "", path)
         backbone, size, *rest = text.split(":")
         height, _, width = size.partition("x")
         return cls(backbone, (int(height), int(width or height)), rest[0] if rest else "linear_bn")
 
     def __str__(self) -> str:
         height, width = self.input_size
+        if self.artifact is not None:
+            return f"{self.artifact.name} ({self.backbone}) at {height}x{width}"
         return f"{self.backbone} at {height}x{width}, {self.neck} neck"
 
 
 def build_model(root: Path, choice: ModelChoice) -> Path:
+    if choice.artifact is not None:
+        return Path(shutil.copytree(choice.artifact, root / "models" / SPECIES))
     torch.manual_seed(0)
     net = EmbeddingNet(embedding_dim=512, backbone=choice.backbone, neck=choice.neck).eval()
     card = ModelCard(
