@@ -16,7 +16,9 @@ its card (never seen in training, nor in calibration):
 
 The server runs with target FPIR 1% and review FPIR 5%: `match` answers are the decisions at 1%,
 `match` or `uncertain` those at 5%. Also shown, from the same answers: the card's pair threshold
-(the decision before open-set calibration).
+(the decision before open-set calibration) and, with ``--compare-card``, what another card's
+open-set table (say the card before a recalibration) would have decided and how calibrated its
+confidence would have been.
 
     python bench/open_set_identify.py --data ../shared/data/dogfacenet/manifest.csv
 """
@@ -43,6 +45,7 @@ import numpy as np
 
 from training.artifact import read_card
 from training.data import Sample, enrol_query_split
+from training.open_set import OpenSetCalibration
 from training.pipeline import split_part
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +67,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--compare-card",
+        type=Path,
+        help="a model_card.json whose open-set table's decisions and confidence are also computed from the "
+        "same answers (same embeddings: a card of the same weights)",
+    )
     return parser.parse_args()
 
 
@@ -174,8 +183,39 @@ def ece(confidence: np.ndarray, correct: np.ndarray, weight: np.ndarray, bins: i
     return float(total)
 
 
+def compared_rules(
+    table: OpenSetCalibration, sim: np.ndarray, sizes: np.ndarray, args: argparse.Namespace
+) -> dict[str, np.ndarray]:
+    """What another card's open-set table would have answered ``match`` (and, at the review FPIR,
+    ``match`` or ``uncertain``), from the best similarities and gallery sizes of the answers."""
+    return {
+        f"compared card, target FPIR {fpir:g}": sim
+        >= np.array([table.threshold(int(n), fpir) for n in sizes])
+        for fpir in (args.target_fpir, args.review_fpir)
+    }
+
+
+def calibration_figures(
+    confidence: np.ndarray, right: np.ndarray, stranger: np.ndarray, weight: np.ndarray
+) -> dict[str, float]:
+    """ECE (strangers weighted, enrolled only, every query alike), mean confidence, share right."""
+    return {
+        "ece": ece(confidence, right.astype(np.float64), weight),
+        "ece_enrolled_only": ece(
+            confidence[~stranger], right[~stranger].astype(np.float64), weight[~stranger]
+        ),
+        "ece_unweighted": ece(confidence, right.astype(np.float64), np.ones(len(confidence))),
+        "mean_confidence": float(confidence.mean()),
+        "top1_right": float(right.mean()),
+    }
+
+
 def figures(
-    answers: list[dict], pair_threshold: float, stranger_weight: float
+    answers: list[dict],
+    pair_threshold: float,
+    stranger_weight: float,
+    args: argparse.Namespace,
+    compare: OpenSetCalibration | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per decision rule: FPIR, right matches of enrolled dogs, wrong matches among match answers."""
     stranger = np.array([a["truth"] is None for a in answers])
@@ -190,6 +230,9 @@ def figures(
         "target FPIR 5% (match or uncertain)": np.isin(decisions, ["match", "uncertain"]),
         f"pair threshold {pair_threshold:.3f} (before)": sim >= pair_threshold,
     }
+    sizes = np.array([a["gallery_size"] for a in answers])
+    if compare is not None:
+        rules |= compared_rules(compare, sim, sizes, args)
     out = {}
     for name, matched in rules.items():
         out[name] = {
@@ -203,20 +246,24 @@ def figures(
         }
     confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
     weight = np.where(stranger, stranger_weight, 1.0)
-    out["confidence"] = {
-        "ece": ece(confidence, right.astype(np.float64), weight),
-        "ece_enrolled_only": ece(
-            confidence[~stranger], right[~stranger].astype(np.float64), weight[~stranger]
-        ),
-        "ece_unweighted": ece(confidence, right.astype(np.float64), np.ones(len(answers))),
-        "mean_confidence": float(confidence.mean()),
-        "top1_right": float(right.mean()),
-    }
+    out["confidence"] = calibration_figures(confidence, right, stranger, weight)
+    if compare is not None:
+        compared = np.array([compare.probability(float(x), int(n)) for x, n in zip(sim, sizes, strict=True)])
+        out["compared card confidence"] = calibration_figures(compared, right, stranger, weight)
     out["threshold"] = {
         "match": float(answers[-1]["threshold"]),
         "review": float(answers[-1]["review_threshold"]),
     }
     return out
+
+
+def compared_table(path: Path | None) -> OpenSetCalibration | None:
+    if path is None:
+        return None
+    table = json.loads(path.read_text()).get("open_set")
+    if table is None:
+        raise SystemExit(f"{path}: no open-set table to compare with")
+    return OpenSetCalibration.from_dict(table)
 
 
 def main() -> int:
@@ -226,6 +273,7 @@ def main() -> int:
         raise SystemExit(f"{args.artifact}: the model card has no open-set table (run `animalid calibrate`)")
     test = list(split_part(card, "test", args.data).samples)
     padding = list(split_part(card, "val", args.data).samples)
+    compare = compared_table(args.compare_card)
     chosen = plan(test, padding, args.stranger_fraction, args.seed)
     species = card.species
     results: dict[str, object] = {}
@@ -260,7 +308,7 @@ def main() -> int:
                 answers = []
                 for truth, photo in [*asked, *((None, p) for _, p in strangers)]:
                     answers.append(identify(client, species, photo) | {"truth": truth})
-                figs = figures(answers, card.threshold or 0.0, stranger_weight)
+                figs = figures(answers, card.threshold or 0.0, stranger_weight, args, compare)
                 figs["counts"] = {
                     "gallery_images": answers[-1]["gallery_size"],
                     "enrolled_individuals": len(enrolled),
@@ -279,6 +327,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "artifact": str(args.artifact),
         "model_version": card.model_version,
+        "compared_card": str(args.compare_card) if args.compare_card else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(meta))
