@@ -8,7 +8,8 @@ its card (never seen in training, nor in calibration):
 
 * a quarter of them (seeded) are strangers: never enrolled, every photo a query (all of them at
   each gallery size; in the confidence's calibration error they weigh as a quarter of the dogs
-  asked about, the mix the confidence was fitted on);
+  asked about, the mix the confidence was fitted on); with ``--card-strangers``, the animals the
+  card's training configuration kept aside as strangers instead (cattle: the 10 openset-* cows);
 * the others have about half their photos enrolled (`enrol_query_split`), the rest are queries;
 * the ~100-image gallery enrols a seeded subset of those dogs; the ~1,000-image gallery all of them
   plus, as further distractors, every photo of the artifact's validation individuals (not seen in
@@ -43,10 +44,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from training.artifact import read_card
-from training.data import Sample, enrol_query_split
+from training.artifact import ModelCard, read_card
+from training.data import Sample, enrol_query_split, load_dataset
 from training.open_set import OpenSetCalibration
-from training.pipeline import split_part
+from training.pipeline import card_config, split_part
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIES_KEY = "bench-admin-key"
@@ -64,6 +65,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target-fpir", type=float, default=0.01)
     parser.add_argument("--review-fpir", type=float, default=0.05)
     parser.add_argument("--stranger-fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--card-strangers",
+        action="store_true",
+        help="the strangers are the animals the card's training configuration keeps aside as such (cattle: "
+        "the openset-* cows), every photo a query; every test individual is then enrolled",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
@@ -85,12 +92,19 @@ class Plan:
     strangers: list[tuple[str, Path]]
 
 
-def plan(test: list[Sample], padding: list[Sample], stranger_fraction: float, seed: int) -> Plan:
+def plan(
+    test: list[Sample],
+    padding: list[Sample],
+    stranger_fraction: float,
+    seed: int,
+    outside_strangers: list[Sample] | None = None,
+) -> Plan:
+    """With ``outside_strangers``, those are the strangers and every test individual is enrolled."""
     rng = random.Random(seed)
     names = sorted({s.individual for s in test})
     rng.shuffle(names)
-    n_strangers = round(len(names) * stranger_fraction)
-    strangers = set(names[:n_strangers])
+    n_strangers = 0 if outside_strangers is not None else round(len(names) * stranger_fraction)
+    strangers = set(names[:n_strangers]) | {s.individual for s in outside_strangers or []}
     known = [s for s in test if s.individual not in strangers]
     enrol_idx, query_idx = enrol_query_split([s.individual for s in known], [s.group for s in known], rng)
     enrol: dict[str, list[Path]] = defaultdict(list)
@@ -107,8 +121,9 @@ def plan(test: list[Sample], padding: list[Sample], stranger_fraction: float, se
     rng.shuffle(pad_names)
     for name in pad_names:
         enrol[name] = pad[name]
+    asked = outside_strangers if outside_strangers is not None else test
     return Plan(
-        dict(enrol), dict(genuine), [(s.individual, s.path) for s in test if s.individual in strangers]
+        dict(enrol), dict(genuine), [(s.individual, s.path) for s in asked if s.individual in strangers]
     )
 
 
@@ -257,6 +272,21 @@ def figures(
     return out
 
 
+def card_strangers(card: ModelCard, data: Path) -> list[Sample]:
+    """Every photo of the animals the card's training configuration keeps aside as strangers (read
+    from ``data``, where the card's training data lives now)."""
+    spec = card_config(card).strangers
+    if spec is None:
+        raise SystemExit("--card-strangers: the card's training configuration names no strangers")
+    found = load_dataset(
+        data,
+        species=spec.species,
+        group_pattern=spec.group_pattern,
+        exclude_individuals=spec.exclude_individuals,
+    )
+    return list(found.samples)
+
+
 def compared_table(path: Path | None) -> OpenSetCalibration | None:
     if path is None:
         return None
@@ -274,7 +304,8 @@ def main() -> int:
     test = list(split_part(card, "test", args.data).samples)
     padding = list(split_part(card, "val", args.data).samples)
     compare = compared_table(args.compare_card)
-    chosen = plan(test, padding, args.stranger_fraction, args.seed)
+    outside = card_strangers(card, args.data) if args.card_strangers else None
+    chosen = plan(test, padding, args.stranger_fraction, args.seed, outside)
     species = card.species
     results: dict[str, object] = {}
     started = time.perf_counter()
