@@ -71,8 +71,8 @@ TAIL_LEVEL_SHARE = 0.1
 """Above the pooled distractor scores' top share this large, every query's tail has the pooled shape."""
 TAIL_SHARE = 0.003
 """The pooled distractor scores' top share the power tail is fitted to. On dogs held out from the
-calibration it kept the measured FPIR nearest its target (1% share: twice too strict; 0.1%: too
-lenient and noisier)."""
+calibration it kept the measured FPIR nearest its target (1% share: 0.5-0.7 times a 1% target;
+0.1%: 1.3-1.6 times)."""
 MIN_TAIL_SCORES = 50
 """Fewest pooled scores the power tail is fitted to (a small validation set fits to more than its
 top :data:`TAIL_SHARE`)."""

@@ -177,7 +177,7 @@ def beta_scores(
 @pytest.mark.parametrize("target", [0.01, 0.05])
 def test_thresholds_for_galleries_beyond_the_validation_data_meet_their_target(individuals, target) -> None:
     # 100 distractors per query: the empirical F_q is 1 above each query's highest score, so for 1,000
-    # or 10,000 individuals a purely empirical table lets 7-60 times the target through. With the
+    # or 10,000 individuals a purely empirical table lets 7-57 times the target through. With the
     # pooled tail the true FPIR (from the known Beta distributions) is within a factor 1.5. Over other
     # seeds the tail errs strict: at 10,000 individuals and 1% the true FPIR ranged 0.34-1.0 times the
     # target over seeds 0-7 (1,000 individuals: 0.56-1.12).
