@@ -8,7 +8,8 @@ its card (never seen in training, nor in calibration):
 
 * a quarter of them (seeded) are strangers: never enrolled, every photo a query (all of them at
   each gallery size; in the confidence's calibration error they weigh as a quarter of the dogs
-  asked about, the mix the confidence was fitted on);
+  asked about, the mix the confidence was fitted on); with ``--card-strangers``, the animals the
+  card's training configuration kept aside as strangers instead (cattle: the 10 openset-* cows);
 * the others have about half their photos enrolled (`enrol_query_split`), the rest are queries;
 * the ~100-image gallery enrols a seeded subset of those dogs; the ~1,000-image gallery all of them
   plus, as further distractors, every photo of the artifact's validation individuals (not seen in
@@ -16,7 +17,9 @@ its card (never seen in training, nor in calibration):
 
 The server runs with target FPIR 1% and review FPIR 5%: `match` answers are the decisions at 1%,
 `match` or `uncertain` those at 5%. Also shown, from the same answers: the card's pair threshold
-(the decision before open-set calibration).
+(the decision before open-set calibration) and, with ``--compare-card``, what another card's
+open-set table (say the card before a recalibration) would have decided and how calibrated its
+confidence would have been.
 
     python bench/open_set_identify.py --data ../shared/data/dogfacenet/manifest.csv
 """
@@ -41,9 +44,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from training.artifact import read_card
-from training.data import Sample, enrol_query_split
-from training.pipeline import split_part
+from training.artifact import ModelCard, read_card
+from training.data import Sample, enrol_query_split, load_dataset
+from training.open_set import OpenSetCalibration
+from training.pipeline import card_config, split_part
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIES_KEY = "bench-admin-key"
@@ -61,9 +65,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target-fpir", type=float, default=0.01)
     parser.add_argument("--review-fpir", type=float, default=0.05)
     parser.add_argument("--stranger-fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--card-strangers",
+        action="store_true",
+        help="the strangers are the animals the card's training configuration keeps aside as such (cattle: "
+        "the openset-* cows), every photo a query; every test individual is then enrolled",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--compare-card",
+        type=Path,
+        help="a model_card.json whose open-set table's decisions and confidence are also computed from the "
+        "same answers (same embeddings: a card of the same weights)",
+    )
     return parser.parse_args()
 
 
@@ -76,12 +92,19 @@ class Plan:
     strangers: list[tuple[str, Path]]
 
 
-def plan(test: list[Sample], padding: list[Sample], stranger_fraction: float, seed: int) -> Plan:
+def plan(
+    test: list[Sample],
+    padding: list[Sample],
+    stranger_fraction: float,
+    seed: int,
+    outside_strangers: list[Sample] | None = None,
+) -> Plan:
+    """With ``outside_strangers``, those are the strangers and every test individual is enrolled."""
     rng = random.Random(seed)
     names = sorted({s.individual for s in test})
     rng.shuffle(names)
-    n_strangers = round(len(names) * stranger_fraction)
-    strangers = set(names[:n_strangers])
+    n_strangers = 0 if outside_strangers is not None else round(len(names) * stranger_fraction)
+    strangers = set(names[:n_strangers]) | {s.individual for s in outside_strangers or []}
     known = [s for s in test if s.individual not in strangers]
     enrol_idx, query_idx = enrol_query_split([s.individual for s in known], [s.group for s in known], rng)
     enrol: dict[str, list[Path]] = defaultdict(list)
@@ -98,8 +121,9 @@ def plan(test: list[Sample], padding: list[Sample], stranger_fraction: float, se
     rng.shuffle(pad_names)
     for name in pad_names:
         enrol[name] = pad[name]
+    asked = outside_strangers if outside_strangers is not None else test
     return Plan(
-        dict(enrol), dict(genuine), [(s.individual, s.path) for s in test if s.individual in strangers]
+        dict(enrol), dict(genuine), [(s.individual, s.path) for s in asked if s.individual in strangers]
     )
 
 
@@ -174,8 +198,39 @@ def ece(confidence: np.ndarray, correct: np.ndarray, weight: np.ndarray, bins: i
     return float(total)
 
 
+def compared_rules(
+    table: OpenSetCalibration, sim: np.ndarray, sizes: np.ndarray, args: argparse.Namespace
+) -> dict[str, np.ndarray]:
+    """What another card's open-set table would have answered ``match`` (and, at the review FPIR,
+    ``match`` or ``uncertain``), from the best similarities and gallery sizes of the answers."""
+    return {
+        f"compared card, target FPIR {fpir:g}": sim
+        >= np.array([table.threshold(int(n), fpir) for n in sizes])
+        for fpir in (args.target_fpir, args.review_fpir)
+    }
+
+
+def calibration_figures(
+    confidence: np.ndarray, right: np.ndarray, stranger: np.ndarray, weight: np.ndarray
+) -> dict[str, float]:
+    """ECE (strangers weighted, enrolled only, every query alike), mean confidence, share right."""
+    return {
+        "ece": ece(confidence, right.astype(np.float64), weight),
+        "ece_enrolled_only": ece(
+            confidence[~stranger], right[~stranger].astype(np.float64), weight[~stranger]
+        ),
+        "ece_unweighted": ece(confidence, right.astype(np.float64), np.ones(len(confidence))),
+        "mean_confidence": float(confidence.mean()),
+        "top1_right": float(right.mean()),
+    }
+
+
 def figures(
-    answers: list[dict], pair_threshold: float, stranger_weight: float
+    answers: list[dict],
+    pair_threshold: float,
+    stranger_weight: float,
+    args: argparse.Namespace,
+    compare: OpenSetCalibration | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per decision rule: FPIR, right matches of enrolled dogs, wrong matches among match answers."""
     stranger = np.array([a["truth"] is None for a in answers])
@@ -190,6 +245,9 @@ def figures(
         "target FPIR 5% (match or uncertain)": np.isin(decisions, ["match", "uncertain"]),
         f"pair threshold {pair_threshold:.3f} (before)": sim >= pair_threshold,
     }
+    sizes = np.array([a["gallery_size"] for a in answers])
+    if compare is not None:
+        rules |= compared_rules(compare, sim, sizes, args)
     out = {}
     for name, matched in rules.items():
         out[name] = {
@@ -203,20 +261,39 @@ def figures(
         }
     confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
     weight = np.where(stranger, stranger_weight, 1.0)
-    out["confidence"] = {
-        "ece": ece(confidence, right.astype(np.float64), weight),
-        "ece_enrolled_only": ece(
-            confidence[~stranger], right[~stranger].astype(np.float64), weight[~stranger]
-        ),
-        "ece_unweighted": ece(confidence, right.astype(np.float64), np.ones(len(answers))),
-        "mean_confidence": float(confidence.mean()),
-        "top1_right": float(right.mean()),
-    }
+    out["confidence"] = calibration_figures(confidence, right, stranger, weight)
+    if compare is not None:
+        compared = np.array([compare.probability(float(x), int(n)) for x, n in zip(sim, sizes, strict=True)])
+        out["compared card confidence"] = calibration_figures(compared, right, stranger, weight)
     out["threshold"] = {
         "match": float(answers[-1]["threshold"]),
         "review": float(answers[-1]["review_threshold"]),
     }
     return out
+
+
+def card_strangers(card: ModelCard, data: Path) -> list[Sample]:
+    """Every photo of the animals the card's training configuration keeps aside as strangers (read
+    from ``data``, where the card's training data lives now)."""
+    spec = card_config(card).strangers
+    if spec is None:
+        raise SystemExit("--card-strangers: the card's training configuration names no strangers")
+    found = load_dataset(
+        data,
+        species=spec.species,
+        group_pattern=spec.group_pattern,
+        exclude_individuals=spec.exclude_individuals,
+    )
+    return list(found.samples)
+
+
+def compared_table(path: Path | None) -> OpenSetCalibration | None:
+    if path is None:
+        return None
+    table = json.loads(path.read_text()).get("open_set")
+    if table is None:
+        raise SystemExit(f"{path}: no open-set table to compare with")
+    return OpenSetCalibration.from_dict(table)
 
 
 def main() -> int:
@@ -226,7 +303,9 @@ def main() -> int:
         raise SystemExit(f"{args.artifact}: the model card has no open-set table (run `animalid calibrate`)")
     test = list(split_part(card, "test", args.data).samples)
     padding = list(split_part(card, "val", args.data).samples)
-    chosen = plan(test, padding, args.stranger_fraction, args.seed)
+    compare = compared_table(args.compare_card)
+    outside = card_strangers(card, args.data) if args.card_strangers else None
+    chosen = plan(test, padding, args.stranger_fraction, args.seed, outside)
     species = card.species
     results: dict[str, object] = {}
     started = time.perf_counter()
@@ -260,7 +339,7 @@ def main() -> int:
                 answers = []
                 for truth, photo in [*asked, *((None, p) for _, p in strangers)]:
                     answers.append(identify(client, species, photo) | {"truth": truth})
-                figs = figures(answers, card.threshold or 0.0, stranger_weight)
+                figs = figures(answers, card.threshold or 0.0, stranger_weight, args, compare)
                 figs["counts"] = {
                     "gallery_images": answers[-1]["gallery_size"],
                     "enrolled_individuals": len(enrolled),
@@ -279,6 +358,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "artifact": str(args.artifact),
         "model_version": card.model_version,
+        "compared_card": str(args.compare_card) if args.compare_card else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(meta))

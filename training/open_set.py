@@ -11,8 +11,8 @@ threshold grows with the gallery. This module simulates galleries on validation 
 * a gallery of ``n`` images holds ``k = n / m`` individuals (``m`` enrolled images per individual
   on average): the query's own individual (for an enrolled one) plus distractors drawn at random
   from its distractor scores. With ``F_q(t)`` the share of query ``q``'s distractor scores below
-  ``t``, the chance that none of ``k`` reaches ``t`` is ``F_q(t) ** k``. So, exactly for the
-  empirical distributions and for any gallery size (also larger than the validation data):
+  ``t`` (with a fitted tail above its highest ones: below), the chance that none of ``k`` reaches
+  ``t`` is ``F_q(t) ** k``. So, for any gallery size:
 
   - FPIR(t, n), strangers answered ``match``:  mean over strangers of ``1 - F_s(t) ** k``
   - TPIR(t, n), enrolled queries answered ``match`` with the right individual:
@@ -21,6 +21,18 @@ threshold grows with the gallery. This module simulates galleries on validation 
 
 Drawing distractors per *individual* (its best image) keeps the images of one animal together,
 which is how the service ranks (best image per individual).
+
+A validation set holds only some 100 distractors per query, so the empirical ``F_q(t)`` is 1 above
+the query's highest one, and ``F_q(t) ** k`` stops falling once a gallery is a few times larger than
+the validation data: the thresholds would stop rising and the FPIR of large galleries would run
+far above its target. So above a common level ``u`` (the top :data:`TAIL_LEVEL_SHARE` of every
+query's distractor scores, pooled) each query keeps its own share above ``u`` and takes the shape
+of its tail from the pooled scores (:class:`DistractorTail`): ``1 - F_q(t) = (1 - F_q(u)) *
+S(t) / S(u)``, with ``S`` the pooled scores' survival. ``S`` is empirical down to the top
+:data:`TAIL_SHARE` of the pooled scores and a power of ``1 - t`` beyond (similarities end at 1).
+The mean of the queries' tails is the pooled tail, which is what a low FPIR depends on
+(``FPIR ~ k * mean_q (1 - F_q(t))``); per-query shapes fitted to 100 scores each were much worse on
+held-out dogs (docs/results.md).
 
 The confidence that the best candidate is right is an isotonic regression of "top-1 is the
 query's individual" on the top-1 similarity, fitted on queries drawn the same way (top-1 of the
@@ -34,6 +46,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -54,6 +67,17 @@ BOOTSTRAP_LEVEL = 0.9
 BOOTSTRAP_RESAMPLES = 200
 THRESHOLD_GRID = np.round(np.arange(-0.2, 1.0005, 0.001), 3)
 """Candidate thresholds (cosine similarity) the rates are evaluated at."""
+TAIL_LEVEL_SHARE = 0.1
+"""Above the pooled distractor scores' top share this large, every query's tail has the pooled shape."""
+TAIL_SHARE = 0.003
+"""The pooled distractor scores' top share the power tail is fitted to. On dogs held out from the
+calibration it kept the measured FPIR nearest its target (1% share: 0.5-0.7 times a 1% target;
+0.1%: 1.3-1.6 times)."""
+MIN_TAIL_SCORES = 50
+"""Fewest pooled scores the power tail is fitted to (a small validation set fits to more than its
+top :data:`TAIL_SHARE`)."""
+MIN_POOLED_SCORES = 500
+"""Fewer pooled distractor scores than this fit no tail: the rates are the empirical ones."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +95,92 @@ class QueryScores:
     def is_stranger(self) -> np.ndarray:
         return np.isnan(self.genuine)
 
+    @cached_property
+    def tail(self) -> DistractorTail | None:
+        """The pooled tail of every query's distractor scores (None when too few to fit one)."""
+        return DistractorTail.fit(self.distractors)
+
 
 def below(sorted_scores: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Share of ``sorted_scores`` strictly below each value of ``t``."""
     if sorted_scores.size == 0:
         return np.ones(np.shape(t))
     return np.searchsorted(sorted_scores, t, side="left") / sorted_scores.size
+
+
+@dataclass(frozen=True)
+class DistractorTail:
+    """Survival ``S(t)`` of the pooled distractor scores: empirical down to the top ``start_share``
+    (scores above ``start``), then ``start_share * ((1 - t) / (1 - start)) ** power``.
+
+    The power tail is the bounded one of extreme-value theory with its end point known (a cosine
+    similarity ends at 1): one parameter, fitted by maximum likelihood (``-log(1 - t)`` is then
+    exponential above ``start``), so it extrapolates with less noise than a generalized Pareto tail
+    whose end point is fitted too.
+    """
+
+    pooled: np.ndarray  # every query's distractor scores, sorted
+    level: float  # above it, a query's tail is its own share above it times the pooled shape
+    start: float
+    start_share: float
+    power: float
+
+    @classmethod
+    def fit(cls, distractors: Sequence[np.ndarray]) -> DistractorTail | None:
+        pooled = np.sort(np.concatenate([np.asarray(d, np.float64) for d in distractors] or [np.zeros(0)]))
+        n = pooled.size
+        if n < MIN_POOLED_SCORES:
+            return None
+        top = max(round(n * TAIL_SHARE), MIN_TAIL_SCORES)
+        start = float(pooled[n - top - 1])
+        log_gap = np.log(gap_to_one(np.array([start]))) - np.log(gap_to_one(pooled[n - top :]))
+        return cls(
+            pooled=pooled,
+            level=float(pooled[math.floor(n * (1 - TAIL_LEVEL_SHARE))]),
+            start=start,
+            start_share=top / n,
+            power=1.0 / max(float(log_gap.mean()), 1e-9),
+        )
+
+    def survival(self, t: np.ndarray) -> np.ndarray:
+        """Share of pooled distractor scores at or above each ``t`` (the power tail above ``start``)."""
+        t = np.asarray(t, dtype=np.float64)
+        empirical = 1.0 - below(self.pooled, t)
+        power = self.start_share * (gap_to_one(t) / gap_to_one(np.array(self.start))) ** self.power
+        return np.where(t > self.start, power, empirical)
+
+    def quantile(self, share: float) -> float:
+        """A score whose survival is ``share`` (the inverse of :meth:`survival`)."""
+        if share < self.start_share:
+            return 1.0 - (1.0 - self.start) * (share / self.start_share) ** (1.0 / self.power)
+        n = self.pooled.size
+        return float(self.pooled[n - min(max(math.ceil(share * n), 1), n)])
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "level": round(self.level, 4),
+            "start": round(self.start, 4),
+            "start_share": round(self.start_share, 6),
+            "power": round(self.power, 3),
+            "pooled_scores": self.pooled.size,
+        }
+
+
+def gap_to_one(t: np.ndarray) -> np.ndarray:
+    """``1 - t``, kept above zero (a similarity of 1 would put the tail's logarithm at infinity)."""
+    return np.maximum(1.0 - np.asarray(t, dtype=np.float64), 1e-6)
+
+
+def distractor_cdf(sorted_scores: np.ndarray, t: np.ndarray, tail: DistractorTail | None) -> np.ndarray:
+    """``F_q(t)``: the query's empirical share of distractor scores below ``t``, and above the tail's
+    level ``1 - (own share above the level) * S(t) / S(level)``, so it keeps rising past the query's
+    highest score (see the module docstring)."""
+    empirical = below(sorted_scores, t)
+    if tail is None or sorted_scores.size == 0:
+        return empirical
+    own = 1.0 - float(below(sorted_scores, np.array([tail.level]))[0])
+    beyond = 1.0 - own * tail.survival(t) / tail.survival(np.array(tail.level))
+    return np.where(np.asarray(t) >= tail.level, beyond, empirical)
 
 
 def stranger_match_chance(
@@ -86,7 +190,7 @@ def stranger_match_chance(
     k = max(float(gallery_individuals), 1.0)
     thresholds = np.asarray(thresholds, dtype=np.float64)
     rows = [
-        1.0 - below(d, thresholds) ** k
+        1.0 - distractor_cdf(d, thresholds, scores.tail) ** k
         for g, d in zip(scores.genuine, scores.distractors, strict=True)
         if math.isnan(g)
     ]
@@ -104,7 +208,7 @@ def identification_rates(
     for g, d in zip(scores.genuine, scores.distractors, strict=True):
         if not math.isnan(g):
             # the own individual is in the gallery; k - 1 distractors must all score below it
-            tpir += (g >= thresholds) * float(below(d, np.array([g]))[0] ** (k - 1.0))
+            tpir += (g >= thresholds) * float(distractor_cdf(d, np.array([g]), scores.tail)[0] ** (k - 1.0))
     chance = stranger_match_chance(scores, thresholds, k)
     fpir = chance.mean(axis=0) if len(chance) else np.zeros(thresholds.shape)
     return fpir, tpir / max(n_known, 1)
@@ -178,6 +282,9 @@ class OpenSetCalibration:
     # table is an extrapolation (the strangers' highest distractor scores are all it has seen).
     simulated_up_to: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    # The fitted tail of the distractor scores that larger galleries are extrapolated with (empty: the
+    # table was computed without one, so beyond simulated_up_to it only reuses the highest scores seen).
+    tail: dict[str, float] = field(default_factory=dict)
     # Not stored in the card: the curves the report plots.
     curves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -193,6 +300,7 @@ class OpenSetCalibration:
             "separation": {k: round(v, 4) for k, v in self.separation.items()},
             "simulated_up_to": self.simulated_up_to,
             "counts": dict(self.counts),
+            "tail": dict(self.tail),
         }
 
     @classmethod
@@ -211,6 +319,7 @@ class OpenSetCalibration:
             separation={str(k): float(v) for k, v in dict(data.get("separation") or {}).items()},
             simulated_up_to=int(data.get("simulated_up_to") or 0),
             counts={str(k): int(v) for k, v in dict(data.get("counts") or {}).items()},
+            tail={str(k): float(v) for k, v in dict(data.get("tail") or {}).items()},
         )
         shapes_ok = (
             len(sizes) > 0
@@ -325,19 +434,14 @@ def sampled_top1(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 similarity and whether it is the query's own individual, for ``draws`` random galleries
     of ``gallery_individuals`` individuals per query (the maximum of k distractors is drawn by
-    inverting its distribution ``F(t) ** k``)."""
+    inverting its distribution ``F(t) ** k``, with the tail beyond the query's own scores)."""
     k = max(float(gallery_individuals), 1.0)
     top: list[float] = []
     right: list[bool] = []
     for g, d in zip(scores.genuine, scores.distractors, strict=True):
         kd = k if math.isnan(g) else k - 1.0
         for u in rng.random(draws):
-            if d.size == 0 or kd < 1.0:
-                best_d = -math.inf
-            else:
-                # P(max <= d[j]) = ((j + 1) / m) ** kd  ->  j = ceil(m * u ** (1 / kd)) - 1
-                j = min(max(math.ceil(d.size * u ** (1.0 / kd)) - 1, 0), d.size - 1)
-                best_d = float(d[j])
+            best_d = -math.inf if d.size == 0 or kd < 1.0 else max_quantile(d, u ** (1.0 / kd), scores.tail)
             if not math.isnan(g) and g >= best_d:
                 top.append(float(g))
                 right.append(True)
@@ -345,6 +449,16 @@ def sampled_top1(
                 top.append(best_d)
                 right.append(False)
     return np.array(top), np.array(right)
+
+
+def max_quantile(sorted_scores: np.ndarray, p: float, tail: DistractorTail | None) -> float:
+    """The distractor score whose ``F_q`` is ``p`` (:func:`distractor_cdf` inverted)."""
+    m = sorted_scores.size
+    own = 0.0 if tail is None else 1.0 - float(below(sorted_scores, np.array([tail.level]))[0])
+    if tail is not None and p > 1.0 - own:
+        return tail.quantile((1.0 - p) / own * float(tail.survival(np.array(tail.level))))
+    # P(score <= d[j]) = (j + 1) / m  ->  j = ceil(m * p) - 1
+    return float(sorted_scores[min(max(math.ceil(m * p) - 1, 0), m - 1)])
 
 
 def calibrate_open_set(
@@ -409,5 +523,6 @@ def calibrate_open_set(
             "stranger_queries": int(stranger.sum()),
             "enrolled_queries": int((~stranger).sum()),
         },
+        tail=scores.tail.to_dict() if scores.tail is not None else {},
         curves=curves,
     )

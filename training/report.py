@@ -202,11 +202,18 @@ def open_set_lines(table: OpenSetCalibration, out: Path) -> list[str]:
         cells = (f"{t:.3f} (TPIR {p:.3f})" for t, p in zip(thresholds, tpir, strict=True))
         lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
     if table.simulated_up_to:
+        beyond = (
+            f"a tail fitted to the top {table.tail['start_share']:.2%} of the distractor scores "
+            f"(`1 - similarity` to the power {table.tail['power']:.1f}), so they are only as good "
+            "as that tail"
+            if table.tail
+            else "they can only use the highest scores seen, so their true FPIR is likely "
+            "higher than the target"
+        )
         lines += [
             "",
             f"The validation data hold distinct individuals for galleries up to about "
-            f"{table.simulated_up_to:,} images; rows beyond are extrapolations that can only use the "
-            "highest scores seen, so their true FPIR is likely higher than the target.",
+            f"{table.simulated_up_to:,} images; rows beyond are extrapolations: {beyond}.",
         ]
     sep = table.separation
     if sep:

@@ -76,6 +76,18 @@ class OperatingPoint:
         return "unknown"
 
 
+def beyond_validation(table: OpenSetCalibration, gallery_size: int) -> str:
+    """What the reason says of a gallery larger than the calibration's validation data could simulate."""
+    if not 0 < table.simulated_up_to < gallery_size:
+        return ""
+    larger = (
+        f"; the gallery is larger than the {table.simulated_up_to} images its validation data could simulate"
+    )
+    if table.tail:
+        return f"{larger}: the threshold extrapolates a tail fitted to their highest distractor scores"
+    return f"{larger}, so the true FPIR is likely higher"
+
+
 def operating_point(
     card: ModelCard | None, limits: Limits, species: str, gallery_size: int, requested: float | None
 ) -> OperatingPoint:
@@ -92,12 +104,7 @@ def operating_point(
             source="open_set",
             reason=f"threshold {cut:.3f} keeps never-enrolled animals answered match at {fpir:g} (target "
             f"FPIR) in a gallery of {gallery_size} images: the model card's open-set table, interpolated"
-            + (
-                f"; the gallery is larger than the {table.simulated_up_to} images its validation data could "
-                "simulate, so the true FPIR is likely higher"
-                if 0 < table.simulated_up_to < gallery_size
-                else ""
-            ),
+            + beyond_validation(table, gallery_size),
             review_threshold=review if review is not None and review < cut else None,
             target_fpir=fpir,
             table=table,
@@ -288,9 +295,7 @@ def verify(
     threshold: float | None,
     include_timings: bool,
 ) -> VerifyResult:
-    found = compare(
-        session, registry, metrics, limits.images, species, image, individual_id, reference_image
-    )
+    found = compare(session, registry, metrics, limits.images, species, image, individual_id, reference_image)
     cut, source = effective_threshold(found.serving.embedder.card, limits.default_threshold, threshold)
     return VerifyResult(
         species=species,

@@ -50,6 +50,10 @@ def test_operating_point_interpolates_the_table_for_the_gallery_size() -> None:
         replace(card, open_set=replace(TABLE, simulated_up_to=50)), LIMITS, "dog", 100, None
     )
     assert "larger than the 50 images its validation data could simulate" in beyond.reason
+    assert "likely higher" in beyond.reason
+    fitted = replace(TABLE, simulated_up_to=50, tail={"power": 9.0, "start_share": 0.003})
+    extrapolated = operating_point(replace(card, open_set=fitted), LIMITS, "dog", 100, None)
+    assert "extrapolates a tail fitted" in extrapolated.reason and "likely higher" not in extrapolated.reason
     # cattle's own target FPIR is the review one: no band
     cattle = operating_point(card, LIMITS, "cattle", 100, None)
     assert cattle.threshold == pytest.approx(0.5) and cattle.review_threshold is None
