@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from synthetic import make_folder_dataset
 
 from training.model import EmbeddingNet
 
@@ -53,3 +54,9 @@ def tiny_model() -> EmbeddingNet:
     """A randomly initialised EmbeddingNet (seeded), in eval mode, on the CPU."""
     torch.manual_seed(0)
     return EmbeddingNet(embedding_dim=32).eval()
+
+
+@pytest.fixture(scope="module")
+def animals(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A folder dataset of 14 synthetic animals, 6 photos each at 48 px (test_train has its own at 32)."""
+    return make_folder_dataset(tmp_path_factory.mktemp("animals"), n_individuals=14, n_images=6, size=48)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from synthetic import make_folder_dataset
 
 from training.artifact import load_artifact
 from training.backbones import BACKBONES, PretrainedError, get_backbone, load_pretrained
@@ -154,11 +153,6 @@ def test_pretrained_defaults_and_validation():
         build_config({"backbone": "vgg16"})
     with pytest.raises(ValueError, match="epochs 0"):
         build_config({"epochs": 0})
-
-
-@pytest.fixture(scope="module")
-def animals(tmp_path_factory):
-    return make_folder_dataset(tmp_path_factory.mktemp("animals"), n_individuals=14, n_images=6, size=48)
 
 
 def _config(tmp_path, animals, **overrides):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import make_folder_dataset
 
 from training.artifact import load_artifact
 from training.config import build_config
@@ -27,11 +26,6 @@ def test_the_relational_loss_is_zero_for_the_same_similarities_at_any_width():
     assert loss.item() > 0.1
     loss.backward()
     assert other.grad is not None and other.grad.abs().sum() > 0
-
-
-@pytest.fixture(scope="module")
-def animals(tmp_path_factory):
-    return make_folder_dataset(tmp_path_factory.mktemp("animals"), n_individuals=14, n_images=6, size=48)
 
 
 def _config(tmp_path, animals, **overrides):

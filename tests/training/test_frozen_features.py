@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import make_folder_dataset
 
 from training.artifact import load_artifact
 from training.config import build_config
@@ -19,11 +18,6 @@ from training.preprocess import normalize
 from training.train import build_model, build_train_module, fit, prepare_data, preprocess_spec
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def animals(tmp_path_factory):
-    return make_folder_dataset(tmp_path_factory.mktemp("animals"), n_individuals=14, n_images=6, size=48)
 
 
 def _config(tmp_path, animals, **overrides):
