@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_runs import tiny_config
 
 from training.artifact import load_artifact
 from training.backbones import BACKBONES, PretrainedError, get_backbone, load_pretrained
@@ -156,25 +157,9 @@ def test_pretrained_defaults_and_validation():
 
 
 def _config(tmp_path, animals, **overrides):
-    values = {
-        "name": "t",
-        "datasets": [{"source": str(animals), "species": "goat"}],
-        "out_dir": str(tmp_path / "runs"),
-        "cache_dir": str(tmp_path / "cache"),
-        "backbone": "efficientnet_lite0",
-        "pretrained": "imagenet",
-        "input_size": 48,
-        "embedding_dim": 32,
-        "batch_size": 16,
-        "lr": 0.05,
-        "scale": 16.0,
-        "margin": 0.2,
-        "val_fraction": 0.15,
-        "test_fraction": 0.15,
-        "eval_repeats": 2,
-        "threads": 1,
-    }
-    return build_config(values | overrides)
+    """Lite0's ImageNet backbone at 48 px."""
+    lite = {"backbone": "efficientnet_lite0", "pretrained": "imagenet", "input_size": 48}
+    return tiny_config(tmp_path, {"goat": animals}, **(lite | {"eval_repeats": 2} | overrides))
 
 
 def _backbone_state(run: Path) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from synthetic import make_folder_dataset
-from test_train import tiny_config
+from tiny_runs import tiny_config
 
 from training.artifact import load_artifact, read_card, sha256_file
 from training.calibration import calibrate_artifact, data_shard, evaluate_all_individuals

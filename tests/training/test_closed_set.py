@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from synthetic import make_folder_dataset
-from test_train import tiny_config
+from tiny_runs import tiny_config
 
 from training.closed_set import evaluate_closed_set, hold_back_sessions
 from training.data import read_manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_runs import tiny_config
 
 from training.artifact import load_artifact
 from training.config import build_config
@@ -29,13 +30,7 @@ def test_the_relational_loss_is_zero_for_the_same_similarities_at_any_width():
 
 
 def _config(tmp_path, animals, **overrides):
-    values = {
-        "name": "t", "datasets": [{"source": str(animals), "species": "goat"}],
-        "out_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"), "input_size": 32,
-        "embedding_dim": 16, "batch_size": 16, "lr": 0.05, "scale": 16.0, "margin": 0.2,
-        "val_fraction": 0.15, "test_fraction": 0.15, "eval_repeats": 2, "threads": 1,
-    }  # fmt: skip
-    return build_config(values | overrides)
+    return tiny_config(tmp_path, {"goat": animals}, **({"embedding_dim": 16, "eval_repeats": 2} | overrides))
 
 
 def _distance_to_teacher(run, teacher, config) -> float:

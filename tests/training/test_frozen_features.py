@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import tiny_config
 
 from training.artifact import load_artifact
 from training.config import build_config
@@ -21,15 +22,9 @@ CPU = torch.device("cpu")
 
 
 def _config(tmp_path, animals, **overrides):
-    values = {
-        "name": "t", "datasets": [{"source": str(animals), "species": "goat"}],
-        "out_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-        "backbone": "efficientnet_lite0", "pretrained": "imagenet", "input_size": 48,
-        "embedding_dim": 32, "batch_size": 16, "lr": 0.05, "scale": 16.0, "margin": 0.2,
-        "val_fraction": 0.15, "test_fraction": 0.15, "eval_repeats": 2, "threads": 1,
-        "cache_features": True,
-    }  # fmt: skip
-    return build_config(values | overrides)
+    """Lite0's ImageNet backbone at 48 px with cached features."""
+    lite = {"backbone": "efficientnet_lite0", "pretrained": "imagenet", "input_size": 48, "eval_repeats": 2}
+    return tiny_config(tmp_path, {"goat": animals}, **(lite | {"cache_features": True} | overrides))
 
 
 def _state(run: Path, prefix: str) -> dict[str, torch.Tensor]:

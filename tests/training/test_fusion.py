@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from synthetic import make_folder_dataset
+from tiny_runs import tiny_config
 
 from training.artifact import ArtifactError, load_artifact
 from training.cli import main
@@ -26,13 +27,9 @@ def models(tmp_path_factory):
     animals = make_folder_dataset(root / "animals", n_individuals=14, n_images=6, size=48)
 
     def artifact(name, **overrides):
-        values = {
-            "name": name, "datasets": [{"source": str(animals), "species": "goat"}],
-            "out_dir": str(root / "runs"), "cache_dir": str(root / "cache"), "input_size": 32,
-            "embedding_dim": 16, "batch_size": 16, "lr": 0.05, "scale": 16.0, "margin": 0.2, "epochs": 1,
-            "val_fraction": 0.3, "test_fraction": 0.3, "eval_repeats": 2, "threads": 1,
-        }  # fmt: skip
-        config = build_config(values | overrides)
+        small = {"name": name, "embedding_dim": 16, "epochs": 1, "eval_repeats": 2}
+        held_out = {"val_fraction": 0.3, "test_fraction": 0.3}
+        config = tiny_config(root, {"goat": animals}, **(small | held_out | overrides))
         (path,) = export_run(fit(config), root / "artifacts" / name)
         return path, config
 

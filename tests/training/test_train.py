@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from synthetic import make_folder_dataset, write_manifest
+from tiny_runs import tiny_config
 
 from training.artifact import ArtifactError, ModelCard, load_artifact
 from training.config import DatasetConfig, build_config
@@ -27,26 +28,6 @@ from training.train import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_config(tmp_path, data_dirs, **overrides):
-    values = {
-        "name": "t",
-        "datasets": [{"source": str(d), "species": s} for s, d in data_dirs.items()],
-        "out_dir": str(tmp_path / "runs"),
-        "cache_dir": str(tmp_path / "cache"),
-        "input_size": 32,
-        "embedding_dim": 32,
-        "batch_size": 16,
-        "epochs": 3,
-        "lr": 0.05,
-        "scale": 16.0,
-        "margin": 0.2,
-        "val_fraction": 0.15,
-        "test_fraction": 0.15,
-        "eval_repeats": 3,
-        "threads": 1,
-    }
-    values.update(overrides)
-    return build_config(values)
 
 
 @pytest.fixture(scope="module")
