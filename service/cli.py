@@ -27,6 +27,7 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.client import AnimalIDClient
+    from service.schemas import CandidatePublic, IdentifyResult
 
 log = logging.getLogger("animalid")
 
@@ -274,19 +275,23 @@ def _identify(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps({"photo": str(photo)} | result.model_dump(mode="json")))
                 continue
-            candidates = ", ".join(
-                f"{c.external_id or c.individual_id} {c.similarity:.3f}" for c in result.candidates
-            )
-            best = result.best
-            answer = (
-                f"match {best.external_id or best.individual_id} ({best.similarity:.3f})"
-                if best is not None
-                else "unknown"
-            )
-            print(
-                f"{photo}: {answer} at threshold {result.threshold:.3f}; candidates: {candidates or 'none'}"
-            )
+            print(identify_line(photo, result))
     return 0
+
+
+def identify_line(photo: Path, result: IdentifyResult) -> str:
+    """One photo's answer as ``animalid identify`` prints it: the service's decision first (match,
+    uncertain or unknown), with the individual it is about when there is one, then the candidates."""
+
+    def name(c: CandidatePublic) -> str:
+        return f"{c.external_id or c.individual_id}"
+
+    candidates = ", ".join(f"{name(c)} {c.similarity:.3f}" for c in result.candidates)
+    shown = result.best if result.decision == "match" else None
+    if result.decision == "uncertain" and result.candidates:
+        shown = result.candidates[0]  # between the review threshold and the match one: a person looks
+    answer = result.decision + (f" {name(shown)} ({shown.similarity:.3f})" if shown is not None else "")
+    return f"{photo}: {answer} at threshold {result.threshold:.3f}; candidates: {candidates or 'none'}"
 
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
@@ -441,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Libraries' start-up chatter (FAISS's loader reports a variant it did not need, alembic lists
-    # its plugins) reads like trouble at INFO; keep their warnings, and all of it under DEBUG.
+    # Libraries' chatter (FAISS's loader reports a variant it did not need, alembic lists its
+    # plugins, httpx logs every request of `enroll` and `identify` across their progress bar and
+    # answers) reads like trouble at INFO; keep their warnings, and all of it under DEBUG.
     if args.log_level != "DEBUG":
-        for noisy in ("faiss.loader", "alembic.runtime.plugins"):
+        for noisy in ("faiss.loader", "alembic.runtime.plugins", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command in ("serve", "demo"):

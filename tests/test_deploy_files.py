@@ -10,6 +10,7 @@ being the ones CI runs.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import os
 import re
@@ -445,6 +446,25 @@ def test_dockerfile_runs_the_service_unprivileged_with_a_healthcheck() -> None:
     assert user not in ("0", "root") and kinds.index("USER") < kinds.index("CMD")
     assert "/health" in args["HEALTHCHECK"] and "curl" not in args["HEALTHCHECK"]
     assert args["CMD"] == '["animalid", "serve"]'
+
+
+def test_the_image_gets_the_runtime_code_and_not_the_development_files() -> None:
+    patterns = [
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "!"))
+    ]
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        return any(fnmatch.fnmatch("/".join(parts[: n + 1]), p) for p in patterns for n in range(len(parts)))
+
+    needed = ["pyproject.toml", "alembic.ini", "migrations/env.py", "service/app.py", "training/model.py"]
+    needed += ["service/demo/models/dog/model.safetensors"]
+    assert [path for path in needed if ignored(path)] == []
+    for path in ("tests/data/dog-resnet18/model.safetensors", "docs/results.md", "bench/replicas.py"):
+        assert ignored(path), path
+    assert ignored("configs/study/dogs-arcface.yaml") and ignored(".env")
 
 
 # --- Settings documented ------------------------------------------------------------------------

@@ -20,7 +20,14 @@ from training.config import DatasetConfig, TrainConfig
 from training.data import Shard, cached_shard, load_dataset
 from training.evaluate import calibrate_threshold, embed_pixels, evaluate_embeddings
 from training.open_set import OpenSetCalibration, calibrate_open_set
-from training.pipeline import SpeciesEvaluation, card_config, load_strangers, split_part, strangers_of
+from training.pipeline import (
+    SpeciesEvaluation,
+    calibration_warnings,
+    card_config,
+    load_strangers,
+    split_part,
+    strangers_of,
+)
 from training.report import write_report
 from training.train import resolve_device
 
@@ -96,7 +103,16 @@ def calibrate_artifact(
     if datasets:
         far = card.threshold_far or config.target_far
         pair_threshold = calibrate_threshold(emb, np.array(shard.individuals), far)
-        card = replace(card, threshold=pair_threshold, threshold_far=far)
+        # The card's count and warning describe this calibration, not the one it was copied from
+        # (a dog card calibrated on 100 dogs, recalibrated on 8 lions, rests on 8 individuals).
+        individuals = len(set(shard.individuals))
+        card = replace(
+            card,
+            threshold=pair_threshold,
+            threshold_far=far,
+            metrics=card.metrics | {"calibration_individuals": individuals},
+            warnings=calibration_warnings(individuals, f"individuals of {datasets[0].source}", "more data"),
+        )
     log.info(
         "open-set table on %d images of %d individuals: threshold at FPIR 1%% and 1,000 images %.3f",
         len(shard.individuals),

@@ -25,10 +25,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser(
         "train",
         help="train a model (one species, or several jointly) and export its artifacts",
-        description="Train ResNet18 with a margin head. Every option can also be set in the YAML file given "
-        "with --config; command-line options override it. The run writes OUT_DIR/NAME/{config.yaml,log.jsonl,"
-        "checkpoint.pt} and, unless --no-export, one evaluated artifact per species in "
-        "OUT_DIR/NAME/artifacts/.",
+        description="Train an embedding network (--backbone) with a margin head. Every option can also be "
+        "set in the YAML file given with --config; command-line options override it. The run writes "
+        "OUT_DIR/NAME/{config.yaml,log.jsonl,checkpoint.pt} and, unless --no-export, one evaluated artifact "
+        "per species in OUT_DIR/NAME/artifacts/.",
     )
     add_config_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from OUT_DIR/NAME/checkpoint.pt")

@@ -53,7 +53,7 @@ class TrainConfig:
     cache_dir: str | None = field(
         default="runs/cache", metadata=_h("decoded-image shard cache; empty = none")
     )
-    preset: str = field(default="fast", metadata=_h("optimisation recipe: 'fast' (default) or 'study'"))
+    preset: str = field(default="fast", metadata=_h("optimisation recipe: 'fast' or 'study'"))
     backbone: str = field(
         default="resnet18",
         metadata=_h("resnet18 | resnet34 | resnet50 | efficientnet_lite0 | efficientnet_lite2"),

@@ -3,8 +3,9 @@
 The target is the cosine similarity between the image's embedding and a reference embedding (for
 example an enrolled photo of the matched individual). Two maps: Grad-CAM on ``model.gradcam_layer``
 (the last stage) and LayerCAM on ``model.fine_gradcam_layer`` (an earlier, finer one), the map the
-service and the reports show because its deletion curve falls fastest (:func:`deletion_curve`,
-docs/results.md). :func:`explanation_panel` draws a query and its reference side by side.
+service and the reports show because its deletion curve fell fastest on the study's ResNet18 dog
+model (:func:`deletion_curve`, docs/results.md; on the shipped EfficientNet-Lite2 model no map tried
+beats random deletion orders). :func:`explanation_panel` draws a query and its reference side by side.
 
 This is a small hook-based implementation rather than ``pytorch_grad_cam.GradCAM`` / ``LayerCAM``
 (grad-cam 1.5.7, which the tests use as the oracle), because the service runs it on a shared, live model:
@@ -106,7 +107,8 @@ def layercam_map(
     LayerCAM (Jiang et al., IEEE TIP 2021) weights each activation by its own positive gradient
     instead of a channel's spatial mean, which keeps earlier layers' detail; the layer is
     ``model.fine_gradcam_layer`` by default. Same target, device and safety as :func:`gradcam_map`.
-    On the demo dog model its deletion curve falls fastest of the maps tried (docs/results.md).
+    On the study's ResNet18 dog model its deletion curve falls fastest of the maps tried; on the
+    shipped EfficientNet-Lite2 model none beats random orders (docs/results.md).
     """
     activations, gradients = _activations_and_gradients(
         model, image, reference, model.fine_gradcam_layer if layer is None else layer

@@ -74,14 +74,18 @@ class SpeciesEvaluation:
         return self.result.summary() | self.paper | {"calibration_individuals": self.calibration_individuals}
 
 
-def calibration_warnings(calibration_individuals: int) -> list[str]:
+def calibration_warnings(
+    calibration_individuals: int,
+    individuals: str = "validation individuals",
+    remedy: str = "more data, or a larger --val-fraction",
+) -> list[str]:
+    """The card's and the report's warning when the threshold rests on too few individuals."""
     if calibration_individuals >= MIN_CALIBRATION_INDIVIDUALS:
         return []
     return [
-        f"the decision threshold was calibrated on {calibration_individuals} validation individuals, "
+        f"the decision threshold was calibrated on {calibration_individuals} {individuals}, "
         f"fewer than {MIN_CALIBRATION_INDIVIDUALS}: its false-accept rate on new animals is uncertain. "
-        "Calibrate on more individuals (more data, or a larger --val-fraction) before relying on "
-        "match/unknown decisions."
+        f"Calibrate on more individuals ({remedy}) before relying on match/unknown decisions."
     ]
 
 

@@ -65,12 +65,23 @@ def test_the_console_command_prints_no_traceback(tmp_path: Path) -> None:
     assert done.stderr.strip() == f"animalid train: error: {tmp_path / 'nope'}: no such manifest or folder"
 
 
-def test_train_help_shows_each_default_once() -> None:
+def commands_help() -> dict[str, str]:
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    text = " ".join(sub.choices["train"].format_help().split())
-    assert "(default: 'run')" in text and "(default: 30)" in text
+    return {name: " ".join(command.format_help().split()) for name, command in sub.choices.items()}
+
+
+def test_train_help_shows_each_default_once() -> None:
+    text = commands_help()["train"]
+    assert "(default: 'run')" in text and "(default: 30)" in text and "(default: 'fast')" in text
+
+
+@pytest.mark.parametrize("command", list(commands_help()))
+def test_no_help_prints_a_default_twice(command: str) -> None:
+    text = commands_help()[command]
     assert not re.search(r"\(default: [^)]*\) \(default:", text), "a default printed twice"
+    # "'fast' (default) or 'study' (default: 'fast')": the option's text names it, the formatter adds it
+    assert not re.search(r"\(default\)[^()]*\(default", text), "a default printed twice"
     assert "(default: None)" not in text
 
 

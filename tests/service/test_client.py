@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +18,7 @@ from imagegen import jpeg
 from service import cli, folder_enroll
 from service.app import create_app
 from service.client import AnimalIDClient, ApiError, ClientError
-from service.schemas import SpeciesList
+from service.schemas import CandidatePublic, IdentifyResult, SpeciesList
 
 
 @pytest.fixture
@@ -151,3 +155,66 @@ def test_identify_verb_answers_per_photo(
     answer = json.loads(capsys.readouterr().out)
     assert answer["photo"] == str(query) and answer["best"]["external_id"] == "dog-2"
     assert len(answer["candidates"]) == 1
+
+
+def test_the_verbs_print_answers_not_request_logs(server: str, tmp_path: Path) -> None:
+    """httpx logs each request at INFO; over a progress bar and the answers it reads like trouble."""
+    photo_folder(tmp_path / "photos", animals=1, shots=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANIMALID_")} | {
+        "PYTHONPATH": str(Path(cli.__file__).resolve().parents[1]),
+        "ANIMALID_CLIENT_URL": server,
+        "ANIMALID_CLIENT_API_KEY": ADMIN_KEY,
+    }
+    commands = [
+        ["enroll", str(tmp_path / "photos"), "--species", "dog", "--quiet"],
+        ["identify", str(tmp_path / "photos" / "dog-1" / "0.jpg"), "--species", "dog"],
+    ]
+    for command in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", *command],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == "", done.stderr
+    assert done.stdout.startswith(f"{tmp_path / 'photos' / 'dog-1' / '0.jpg'}: match dog-1 (")
+
+
+def answer(decision: str, similarities: list[float]) -> IdentifyResult:
+    candidates = [
+        CandidatePublic(
+            individual_id=uuid.UUID(int=n),
+            external_id=f"dog-{n}",
+            name=None,
+            similarity=s,
+            image_id=uuid.UUID(int=100 + n),
+        )
+        for n, s in enumerate(similarities, start=1)
+    ]
+    return IdentifyResult(
+        species="dog",
+        model_version="dog-0",
+        decision=decision,
+        threshold=0.785,
+        threshold_source="open_set",
+        best=candidates[0] if decision == "match" else None,
+        candidates=candidates,
+        gallery_size=32,
+    )
+
+
+@pytest.mark.parametrize(
+    ("decision", "similarities", "said", "candidates"),
+    [
+        ("match", [0.791, 0.436], "match dog-1 (0.791)", "dog-1 0.791, dog-2 0.436"),
+        ("uncertain", [0.769, 0.528], "uncertain dog-1 (0.769)", "dog-1 0.769, dog-2 0.528"),
+        ("unknown", [0.723, 0.536], "unknown", "dog-1 0.723, dog-2 0.536"),
+        ("unknown", [], "unknown", "none"),
+    ],
+    ids=["match", "uncertain", "unknown", "no-candidates"],
+)
+def test_identify_prints_the_services_decision(
+    decision: str, similarities: list[float], said: str, candidates: str
+) -> None:
+    """An uncertain answer (the demo's queries 60 and 63) was printed as unknown."""
+    line = cli.identify_line(Path("q.jpg"), answer(decision, similarities))
+    assert line == f"q.jpg: {said} at threshold 0.785; candidates: {candidates}"

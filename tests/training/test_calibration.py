@@ -49,6 +49,7 @@ def test_recalibrating_on_its_own_validation_individuals_copies_the_weights(goat
     assert sha256_file(out / "model.safetensors") == original.weights_sha256 == card.weights_sha256
     assert card.open_set is not None and card.open_set.to_dict() == original.open_set.to_dict()
     assert (card.species, card.threshold, card.relabelled_from) == ("goat", original.threshold, None)
+    assert card.warnings == original.warnings and "calibrated on 4 validation individuals" in card.warnings[0]
     load_artifact(out)
 
 
@@ -69,6 +70,12 @@ def test_another_species_needs_an_explicit_relabel_that_the_card_records(goat_ar
     emb = embed_pixels(loaded.model, shard.pixels, card.preprocess, "cpu")
     expected = calibrate_threshold(emb, np.array(shard.individuals), 1e-3)
     assert (card.threshold, card.threshold_far) == (pytest.approx(expected), 1e-3)
+    # ... and the card says what it now rests on: 8 lions, not the goat card's 4 validation goats
+    assert card.metrics["calibration_individuals"] == 8
+    assert (
+        len(card.warnings) == 1
+        and f"calibrated on 8 individuals of {lions}, fewer than 30" in card.warnings[0]
+    )
     evaluated = evaluate_artifact(goat_artifact, tmp_path / "eval", data, device="cpu", as_species="lion")
     assert evaluated.species == "lion"
 
