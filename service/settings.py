@@ -186,7 +186,7 @@ class Settings(BaseSettings):
         description="A species' gallery above this many vectors is searched through an IVF index "
         "(approximate, on the CPU); at or below it exactly. 0: always exact. See docs/benchmarks.md",
     )
-    ivf_nprobe: int = Field(default=32, ge=1, description="IVF cells scanned per query (recall vs speed)")
+    ivf_nprobe: int = Field(default=64, ge=1, description="IVF cells scanned per query (recall vs speed)")
     index_follow_poll_s: float = Field(
         default=1.0,
         gt=0.0,

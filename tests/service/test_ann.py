@@ -19,10 +19,14 @@ DIM = 64
 def clustered(rng: np.random.Generator, individuals: int, per: int, spread: float = 0.35) -> np.ndarray:
     """Photos of individuals: unit vectors scattered around one centre per individual, as embeddings
     of a trained model are. Row i belongs to individual i // per."""
-    centres = unit(rng, individuals, DIM)
-    noisy = np.repeat(centres, per, axis=0) + spread * rng.normal(size=(individuals * per, DIM)) / np.sqrt(
-        DIM
-    )
+    return photos_of(rng, unit(rng, individuals, DIM), np.arange(individuals * per) // per, spread)
+
+
+def photos_of(
+    rng: np.random.Generator, centres: np.ndarray, owners: np.ndarray, spread: float = 0.35
+) -> np.ndarray:
+    """New draws around ``centres[owners]``: one photo per entry of ``owners``."""
+    noisy = centres[owners] + spread * rng.normal(size=(len(owners), DIM)) / np.sqrt(DIM)
     return (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -114,3 +118,19 @@ def test_the_ivf_is_rebuilt_when_the_gallery_has_grown() -> None:
     assert index._ivf is not None and index._ivf.built_size == 4000 and index._ivf.nlist > first.nlist
     _, found = index.search(vectors[3990:], 1)
     assert found[:, 0].tolist() == list(range(3990, 4000))
+
+
+def test_the_default_plan_finds_the_exact_top_10_of_new_photos() -> None:
+    # The default IVF shape (4 sqrt(N) cells, nprobe as in docs/benchmarks.md) against brute force:
+    # nearly all of an individual's photos come back, not just the best one.
+    rng = np.random.default_rng(12)
+    centres = unit(rng, 3000, DIM)
+    vectors = photos_of(rng, centres, np.arange(30_000) // 10)
+    index = VectorIndex(DIM, use_gpu=False, plan=IndexPlan(exact_max_vectors=1000))
+    index.add(np.arange(len(vectors)), vectors)
+    assert index._ivf is not None and index._ivf.nlist == int(4 * np.sqrt(len(vectors)))
+    queries = photos_of(rng, centres, rng.choice(3000, size=100, replace=False))
+    _, found = index.search(queries, 10)
+    want = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+    recall = np.mean([len(set(f) & set(w)) / 10 for f, w in zip(found, want, strict=True)])
+    assert recall >= 0.99
