@@ -85,6 +85,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a request may take (a busy machine: more)",
+    )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     parser.add_argument(
         "--compare-card",
@@ -358,7 +364,9 @@ def main() -> int:
         server = start_server(Path(tmp), args.artifact, args, port)
         try:
             client = httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", headers={"x-api-key": SPECIES_KEY}, timeout=120
+                base_url=f"http://127.0.0.1:{port}",
+                headers={"x-api-key": SPECIES_KEY},
+                timeout=args.request_timeout,
             )
             enrolled: list[str] = []
             size = 0
