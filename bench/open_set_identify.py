@@ -7,19 +7,23 @@ given artifact (default: the shipped dog model, whose card must hold the open-se
 its card (never seen in training, nor in calibration):
 
 * a quarter of them (seeded) are strangers: never enrolled, every photo a query (all of them at
-  each gallery size; in the confidence's calibration error they weigh as a quarter of the dogs
-  asked about, the mix the confidence was fitted on); with ``--card-strangers``, the animals the
-  card's training configuration kept aside as strangers instead (cattle: the 10 openset-* cows);
+  each gallery size); with ``--card-strangers``, the animals the card's training configuration kept
+  aside as strangers instead (cattle: the 10 openset-* cows);
 * the others have about half their photos enrolled (`enrol_query_split`), the rest are queries;
 * the ~100-image gallery enrols a seeded subset of those dogs; the ~1,000-image gallery all of them
   plus, as further distractors, every photo of the artifact's validation individuals (not seen in
   training; only enrolled, never queried), whole dogs at a time until the size is reached.
 
 The server runs with target FPIR 1% and review FPIR 5%: `match` answers are the decisions at 1%,
-`match` or `uncertain` those at 5%. Also shown, from the same answers: the card's pair threshold
-(the decision before open-set calibration) and, with ``--compare-card``, what another card's
-open-set table (say the card before a recalibration) would have decided and how calibrated its
-confidence would have been.
+`match` or `uncertain` those at 5%. Its confidence is computed for a share of stranger queries
+(``--stranger-share``, default the card's calibration mix; `ANIMALID_STRANGER_SHARE`), and in its
+calibration error the stranger queries weigh that share of all queries, whatever their number here.
+Also shown: the calibration error of enrolled dogs' queries alone with the confidence for a share of
+0 (computed from the same answers with the card's table, the service's own function), and the error
+a perfectly calibrated confidence would show on as many queries (labels drawn from the confidence).
+From the same answers too: the card's pair threshold (the decision before open-set calibration)
+and, with ``--compare-card``, what another card's open-set table (say the card before a
+recalibration) would have decided and how calibrated its confidence would have been.
 
     python bench/open_set_identify.py --data ../shared/data/dogfacenet/manifest.csv
 """
@@ -64,7 +68,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="gallery sizes (images)")
     parser.add_argument("--target-fpir", type=float, default=0.01)
     parser.add_argument("--review-fpir", type=float, default=0.05)
-    parser.add_argument("--stranger-fraction", type=float, default=0.25)
+    parser.add_argument(
+        "--stranger-fraction", type=float, default=0.25, help="share of test dogs never enrolled"
+    )
+    parser.add_argument(
+        "--stranger-share",
+        type=float,
+        help="the share of queries of animals not enrolled that the server's confidence is computed for and "
+        "the calibration error weighs strangers at (default: the card's calibration mix)",
+    )
     parser.add_argument(
         "--card-strangers",
         action="store_true",
@@ -73,6 +85,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a request may take (a busy machine: more)",
+    )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     parser.add_argument(
         "--compare-card",
@@ -142,6 +160,7 @@ def start_server(root: Path, artifact: Path, args: argparse.Namespace, port: int
         ANIMALID_IMAGE_STORE_DIR=str(root / "images"), ANIMALID_API_KEYS=f"{SPECIES_KEY}:admin",
         ANIMALID_CPU_THREADS=str(args.threads), ANIMALID_TARGET_FPIR=str(args.target_fpir),
         ANIMALID_REVIEW_FPIR=str(args.review_fpir), ANIMALID_MAX_TOP_K="5", PYTHONPATH=str(REPO),
+        ANIMALID_STRANGER_SHARE=str(args.stranger_share),
     )  # fmt: skip
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=root, env=env, check=True)
     log = (root / "server.log").open("wb")
@@ -210,12 +229,27 @@ def compared_rules(
     }
 
 
+def ece_if_calibrated(confidence: np.ndarray, weight: np.ndarray, draws: int = 200) -> float:
+    """The mean ECE of a perfectly calibrated confidence on these queries: each one right with the
+    probability its confidence says (what sampling alone adds to a measured ECE)."""
+    rng = np.random.default_rng(0)
+    return float(
+        np.mean(
+            [
+                ece(confidence, (rng.random(len(confidence)) < confidence).astype(np.float64), weight)
+                for _ in range(draws)
+            ]
+        )
+    )
+
+
 def calibration_figures(
     confidence: np.ndarray, right: np.ndarray, stranger: np.ndarray, weight: np.ndarray
 ) -> dict[str, float]:
     """ECE (strangers weighted, enrolled only, every query alike), mean confidence, share right."""
     return {
         "ece": ece(confidence, right.astype(np.float64), weight),
+        "ece_if_calibrated": ece_if_calibrated(confidence, weight),
         "ece_enrolled_only": ece(
             confidence[~stranger], right[~stranger].astype(np.float64), weight[~stranger]
         ),
@@ -230,6 +264,7 @@ def figures(
     pair_threshold: float,
     stranger_weight: float,
     args: argparse.Namespace,
+    table: OpenSetCalibration,
     compare: OpenSetCalibration | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per decision rule: FPIR, right matches of enrolled dogs, wrong matches among match answers."""
@@ -238,6 +273,7 @@ def figures(
         [a["candidates"][0]["external_id"] if a["candidates"] else None for a in answers], dtype=object
     )
     sim = np.array([a["candidates"][0]["similarity"] if a["candidates"] else -1.0 for a in answers])
+    second = [a["candidates"][1]["similarity"] if len(a["candidates"]) > 1 else None for a in answers]
     right = np.array([a["truth"] is not None and t == a["truth"] for a, t in zip(answers, top, strict=True)])
     decisions = np.array([a["decision"] for a in answers])
     rules = {
@@ -262,8 +298,20 @@ def figures(
     confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
     weight = np.where(stranger, stranger_weight, 1.0)
     out["confidence"] = calibration_figures(confidence, right, stranger, weight)
+    enrolled = ~stranger
+    no_strangers = np.array(
+        [table.probability(float(x), int(n), y, 0.0) for x, n, y in zip(sim, sizes, second, strict=True)]
+    )
+    out["confidence for no strangers, enrolled queries"] = calibration_figures(
+        no_strangers[enrolled], right[enrolled], stranger[enrolled], weight[enrolled]
+    )
     if compare is not None:
-        compared = np.array([compare.probability(float(x), int(n)) for x, n in zip(sim, sizes, strict=True)])
+        compared = np.array(
+            [
+                compare.probability(float(x), int(n), y, args.stranger_share)
+                for x, n, y in zip(sim, sizes, second, strict=True)
+            ]
+        )
         out["compared card confidence"] = calibration_figures(compared, right, stranger, weight)
     out["threshold"] = {
         "match": float(answers[-1]["threshold"]),
@@ -306,6 +354,8 @@ def main() -> int:
     compare = compared_table(args.compare_card)
     outside = card_strangers(card, args.data) if args.card_strangers else None
     chosen = plan(test, padding, args.stranger_fraction, args.seed, outside)
+    if args.stranger_share is None:
+        args.stranger_share = card.open_set.stranger_share
     species = card.species
     results: dict[str, object] = {}
     started = time.perf_counter()
@@ -314,7 +364,9 @@ def main() -> int:
         server = start_server(Path(tmp), args.artifact, args, port)
         try:
             client = httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", headers={"x-api-key": SPECIES_KEY}, timeout=120
+                base_url=f"http://127.0.0.1:{port}",
+                headers={"x-api-key": SPECIES_KEY},
+                timeout=args.request_timeout,
             )
             enrolled: list[str] = []
             size = 0
@@ -331,15 +383,15 @@ def main() -> int:
                 ]
                 strangers = chosen.strangers
                 stranger_names = sorted({n for n, _ in strangers})
-                # In the confidence's calibration error, strangers weigh as a quarter of the dogs
-                # asked about (as in the calibration), whatever their number here.
-                n_asked = len({n for n, _ in asked})
-                stranger_weight = n_asked * args.stranger_fraction / (1 - args.stranger_fraction)
-                stranger_weight /= len(stranger_names)
+                # In the confidence's calibration error, stranger queries weigh the share of all
+                # queries the confidence was computed for, whatever their number here.
+                stranger_weight = (
+                    args.stranger_share / (1 - args.stranger_share) * len(asked) / len(strangers)
+                )
                 answers = []
                 for truth, photo in [*asked, *((None, p) for _, p in strangers)]:
                     answers.append(identify(client, species, photo) | {"truth": truth})
-                figs = figures(answers, card.threshold or 0.0, stranger_weight, args, compare)
+                figs = figures(answers, card.threshold or 0.0, stranger_weight, args, card.open_set, compare)
                 figs["counts"] = {
                     "gallery_images": answers[-1]["gallery_size"],
                     "enrolled_individuals": len(enrolled),
@@ -359,6 +411,7 @@ def main() -> int:
         "artifact": str(args.artifact),
         "model_version": card.model_version,
         "compared_card": str(args.compare_card) if args.compare_card else None,
+        "stranger_share": args.stranger_share,
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(meta))

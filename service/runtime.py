@@ -59,6 +59,8 @@ class Runtime:
             target_fpir=self.settings.target_fpir,
             target_fpir_by_species=dict(self.settings.target_fpir_by_species),
             review_fpir=self.settings.review_fpir,
+            stranger_share=self.settings.stranger_share,
+            stranger_share_by_species=dict(self.settings.stranger_share_by_species),
         )
 
     def close(self) -> None:

@@ -363,8 +363,10 @@ class IdentifyResult(BaseModel):
     timings: Timings | None = None
     confidence: float | None = Field(
         default=None,
-        description="Calibrated probability that the best candidate is the right animal (fitted on "
-        "validation individuals for this gallery size); null when the model card has no open-set table",
+        description="Calibrated probability that the best candidate is the right animal, from its "
+        "similarity, its margin over the second individual and the gallery's size (fitted on validation "
+        "individuals), for the configured share of queries of animals not enrolled (ANIMALID_STRANGER_SHARE; "
+        "default: the model card's calibration mix); null when the model card has no open-set table",
     )
     target_fpir: float | None = Field(
         default=None, description="Share of never-enrolled animals the threshold lets through as match"
@@ -708,6 +710,7 @@ class ReviewResolve(BaseModel):
     individual_id: uuid.UUID | None = None
     external_id: ExternalId | None = None
     name: Name | None = None
+
 
 # Audit log -----------------------------------------------------------------------------------------
 

@@ -91,6 +91,18 @@ class Settings(BaseSettings):
         description="Identify: best candidates between the threshold for this FPIR and the target one are "
         "answered uncertain (no band when it is not above the target)",
     )
+    stranger_share: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="Identify: the share of queries that are photos of animals not enrolled, the prior the "
+        "confidence is computed for (0: every query is of an enrolled animal); default: the model card's "
+        "calibration mix",
+    )
+    stranger_share_by_species: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per-species stranger share, JSON, e.g. {"cattle": 0.1}; others use stranger_share',
+    )
     review_queue: bool = Field(
         default=False,
         description="Keep identify queries answered uncertain (photo and candidates) for an admin to resolve",
@@ -126,6 +138,14 @@ class Settings(BaseSettings):
         bad = {k: v for k, v in value.items() if not 0.0 < v < 1.0}
         if bad:
             raise ValueError(f"target FPIRs must lie strictly between 0 and 1, got {bad}")
+        return value
+
+    @field_validator("stranger_share_by_species")
+    @classmethod
+    def _shares_are_shares(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not 0.0 <= v < 1.0}
+        if bad:
+            raise ValueError(f"stranger shares must lie in [0, 1), got {bad}")
         return value
 
     # Learning the enrolled animals: fine-tune jobs and the worker that runs them.

@@ -34,10 +34,23 @@ The mean of the queries' tails is the pooled tail, which is what a low FPIR depe
 (``FPIR ~ k * mean_q (1 - F_q(t))``); per-query shapes fitted to 100 scores each were much worse on
 held-out dogs (docs/results.md).
 
-The confidence that the best candidate is right is an isotonic regression of "top-1 is the
-query's individual" on the top-1 similarity, fitted on queries drawn the same way (top-1 of the
-sampled gallery) at each gallery size. Everything is stored as plain numbers in the model card, so
-the service interpolates tables and needs no fitted estimator object.
+The confidence that the best candidate is right (:class:`ConfidenceModel`) is fitted on the two
+best individuals of galleries drawn the same way at each gallery size (the maxima of the genuine
+score and ``k`` distractors, the tail beyond the query's own scores included). It uses the best
+similarity ``s`` and its margin ``m`` over the second individual, and splits by Bayes' rule::
+
+    P(right | s, m) = P(enrolled | s, m) * P(right | s, m, enrolled)
+    logit P(enrolled | s, m) = log((1 - pi) / pi) + a0 + a1 s + a2 m
+
+where ``pi`` is the share of queries of never-enrolled animals (strangers) and ``a`` a logistic
+regression of enrolled against stranger queries weighted to even odds (so ``a0 + a1 s + a2 m`` is
+the log likelihood ratio alone); ``P(right | s, m, enrolled)`` is a logistic regression of "the best
+individual is the query's own" on the enrolled queries. The prior ``pi`` is therefore a setting of
+a deployment, not of the model: the card records the share of the calibration (its default), and
+with ``pi = 0`` the confidence is that of a gallery asked only about its own animals. The older
+confidence (an isotonic regression of "right" on ``s`` alone, at the calibration's mix) is still
+stored for cards read by older services. Everything is stored as plain numbers in the model card,
+so the service interpolates tables and needs no fitted estimator object.
 """
 
 from __future__ import annotations
@@ -78,6 +91,11 @@ MIN_TAIL_SCORES = 50
 top :data:`TAIL_SHARE`)."""
 MIN_POOLED_SCORES = 500
 """Fewer pooled distractor scores than this fit no tail: the rates are the empirical ones."""
+CONFIDENCE_DRAWS = 4
+"""Galleries drawn per validation query at each gallery size for the confidence's fit."""
+LOGISTIC_RIDGE = 1e-3
+"""L2 penalty on the logistic slopes, in units of one query's weight: it keeps the fit finite when a
+small validation set separates perfectly, and is negligible against thousands of drawn queries."""
 
 
 @dataclass(frozen=True)
@@ -265,6 +283,115 @@ def isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(sums_x) / c, np.array(sums_y) / c
 
 
+def logistic_regression(features: np.ndarray, y: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Weighted logistic regression by Newton's method: coefficients ``b`` of ``P(y) = 1 / (1 +
+    exp(-features @ b))``, the first column of ``features`` being the intercept's (not penalised;
+    the slopes carry :data:`LOGISTIC_RIDGE`). A weight counts as that many repeats of its row."""
+    x = np.asarray(features, np.float64)
+    w = np.asarray(weight, np.float64)
+    penalty = np.full(x.shape[1], LOGISTIC_RIDGE)
+    penalty[0] = 0.0
+    b = np.zeros(x.shape[1])
+    for _ in range(100):
+        p = sigmoid(x @ b)
+        gradient = x.T @ (w * (p - y)) + penalty * b
+        hessian = (x * (w * p * (1.0 - p))[:, None]).T @ x + np.diag(penalty) + 1e-9 * np.eye(x.shape[1])
+        step = np.linalg.solve(hessian, gradient)
+        b -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return b
+
+
+def sigmoid(z: np.ndarray | float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -500.0, 500.0)))
+
+
+def confidence_features(best: np.ndarray, second: np.ndarray, max_margin: float) -> np.ndarray:
+    """(queries, 3): intercept, best similarity, its margin over the second individual (at most
+    ``max_margin``; no second individual: ``max_margin``)."""
+    best = np.asarray(best, np.float64)
+    margin = np.minimum(best - np.asarray(second, np.float64), max_margin)
+    return np.column_stack([np.ones(best.shape), best, np.nan_to_num(margin, nan=max_margin)])
+
+
+@dataclass(frozen=True)
+class ConfidenceModel:
+    """The chance that the best candidate is right, per gallery size of the table it belongs to
+    (see the module docstring): two logistic regressions on (1, best similarity, margin)."""
+
+    enrolled_logit: list[list[float]]  # [gallery size][3]: log likelihood ratio enrolled : stranger
+    right_logit: list[list[float]]  # [gallery size][3]: log odds the best is right, enrolled queries
+    stranger_share: float  # share of stranger queries the calibration drew: the default prior
+    max_margin: float  # the largest margin fitted on; larger ones are taken as this
+
+    @classmethod
+    def fit(cls, draws: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> ConfidenceModel:
+        """From (best, second, right, stranger) draws of each gallery size (:func:`sampled_top2`)."""
+        finite = [np.isfinite(b) & np.isfinite(s) for b, s, _, _ in draws]
+        max_margin = max(
+            float((b - s)[f].max(initial=0.0)) for (b, s, _, _), f in zip(draws, finite, strict=True)
+        )
+        enrolled_rows: list[list[float]] = []
+        right_rows: list[list[float]] = []
+        for best, second, right, stranger in draws:
+            keep = np.isfinite(best)
+            x = confidence_features(best[keep], second[keep], max_margin)
+            strange = stranger[keep]
+            # each class weighs half: the intercept is that of the likelihood ratio alone
+            even = np.where(strange, 0.5 / max(strange.mean(), 1e-12), 0.5 / max((~strange).mean(), 1e-12))
+            enrolled_rows.append(logistic_regression(x, (~strange).astype(np.float64), even).tolist())
+            known = ~strange
+            right_rows.append(
+                logistic_regression(
+                    x[known], right[keep][known].astype(np.float64), np.ones(known.sum())
+                ).tolist()
+            )
+        stranger_share = float(np.mean(np.concatenate([s for _, _, _, s in draws])))
+        return cls(enrolled_rows, right_rows, stranger_share, max_margin)
+
+    def probability(self, row: int, similarity: float, second: float | None, stranger_share: float) -> float:
+        """At gallery-size row ``row``; ``second`` None: no second individual in the gallery."""
+        x = confidence_features(
+            np.array([similarity]), np.array([-np.inf if second is None else second]), self.max_margin
+        )[0]
+        right = float(sigmoid(x @ np.asarray(self.right_logit[row])))
+        if stranger_share <= 0.0:
+            return right
+        prior = math.log((1.0 - stranger_share) / stranger_share)
+        return float(sigmoid(x @ np.asarray(self.enrolled_logit[row]) + prior)) * right
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "features": ["intercept", "similarity", "margin"],
+            "enrolled_logit": [[round(v, 5) for v in row] for row in self.enrolled_logit],
+            "right_logit": [[round(v, 5) for v in row] for row in self.right_logit],
+            "stranger_share": round(self.stranger_share, 4),
+            "max_margin": round(self.max_margin, 4),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], rows: int) -> ConfidenceModel:
+        model = cls(
+            enrolled_logit=[[float(v) for v in row] for row in data["enrolled_logit"]],
+            right_logit=[[float(v) for v in row] for row in data["right_logit"]],
+            stranger_share=float(data["stranger_share"]),
+            max_margin=float(data["max_margin"]),
+        )
+        table = model.enrolled_logit + model.right_logit
+        if (
+            len(model.enrolled_logit) != rows
+            or len(model.right_logit) != rows
+            or any(len(r) != 3 for r in table)
+        ):
+            raise ValueError("open_set confidence_model: one row of three coefficients per gallery size")
+        if not 0.0 <= model.stranger_share < 1.0:
+            raise ValueError(
+                f"open_set confidence_model: stranger_share {model.stranger_share} not in [0, 1)"
+            )
+        return model
+
+
 @dataclass
 class OpenSetCalibration:
     """What the model card stores: thresholds and TPIR per (gallery size, target FPIR), the
@@ -285,6 +412,9 @@ class OpenSetCalibration:
     # The fitted tail of the distractor scores that larger galleries are extrapolated with (empty: the
     # table was computed without one, so beyond simulated_up_to it only reuses the highest scores seen).
     tail: dict[str, float] = field(default_factory=dict)
+    # The confidence from similarity, margin and a prior share of strangers (None: a card from before
+    # it, whose confidence is the curve on similarity alone).
+    confidence_model: ConfidenceModel | None = None
     # Not stored in the card: the curves the report plots.
     curves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -301,7 +431,7 @@ class OpenSetCalibration:
             "simulated_up_to": self.simulated_up_to,
             "counts": dict(self.counts),
             "tail": dict(self.tail),
-        }
+        } | ({"confidence_model": self.confidence_model.to_dict()} if self.confidence_model else {})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OpenSetCalibration:
@@ -321,6 +451,8 @@ class OpenSetCalibration:
             counts={str(k): int(v) for k, v in dict(data.get("counts") or {}).items()},
             tail={str(k): float(v) for k, v in dict(data.get("tail") or {}).items()},
         )
+        if data.get("confidence_model") is not None:
+            table.confidence_model = ConfidenceModel.from_dict(data["confidence_model"], len(sizes))
         shapes_ok = (
             len(sizes) > 0
             and sizes == sorted(sizes)
@@ -360,10 +492,34 @@ class OpenSetCalibration:
         row = self._row(self.tpir, gallery_size)
         return float(np.interp(math.log(target_fpir), np.log(self.target_fpirs), row))
 
-    def probability(self, similarity: float, gallery_size: int) -> float:
-        """Calibrated probability that the best candidate, at this similarity, is the right animal."""
-        row = self._row(self.confidence, gallery_size)
-        return float(np.clip(np.interp(similarity, self.confidence_similarity, row), 0.0, 1.0))
+    @property
+    def stranger_share(self) -> float:
+        """The share of stranger queries the confidence was fitted for (its default prior)."""
+        if self.confidence_model is not None:
+            return self.confidence_model.stranger_share
+        total = self.counts.get("stranger_queries", 0) + self.counts.get("enrolled_queries", 0)
+        return self.counts.get("stranger_queries", 0) / total if total else 0.0
+
+    def probability(
+        self,
+        similarity: float,
+        gallery_size: int,
+        second: float | None = None,
+        stranger_share: float | None = None,
+    ) -> float:
+        """Calibrated probability that the best candidate is the right animal, from its similarity,
+        the second individual's (None: there is none) and the share of queries that are of animals
+        not enrolled (None: the calibration's). A card without the confidence model (older ones)
+        answers from its curve on the similarity alone, at the calibration's share."""
+        model = self.confidence_model
+        if model is None:
+            row = self._row(self.confidence, gallery_size)
+            return float(np.clip(np.interp(similarity, self.confidence_similarity, row), 0.0, 1.0))
+        share = model.stranger_share if stranger_share is None else stranger_share
+        lo, hi, w = self._size_weights(gallery_size)
+        low = model.probability(lo, similarity, second, share)
+        high = model.probability(hi, similarity, second, share)
+        return float(np.clip((1 - w) * low + w * high, 0.0, 1.0))
 
 
 def query_scores(
@@ -429,26 +585,42 @@ def query_scores(
     )
 
 
-def sampled_top1(
-    scores: QueryScores, gallery_individuals: float, rng: np.random.Generator, draws: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 similarity and whether it is the query's own individual, for ``draws`` random galleries
-    of ``gallery_individuals`` individuals per query (the maximum of k distractors is drawn by
-    inverting its distribution ``F(t) ** k``, with the tail beyond the query's own scores)."""
+def sampled_top2(
+    scores: QueryScores, gallery_individuals: float, rng: np.random.Generator, draws: int = CONFIDENCE_DRAWS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The two best similarities, whether the best is the query's own individual, and whether the
+    query is a stranger, for ``draws`` random galleries of ``gallery_individuals`` individuals per
+    query. The best of ``n`` distractors is drawn by inverting ``F(t) ** n``, the second given it by
+    inverting ``(F(t) / F(best)) ** (n - 1)`` (the tail beyond the query's own scores included);
+    -inf where the gallery holds no such individual."""
     k = max(float(gallery_individuals), 1.0)
-    top: list[float] = []
+    best: list[float] = []
+    second: list[float] = []
     right: list[bool] = []
     for g, d in zip(scores.genuine, scores.distractors, strict=True):
         kd = k if math.isnan(g) else k - 1.0
-        for u in rng.random(draws):
-            best_d = -math.inf if d.size == 0 or kd < 1.0 else max_quantile(d, u ** (1.0 / kd), scores.tail)
-            if not math.isnan(g) and g >= best_d:
-                top.append(float(g))
-                right.append(True)
-            else:
-                top.append(best_d)
-                right.append(False)
-    return np.array(top), np.array(right)
+        for u1, u2 in rng.random((draws, 2)):
+            p1 = u1 ** (1.0 / kd) if kd >= 1.0 else 0.0
+            d1 = -math.inf if d.size == 0 or kd < 1.0 else max_quantile(d, p1, scores.tail)
+            d2 = (
+                -math.inf
+                if d.size == 0 or kd < 2.0
+                else max_quantile(d, p1 * u2 ** (1.0 / (kd - 1.0)), scores.tail)
+            )
+            top = sorted([d1, d2] if math.isnan(g) else [float(g), d1, d2], reverse=True)
+            best.append(top[0])
+            second.append(top[1])
+            right.append(not math.isnan(g) and g >= d1)
+    strangers = np.repeat(scores.is_stranger, draws)
+    return np.array(best), np.array(second), np.array(right), strangers
+
+
+def sampled_top1(
+    scores: QueryScores, gallery_individuals: float, rng: np.random.Generator, draws: int = CONFIDENCE_DRAWS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 similarity and whether it is the query's own individual (:func:`sampled_top2`)."""
+    best, _, right, _ = sampled_top2(scores, gallery_individuals, rng, draws)
+    return best, right
 
 
 def max_quantile(sorted_scores: np.ndarray, p: float, tail: DistractorTail | None) -> float:
@@ -484,6 +656,7 @@ def calibrate_open_set(
     thresholds: list[list[float]] = []
     tpir_rows: list[list[float]] = []
     confidence: list[list[float]] = []
+    drawn = []
     curves = {}
     for size in gallery_sizes:
         k = size / scores.images_per_individual
@@ -493,7 +666,8 @@ def calibrate_open_set(
         row_t = [conservative_threshold(THRESHOLD_GRID, chance, weights, f, level) for f in target_fpirs]
         thresholds.append(row_t)
         tpir_rows.append([float(np.interp(t, THRESHOLD_GRID, tpir)) for t in row_t])
-        top, right = sampled_top1(scores, k, rng)
+        drawn.append(sampled_top2(scores, k, rng))
+        top, _, right, _ = drawn[-1]
         finite = np.isfinite(top)
         xs, ys = isotonic(top[finite], right[finite].astype(np.float64))
         confidence.append(np.interp(CONFIDENCE_GRID, xs, ys).tolist())
@@ -524,5 +698,6 @@ def calibrate_open_set(
             "enrolled_queries": int((~stranger).sum()),
         },
         tail=scores.tail.to_dict() if scores.tail is not None else {},
+        confidence_model=ConfidenceModel.fit(drawn),
         curves=curves,
     )

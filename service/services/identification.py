@@ -49,9 +49,14 @@ class Limits:
     target_fpir: float = 0.01
     target_fpir_by_species: dict[str, float] = field(default_factory=dict)
     review_fpir: float = 0.05
+    stranger_share: float | None = None  # None: the model card's calibration mix
+    stranger_share_by_species: dict[str, float] = field(default_factory=dict)
 
     def fpir_for(self, species: str) -> float:
         return self.target_fpir_by_species.get(species, self.target_fpir)
+
+    def stranger_share_for(self, species: str) -> float | None:
+        return self.stranger_share_by_species.get(species, self.stranger_share)
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,8 @@ def identify(
     query = embed_one(registry, serving, metrics, species, decoded)
     clock.lap("embed")
     with metrics.search.labels(species).time():
-        found = registry.search(species, serving.gallery, query, top_k)
+        # the confidence needs the second individual too, whatever the answer lists
+        found = registry.search(species, serving.gallery, query, max(top_k, 2))
         gallery_size = len(serving.gallery)
     clock.lap("search")
     labels = _labels(session, [c.individual_id for c in found])
@@ -191,7 +197,12 @@ def identify(
     ]
     point = operating_point(serving.embedder.card, limits, species, gallery_size, threshold)
     top = candidates[0].similarity if candidates else None
+    second = candidates[1].similarity if len(candidates) > 1 else None
+    candidates = candidates[:top_k]
     decision = point.decide(top)
+    confidence = None
+    if point.table is not None and top is not None:
+        confidence = point.table.probability(top, gallery_size, second, limits.stranger_share_for(species))
     result = IdentifyResult(
         species=species,
         model_version=serving.model_version,
@@ -202,7 +213,7 @@ def identify(
         candidates=candidates,
         gallery_size=gallery_size,
         timings=clock.timings() if include_timings else None,
-        confidence=None if point.table is None or top is None else point.table.probability(top, gallery_size),
+        confidence=confidence,
         target_fpir=point.target_fpir,
         review_threshold=point.review_threshold,
         reason=point.reason,

@@ -3,6 +3,7 @@ species' target FPIR, an uncertain band, a calibrated confidence, and the reason
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from test_identify import enroll
 from service.ml.images import ImagePolicy
 from service.services.identification import Limits, operating_point
 from training.artifact import read_card, write_card
-from training.open_set import OpenSetCalibration
+from training.open_set import ConfidenceModel, OpenSetCalibration
 
 TABLE = OpenSetCalibration(
     gallery_sizes=[10, 1000],
@@ -114,6 +115,41 @@ def test_identify_answers_with_the_table(
     assert other["confidence"] == pytest.approx((other["candidates"][0]["similarity"] + 1) / 2, abs=1e-6)
     asked = ask(jpeg(300, 7), threshold="-1")
     assert (asked["decision"], asked["threshold_source"]) == ("match", "request")
+
+
+def test_the_confidence_uses_the_second_individual_and_the_configured_share_of_strangers(
+    runner: AppRunner, database_url: str, tmp_path: Path, dog_with_table: Path
+) -> None:
+    # likelihood ratio enrolled : stranger 1 everywhere; log odds right = 4 * margin
+    model = ConfidenceModel([[0.0, 0.0, 0.0]] * 2, [[0.0, 0.0, 4.0]] * 2, stranger_share=0.5, max_margin=2.0)
+    card = read_card(dog_with_table)
+    assert card.open_set is not None
+    path = write_card(
+        replace(card, open_set=replace(card.open_set, confidence_model=model)),
+        tmp_path / "dog",
+        weights_from=dog_with_table,
+    )
+    models = make_models_dir(tmp_path, {"dog": path}, dog="dog")
+    answers = {}
+    for share in (None, 0.0):
+        client = runner.start(make_settings(database_url, tmp_path, models, stranger_share=share))
+        if share is None:
+            enroll(client, 300, shots=range(2))
+            enroll(client, 301, shots=range(2))
+        for top_k in ("1", "2"):
+            data = {"species": "dog", "top_k": top_k}
+            response = client.post("/identify", data=data, files={"image": jpeg(300, 7)}, headers=READ)
+            assert response.status_code == 200, response.text
+            answers[share, top_k] = response.json()
+        runner.stop(client)
+    both = answers[0.0, "2"]["candidates"]
+    right = 1 / (1 + math.exp(-4 * (both[0]["similarity"] - both[1]["similarity"])))
+    # one candidate listed, the second individual still counted
+    assert len(answers[0.0, "1"]["candidates"]) == 1
+    assert answers[0.0, "1"]["confidence"] == pytest.approx(right, abs=1e-5)
+    assert answers[0.0, "2"]["confidence"] == pytest.approx(right, abs=1e-5)
+    # by default the card's share (half the queries of strangers): P(enrolled) = .5
+    assert answers[None, "1"]["confidence"] == pytest.approx(0.5 * right, abs=1e-5)
 
 
 def test_a_relabelled_card_serves_another_species_and_says_what_it_was_trained_for(

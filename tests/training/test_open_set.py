@@ -11,6 +11,7 @@ from scipy.special import betainc, betaincinv
 from training.open_set import (
     CONFIDENCE_GRID,
     THRESHOLD_GRID,
+    ConfidenceModel,
     DistractorTail,
     OpenSetCalibration,
     QueryScores,
@@ -20,8 +21,11 @@ from training.open_set import (
     distractor_cdf,
     identification_rates,
     isotonic,
+    logistic_regression,
     max_quantile,
     sampled_top1,
+    sampled_top2,
+    sigmoid,
     threshold_for_fpir,
 )
 
@@ -242,3 +246,117 @@ def test_the_tail_recovers_a_power_of_one_minus_the_score_and_splices_onto_each_
         assert 1 - distractor_cdf(d, np.array([x]), tail)[0] == pytest.approx(1 - p, rel=0.01)
     # too few scores for a tail: the hand-worked empirical rates above stay exact
     assert DistractorTail.fit(SCORES.distractors) is None and SCORES.tail is None
+
+
+def test_sampled_top2_follows_the_distribution_of_the_two_best() -> None:
+    # The stranger, k = 2: the second best of two draws from {.2, .4, .6, .8} is their minimum:
+    # .2 with probability 1 - (3/4)^2 = 7/16, .8 with (1/4)^2 = 1/16.
+    # The enrolled query (genuine .7; distractors .1 and .75), k = 3: two draws from {.1, .75};
+    # best .75 and wrong unless both are .1 (1/4): then best .7 (right), second .1.
+    scores = QueryScores(
+        genuine=np.array([math.nan, 0.7]),
+        distractors=[np.array([0.2, 0.4, 0.6, 0.8]), np.array([0.1, 0.75])],
+        top2=np.zeros((2, 2)),
+        top1_correct=np.zeros(2, dtype=bool),
+        images_per_individual=1.0,
+    )
+    n = 20000
+    best, second, right, stranger = sampled_top2(scores, 2, np.random.default_rng(0), draws=n)
+    assert stranger[:n].all() and not stranger[n:].any() and not right[:n].any()
+    assert (best[:n] >= second[:n]).all()
+    assert abs(float(np.mean(second[:n] == 0.2)) - 7 / 16) < 0.01
+    assert abs(float(np.mean(second[:n] == 0.8)) - 1 / 16) < 0.01
+    best, second, right, _ = sampled_top2(scores, 3, np.random.default_rng(1), draws=n)
+    assert abs(float(right[n:].mean()) - 1 / 4) < 0.01
+    assert (best[n:][right[n:]] == 0.7).all() and (second[n:][right[n:]] == 0.1).all()
+    # wrong: best .75, second .7 (one .1 drawn) or .75 (both .75: 1/4 of all)
+    assert abs(float(np.mean(second[n:] == 0.75)) - 1 / 4) < 0.01
+
+
+def test_logistic_regression_recovers_its_coefficients_and_counts_weights_as_repeats() -> None:
+    rng = np.random.default_rng(0)
+    x = np.column_stack([np.ones(20000), rng.uniform(0, 1, 20000), rng.uniform(0, 0.5, 20000)])
+    truth = np.array([-4.0, 5.0, 6.0])
+    y = (rng.random(20000) < sigmoid(x @ truth)).astype(np.float64)
+    assert logistic_regression(x, y, np.ones(20000)) == pytest.approx(truth, abs=0.3)
+    # a weight of 2 is the same row twice
+    small_x, small_y = x[:300], y[:300]
+    doubled = logistic_regression(
+        np.vstack([small_x, small_x[:100]]), np.r_[small_y, small_y[:100]], np.ones(400)
+    )
+    weighted = logistic_regression(small_x, small_y, np.r_[np.full(100, 2.0), np.ones(200)])
+    assert weighted == pytest.approx(doubled, abs=1e-6)
+    # separable data stays finite (the ridge)
+    assert np.isfinite(logistic_regression(x[:10], (x[:10, 1] > 0.5).astype(np.float64), np.ones(10))).all()
+
+
+MODEL = ConfidenceModel(
+    enrolled_logit=[[0.0, 0.0, 0.0], [-2.0, 0.0, 0.0]],  # likelihood ratio 1 at 10 images, e^-2 at 1,000
+    right_logit=[[0.0, 0.0, 4.0], [0.0, 0.0, 4.0]],  # log odds right = 4 * margin
+    stranger_share=0.5,
+    max_margin=0.5,
+)
+
+
+def test_confidence_model_splits_by_bayes_with_the_share_of_strangers_as_prior() -> None:
+    # 10 images, margin .25: P(right | enrolled) = sigmoid(1); likelihood ratio 1, so
+    # P(enrolled) = 1 - share: .5 at the card's share, .9 at a share of .1, 1 at 0.
+    right = 1 / (1 + math.exp(-1.0))
+    assert MODEL.probability(0, 0.8, 0.55, 0.5) == pytest.approx(0.5 * right)
+    assert MODEL.probability(0, 0.8, 0.55, 0.1) == pytest.approx(0.9 * right)
+    assert MODEL.probability(0, 0.8, 0.55, 0.0) == pytest.approx(right)
+    # no second individual, or a margin beyond the fitted ones: the largest fitted margin (.5)
+    assert MODEL.probability(0, 0.8, None, 0.0) == pytest.approx(1 / (1 + math.exp(-2.0)))
+    assert MODEL.probability(0, 0.8, -0.9, 0.0) == MODEL.probability(0, 0.8, None, 0.0)
+
+
+def test_table_with_a_confidence_model_interpolates_it_and_older_cards_keep_their_curve() -> None:
+    table = OpenSetCalibration.from_dict(TABLE.to_dict() | {"confidence_model": MODEL.to_dict()})
+    assert table.confidence_model == MODEL
+    assert OpenSetCalibration.from_dict(table.to_dict()).to_dict() == table.to_dict()
+    # 100 images: halfway (in log size) between the 10 and 1,000 rows, at the card's share .5
+    right = 1 / (1 + math.exp(-1.0))
+    at_1000 = 1 / (1 + math.exp(2.0)) * right
+    assert table.probability(0.8, 100, 0.55) == pytest.approx((0.5 * right + at_1000) / 2)
+    assert table.probability(0.8, 100, 0.55, stranger_share=0.0) == pytest.approx(right)
+    assert table.stranger_share == 0.5
+    # a card without it (older) answers from the curve on similarity alone, whatever the second
+    assert TABLE.confidence_model is None and "confidence_model" not in TABLE.to_dict()
+    assert TABLE.probability(0.5, 100, 0.45, stranger_share=0.0) == pytest.approx(0.375)
+    with pytest.raises(ValueError, match="one row of three"):
+        OpenSetCalibration.from_dict(
+            TABLE.to_dict() | {"confidence_model": MODEL.to_dict() | {"right_logit": [[0.0]]}}
+        )
+
+
+def true_top2(ab: np.ndarray, genuine: np.ndarray, individuals: int, rng: np.random.Generator, draws: int):
+    """Best and second similarity and whether the best is right, for ``draws`` galleries per query
+    drawn from the true Beta distributions of :func:`beta_scores`."""
+    others = np.where(np.isnan(genuine), individuals, individuals - 1)[:, None].astype(np.float64)
+    p1 = rng.random((len(ab), draws)) ** (1.0 / others)
+    d1 = betaincinv(ab[:, :1], ab[:, 1:], p1)
+    d2 = betaincinv(ab[:, :1], ab[:, 1:], p1 * rng.random((len(ab), draws)) ** (1.0 / (others - 1.0)))
+    g = np.repeat(genuine[:, None], draws, axis=1)
+    right = ~np.isnan(g) & (g >= d1)
+    best = np.where(right, g, d1)
+    second = np.where(right, d1, np.where(~np.isnan(g) & (g >= d2), g, d2))
+    return best.ravel(), second.ravel(), right.ravel()
+
+
+@pytest.mark.parametrize("stranger_share", [None, 0.0])
+def test_confidence_model_is_calibrated_on_fresh_galleries_at_the_fitted_and_another_share(
+    stranger_share,
+) -> None:
+    # Fitted on galleries of 1,000 individuals drawn from 100 scores per query (the tail beyond);
+    # measured on galleries drawn from the true distributions: at the calibration's mix of strangers
+    # (40% of queries), and for enrolled queries alone with the prior set to no strangers.
+    scores, ab = beta_scores(seed=0, enrolled_share=0.6)
+    model = ConfidenceModel.fit([sampled_top2(scores, 1000, np.random.default_rng(0))])
+    assert model.stranger_share == pytest.approx(0.4)
+    best, second, right = true_top2(ab, scores.genuine, 1000, np.random.default_rng(1), 4)
+    asked = np.ones(best.shape, dtype=bool) if stranger_share is None else ~np.repeat(scores.is_stranger, 4)
+    share = model.stranger_share if stranger_share is None else stranger_share
+    confidence = np.array(
+        [model.probability(0, b, s, share) for b, s in zip(best[asked], second[asked], strict=True)]
+    )
+    assert expected_calibration_error(confidence, right[asked].astype(np.float64)) <= 0.03

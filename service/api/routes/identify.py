@@ -45,7 +45,8 @@ async def identify_input(request: Request) -> IdentifyInput:
         "gives for the gallery's size and the species' target FPIR (share of never-enrolled animals "
         "answered `match`), else the card's pair threshold, else the configured default; `reason` says "
         "which. With the table, answers between the review threshold and the threshold are `uncertain`, "
-        "and `confidence` is the calibrated probability that the best candidate is right. "
+        "and `confidence` is the calibrated probability that the best candidate is right, for the "
+        "configured share of queries of animals not enrolled. "
         "`include_timings=true` adds decode, embed and search times. Needs the read scope."
     ),
     openapi_extra=image_body(IdentifyFields, IdentifyJSON, {"image": (True, False, "The photo to identify")}),
