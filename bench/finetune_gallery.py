@@ -260,7 +260,8 @@ def main() -> None:
     dataset, parts = enrolment_data(args.species, card, args.data)
     plan = split_units(units_of(dataset), args.individuals, args.seed)
     strangers = stranger_photos(card, args.data)
-    root = args.keep or Path(tempfile.mkdtemp(prefix="finetune-bench-"))
+    # Absolute: the API and the worker run in this folder, and read their paths from the environment.
+    root = (args.keep or Path(tempfile.mkdtemp(prefix="finetune-bench-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(args.model, root / "models" / args.species)
     url = args.database_url or f"sqlite:///{root / 'animalid.db'}"
