@@ -1,18 +1,30 @@
-"""Learn the enrolled dogs, measured through a running service: identification before and after a
-fine-tune job, the job's wall time, and identify latency while the job runs against idle.
+"""Learn the enrolled animals, measured through a running service: identification before and after
+a fine-tune job, the job's wall time, and identify latency while the job runs against idle.
 
-The dogs are the test individuals of the shipped dog model (service/demo/models/dog), never seen in
-its training: its own split of ../shared/data/dogfacenet. Per dog, half of its photos (at least one)
-are enrolled, in two enroll requests (two enrolment batches) when there are two or more; the other
-half are identification queries. `animalid serve` and `animalid worker` run as separate processes
-on loopback; the fine-tune is queued with `POST /species/dog/finetune` and the worker claims it.
-After a promotion the API switches models itself (ANIMALID_MODEL_WATCH_S) and re-embeds the gallery.
+Dogs (``--species dog``): the test individuals of the shipped dog model (service/demo/models/dog),
+never seen in its training: its own split of ../shared/data/dogfacenet. Per dog, half of its photos
+(at least one) are enrolled, in two enroll requests (two enrolment batches) when there are two or
+more; the other half are identification queries.
+
+Cattle (``--species cattle --model DIR``): every cow of the model's training data (its training,
+validation and test cows: closed set), grouped by video clip with the group key the model was
+trained with. Per cow, half of its clips (at least one) are enrolled, alternately in two enroll
+requests (two enrolment batches); the photos of its other clips are the queries, so no clip is on
+both sides. The configured strangers (the 10 ``openset-*`` cows) are never enrolled: their photos
+are sent to identify, before and after, to count how many the service answers `match`.
+
+`animalid serve` and `animalid worker` run as separate processes on loopback; the fine-tune is
+queued with `POST /species/{species}/finetune` and the worker claims it. After a promotion the API
+switches models itself (ANIMALID_MODEL_WATCH_S) and re-embeds the gallery.
 
     python bench/finetune_gallery.py --epochs 3                 # every test dog
     python bench/finetune_gallery.py --dogs 60 --epochs 2       # a smaller gallery
+    python bench/finetune_gallery.py --species cattle \
+        --model runs/study/cattle-from-dogs-128x64/artifacts/cattle --epochs 3
 
-Printed: one JSON line per phase, then a summary line. Top-1: the best candidate is the right dog.
-Wrong-match rate: the service answers `match` with another dog (at the card's threshold).
+Printed: one JSON line per phase, then a summary line. Top-1: the best candidate is the right
+animal. Wrong-match rate: the service answers `match` with another animal (at the card's
+threshold). Strangers answered match: the share of stranger photos answered `match` with anyone.
 """
 
 from __future__ import annotations
@@ -31,24 +43,36 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from identify_latency import free_port, percentile
 
-from training.artifact import read_card
-from training.pipeline import held_out
+from training.artifact import ModelCard, read_card
+from training.data import Dataset
+from training.pipeline import card_config, stranger_dataset, trained_on
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "service" / "demo" / "models" / "dog"
+DATA = REPO.parent / "shared" / "data"
+DEFAULT_DATA = {"dog": DATA / "dogfacenet", "cattle": DATA / "holstein_cowface"}
+DEFAULT_MODEL = {"dog": REPO / "service" / "demo" / "models" / "dog"}
 ADMIN_KEY = "bench-admin-key"
+MAX_IMAGES_PER_ENROLL = 256  # a cow's clips of one enrolment batch go in one request
+
+# individual -> (enrolment batches, query photos)
+Plan = dict[str, tuple[list[list[Path]], list[Path]]]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "dogfacenet")
-    parser.add_argument("--dogs", type=int, default=0, help="test dogs to use (0: all)")
+    parser.add_argument("--species", choices=sorted(DEFAULT_DATA), default="dog")
+    parser.add_argument("--model", type=Path, help="artifact folder to serve (dogs: the shipped one)")
+    parser.add_argument("--data", type=Path, help="data folder with manifest.csv (default: the species' one)")
+    parser.add_argument(
+        "--individuals", "--dogs", type=int, default=0, help="individuals to enrol (0: all); strangers: all"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the API and of the worker")
@@ -56,27 +80,66 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--database-url", help="default: a SQLite file in the work folder")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.data = args.data or DEFAULT_DATA[args.species]
+    args.model = args.model or DEFAULT_MODEL.get(args.species)
+    if args.model is None:
+        parser.error(f"--model is required for {args.species}")
+    return args
 
 
-def split_photos(data: Path, dogs: int, seed: int) -> dict[str, tuple[list[list[Path]], list[Path]]]:
-    """dog -> (enrolment batches, query photos), for the shipped model's test dogs."""
-    dataset = held_out(read_card(MODEL), data / "manifest.csv")
-    photos: dict[str, list[Path]] = {}
+def enrolment_data(species: str, card: ModelCard, data: Path) -> tuple[Dataset, dict[str, str]]:
+    """The photos to enrol and query (the model's test dogs; every cow of the model's data), grouped
+    as the model's training grouped them, and each individual's part of the model's split."""
+    dataset, split = trained_on(card, data / "manifest.csv")
+    parts = {name: part for part in ("train", "val", "test") for name in getattr(split, part)}
+    if species == "dog":
+        dataset = Dataset(tuple(s for s in dataset.samples if parts[s.individual] == "test"), dataset.source)
+    return dataset, parts
+
+
+def units_of(dataset: Dataset) -> dict[str, list[list[Path]]]:
+    """individual -> its units of enrolment (its groups: single photos of dogs, clips of cows), in a
+    fixed order."""
+    return {
+        name: [sorted(paths) for _, paths in sorted(groups.items())]
+        for name, groups in grouped(dataset).items()
+    }
+
+
+def grouped(dataset: Dataset) -> dict[str, dict[str, list[Path]]]:
+    """individual -> group key -> photos."""
+    groups: dict[str, dict[str, list[Path]]] = {}
     for sample in dataset.samples:
-        photos.setdefault(sample.individual, []).append(sample.path)
+        groups.setdefault(sample.individual, {}).setdefault(sample.group, []).append(sample.path)
+    return groups
+
+
+def split_units(units: dict[str, list[list[Path]]], count: int, seed: int) -> Plan:
+    """Per individual, half of its units (at least one) enrolled, alternately in two enrolment
+    batches when there are two or more; the photos of the other units are the queries."""
     rng = random.Random(seed)
-    names = sorted(photos)
-    if dogs:
-        names = sorted(rng.sample(names, min(dogs, len(names))))
+    names = sorted(units)
+    if count:
+        names = sorted(rng.sample(names, min(count, len(names))))
     plan = {}
     for name in names:
-        paths = sorted(photos[name])
-        rng.shuffle(paths)
-        enrolled, queries = paths[: max(1, len(paths) // 2)], paths[max(1, len(paths) // 2) :]
+        shuffled = list(units[name])
+        rng.shuffle(shuffled)
+        enrolled, queried = shuffled[: max(1, len(shuffled) // 2)], shuffled[max(1, len(shuffled) // 2) :]
         batches = [enrolled[::2], enrolled[1::2]] if len(enrolled) >= 2 else [enrolled]
-        plan[name] = (batches, queries)
+        plan[name] = ([flat(batch) for batch in batches], flat(queried))
     return plan
+
+
+def flat(units: list[list[Path]]) -> list[Path]:
+    return [path for unit in units for path in unit]
+
+
+def stranger_photos(card: ModelCard, data: Path) -> list[Path]:
+    """Photos of the model's configured strangers (never enrolled); none when it has none."""
+    dataset = stranger_dataset(card_config(card), data / "manifest.csv")
+    return [] if dataset is None else sorted(s.path for s in dataset.samples)
 
 
 def env_for(root: Path, url: str, port: int, threads: int) -> dict[str, str]:
@@ -86,7 +149,8 @@ def env_for(root: Path, url: str, port: int, threads: int) -> dict[str, str]:
         ANIMALID_IMAGE_STORE_DIR=str(root / "images"), ANIMALID_JOBS_DIR=str(root / "jobs"),
         ANIMALID_API_KEYS=f"{ADMIN_KEY}:admin", ANIMALID_CPU_THREADS=str(threads),
         ANIMALID_WORKER_THREADS=str(threads), ANIMALID_PORT=str(port), ANIMALID_MODEL_WATCH_S="2",
-        ANIMALID_DEVICE="cpu", PYTHONPATH=str(REPO),
+        ANIMALID_DEVICE="cpu", ANIMALID_MAX_IMAGES_PER_REQUEST=str(MAX_IMAGES_PER_ENROLL),
+        PYTHONPATH=str(REPO),
     )  # fmt: skip
     return env
 
@@ -111,45 +175,76 @@ def wait_ready(client: httpx.Client, server: subprocess.Popen[bytes], root: Path
     raise SystemExit("the API did not become ready in 5 minutes")
 
 
-def enroll(client: httpx.Client, plan: dict[str, tuple[list[list[Path]], list[Path]]]) -> int:
+def enroll(client: httpx.Client, species: str, plan: Plan) -> int:
     count = 0
     for name, (batches, _) in plan.items():
         for batch in batches:
             files = [("images", (p.name, p.read_bytes(), "application/octet-stream")) for p in batch]
             client.post(
-                "/enroll", data={"species": "dog", "external_id": name}, files=files
+                "/enroll", data={"species": species, "external_id": name}, files=files
             ).raise_for_status()
             count += len(batch)
     return count
 
 
+def identify(client: httpx.Client, species: str, image: bytes) -> dict[str, Any]:
+    response = client.post("/identify", data={"species": species}, files={"image": image})
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
 def identify_all(
-    client: httpx.Client, plan: dict[str, tuple[list[list[Path]], list[Path]]]
-) -> dict[str, float]:
-    right = wrong = total = 0
+    client: httpx.Client, species: str, plan: Plan, parts: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Top-1 and wrong-match rate of the queries; per part of the model's split when there are several."""
+    answers: list[tuple[str, bool, bool]] = []  # individual, right best candidate, wrong match
     version = ""
     for name, (_, queries) in plan.items():
         for path in queries:
-            response = client.post("/identify", data={"species": "dog"}, files={"image": path.read_bytes()})
-            response.raise_for_status()
-            body = response.json()
+            body = identify(client, species, path.read_bytes())
             version = body["model_version"]
             best = body.get("best") or (body.get("candidates") or [None])[0]
             is_right = best is not None and best["external_id"] == name
-            right += is_right
-            wrong += body["decision"] == "match" and not is_right
-            total += 1
-    return {"queries": total, "top1": round(right / total, 4), "wrong_match_rate": round(wrong / total, 4),
-            "model_version": version}  # fmt: skip
+            answers.append((name, is_right, body["decision"] == "match" and not is_right))
+    result: dict[str, Any] = rates(answers) | {"model_version": version}
+    if parts and len({parts[name] for name in plan}) > 1:
+        result["by_part"] = {
+            part: rates([a for a in answers if parts[a[0]] == part])
+            for part in ("train", "val", "test")
+            if any(parts[a[0]] == part for a in answers)
+        }
+    return result
 
 
-def latencies(client: httpx.Client, images: list[bytes], count: int) -> list[float]:
+def rates(answers: list[tuple[str, bool, bool]]) -> dict[str, Any]:
+    total = len(answers)
+    right = sum(a[1] for a in answers)
+    wrong = sum(a[2] for a in answers)
+    return {"queries": total, "top1": round(right / total, 4), "wrong_match_rate": round(wrong / total, 4)}
+
+
+def identify_strangers(client: httpx.Client, species: str, photos: list[Path]) -> dict[str, Any]:
+    """How many photos of never-enrolled animals the service answers `match` (with anyone)."""
+    matched = sum(identify(client, species, path.read_bytes())["decision"] == "match" for path in photos)
+    return {"queries": len(photos), "answered_match": matched, "match_rate": round(matched / len(photos), 4)}
+
+
+def measure(
+    client: httpx.Client, species: str, plan: Plan, parts: dict[str, str], strangers: list[Path]
+) -> dict[str, Any]:
+    """Identification of the enrolled animals' queries, and of the strangers when there are any."""
+    result = identify_all(client, species, plan, parts)
+    if strangers:
+        result["strangers"] = identify_strangers(client, species, strangers)
+    return result
+
+
+def latencies(client: httpx.Client, species: str, images: list[bytes], count: int) -> list[float]:
     times = []
     for i in range(count):
         start = time.perf_counter()
-        client.post(
-            "/identify", data={"species": "dog"}, files={"image": images[i % len(images)]}
-        ).raise_for_status()
+        identify(client, species, images[i % len(images)])
         times.append((time.perf_counter() - start) * 1000.0)
     return times
 
@@ -161,10 +256,14 @@ def summary(times: list[float]) -> dict[str, float]:
 
 def main() -> None:
     args = parse_args()
-    plan = split_photos(args.data, args.dogs, args.seed)
-    root = args.keep or Path(tempfile.mkdtemp(prefix="finetune-bench-"))
+    card = read_card(args.model)
+    dataset, parts = enrolment_data(args.species, card, args.data)
+    plan = split_units(units_of(dataset), args.individuals, args.seed)
+    strangers = stranger_photos(card, args.data)
+    # Absolute: the API and the worker run in this folder, and read their paths from the environment.
+    root = (args.keep or Path(tempfile.mkdtemp(prefix="finetune-bench-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(MODEL, root / "models" / "dog")
+    shutil.copytree(args.model, root / "models" / args.species)
     url = args.database_url or f"sqlite:///{root / 'animalid.db'}"
     port = free_port()
     env = env_for(root, url, port, args.threads)
@@ -173,6 +272,8 @@ def main() -> None:
     worker: subprocess.Popen[bytes] | None = None
     out: dict[str, object] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "species": args.species,
+        "model_version": card.model_version,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU used",
         "threads": args.threads,
         "epochs": args.epochs,
@@ -183,16 +284,19 @@ def main() -> None:
         ) as client:
             wait_ready(client, server, root)
             start = time.perf_counter()
-            out["enrolled_images"] = enroll(client, plan)
+            out["enrolled_images"] = enroll(client, args.species, plan)
             out["enroll_s"] = round(time.perf_counter() - start, 1)
-            out["dogs"] = len(plan)
-            out["before"] = identify_all(client, plan)
+            out["individuals"] = len(plan)
+            out["enrolment_batches"] = sum(len(batches) for batches, _ in plan.values())
+            out["before"] = measure(client, args.species, plan, parts, strangers)
             print(json.dumps({"before": out["before"]}), flush=True)
             probes = [q.read_bytes() for _, qs in plan.values() for q in qs][:20]
-            out["latency_idle"] = summary(latencies(client, probes, args.latency_requests))
+            out["latency_idle"] = summary(latencies(client, args.species, probes, args.latency_requests))
             print(json.dumps({"latency_idle": out["latency_idle"]}), flush=True)
 
-            job = client.post("/species/dog/finetune", json={"epochs": args.epochs, "lr": args.lr}).json()
+            job = client.post(
+                f"/species/{args.species}/finetune", json={"epochs": args.epochs, "lr": args.lr}
+            ).json()
             worker = spawn(root, env, "worker", "worker")
             busy: list[float] = []
             done = threading.Event()
@@ -201,7 +305,7 @@ def main() -> None:
                 while not done.is_set():
                     state = client.get(f"/jobs/{job['id']}").json()
                     if state["status"] == "running" and state["progress"].get("stage") == "train":
-                        busy.extend(latencies(client, probes, 5))
+                        busy.extend(latencies(client, args.species, probes, 5))
                     elif state["status"] not in ("queued", "running"):
                         done.set()
                     else:
@@ -233,12 +337,12 @@ def main() -> None:
                 new_version = final["result"]["challenger"]["model_version"]
                 start = time.perf_counter()
                 for _ in range(2400):
-                    species = client.get("/species/dog").json()
+                    species = client.get(f"/species/{args.species}").json()
                     if species["model_version"] == new_version and species["status"] == "ready":
                         break
                     time.sleep(0.5)
                 out["switch_s"] = round(time.perf_counter() - start, 1)
-            out["after"] = identify_all(client, plan)
+            out["after"] = measure(client, args.species, plan, parts, strangers)
             print(json.dumps({"after": out["after"]}), flush=True)
     finally:
         for process in (worker, server):

@@ -21,7 +21,7 @@ from PIL import Image
 from training.artifact import ArtifactError, ModelCard, export_artifact, load_artifact
 from training.closed_set import evaluate_held_back, side_by_side
 from training.config import DatasetConfig, TrainConfig, build_config
-from training.data import Dataset, Shard, cached_shard, enrol_query_split, load_dataset
+from training.data import Dataset, IndividualSplit, Shard, cached_shard, enrol_query_split, load_dataset
 from training.evaluate import (
     EvaluationResult,
     accuracy_threshold,
@@ -90,13 +90,8 @@ def calibration_warnings(
 
 
 def load_strangers(config: TrainConfig, spec: PreprocessSpec) -> Shard | None:
-    if config.strangers is None:
-        return None
-    s = config.strangers
-    dataset = load_dataset(
-        s.source, species=s.species, group_pattern=s.group_pattern, exclude_individuals=s.exclude_individuals
-    )
-    return cached_shard(dataset, spec, config.cache_dir or None)
+    dataset = stranger_dataset(config)
+    return None if dataset is None else cached_shard(dataset, spec, config.cache_dir or None)
 
 
 def strangers_of(strangers: Shard | None, species: str) -> Shard | None:
@@ -410,6 +405,17 @@ def held_out(card: ModelCard, source: str | Path | None = None) -> Dataset:
 
 def split_part(card: ModelCard, part: Literal["val", "test"], source: str | Path | None = None) -> Dataset:
     """Every photo of the artifact's validation or test individuals, by the split it was trained with."""
+    dataset, split = trained_on(card, source)
+    keep = set(getattr(split, part))
+    return Dataset(tuple(s for s in dataset.samples if s.individual in keep), dataset.source)
+
+
+def trained_on(card: ModelCard, source: str | Path | None = None) -> tuple[Dataset, IndividualSplit]:
+    """The artifact's dataset of its species as its training read it (group key and excluded
+    individuals included: every training, validation and test individual), and the run's split.
+
+    ``source`` reads the same data from another place than the one recorded at training time.
+    """
     config = card_config(card)
     species = card.relabelled_from or card.species
     # A dataset configured without a species takes it from its manifest: read to find out.
@@ -418,9 +424,21 @@ def split_part(card: ModelCard, part: Literal["val", "test"], source: str | Path
             ds_cfg = replace(ds_cfg, source=str(source))
         dataset, split = split_dataset(config, ds_cfg)
         if dataset.samples and dataset.samples[0].species == species:
-            keep = set(getattr(split, part))
-            return Dataset(tuple(s for s in dataset.samples if s.individual in keep), dataset.source)
+            return dataset, split
     raise ValueError(f"no dataset of species {species!r} in the model's training configuration")
+
+
+def stranger_dataset(config: TrainConfig, source: str | Path | None = None) -> Dataset | None:
+    """The configured strangers (animals never trained on nor enrolled), or None."""
+    if config.strangers is None:
+        return None
+    s = config.strangers
+    return load_dataset(
+        source if source is not None else s.source,
+        species=s.species,
+        group_pattern=s.group_pattern,
+        exclude_individuals=s.exclude_individuals,
+    )
 
 
 def regrouped(config: TrainConfig, group_pattern: str | None) -> TrainConfig:

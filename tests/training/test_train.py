@@ -13,7 +13,7 @@ from tiny_runs import tiny_config
 
 from training.artifact import ArtifactError, ModelCard, load_artifact
 from training.config import DatasetConfig, build_config
-from training.pipeline import held_out
+from training.pipeline import held_out, stranger_dataset, trained_on
 from training.preprocess import PreprocessSpec
 from training.train import (
     DistInfo,
@@ -292,6 +292,35 @@ def test_held_out_finds_its_species_among_joint_datasets_configured_without_one(
         assert {s.individual for s in samples} == set(split.test)
     with pytest.raises(ValueError, match="no dataset of species 'cow'"):
         held_out(ModelCard("cow", 8, PreprocessSpec(), training_config=config.to_dict()))
+
+
+def test_trained_on_reads_every_individual_grouped_as_in_training_and_the_strangers_apart(tmp_path):
+    # What a closed-set gallery is built from: training, validation and test individuals alike,
+    # the group key (clip) of the training, and the excluded strangers kept for the open set.
+    manifest = write_manifest(
+        make_folder_dataset(tmp_path / "cows", n_individuals=10, n_images=4, size=24), "cow"
+    )
+    strangers = "^ind00[01]$"
+    config = build_config(
+        {
+            "datasets": [
+                {"source": str(manifest), "group_pattern": r"^(clip\d)_", "exclude_individuals": strangers}
+            ],
+            "strangers": {"source": str(manifest), "exclude_individuals": "^(?!ind00[01]$)"},
+        }
+    )
+    card = ModelCard("cow", 8, PreprocessSpec(), training_config=config.to_dict())
+    dataset, split = trained_on(card)
+    assert (
+        dataset.individuals
+        == sorted([*split.train, *split.val, *split.test])
+        == [f"ind{i:03d}" for i in range(2, 10)]
+    )
+    assert {s.group for s in dataset.samples if s.individual == "ind002"} == {"ind002/clip0", "ind002/clip1"}
+    assert trained_on(card, source=manifest)[0].samples == dataset.samples
+    found = stranger_dataset(config)
+    assert found is not None and found.individuals == ["ind000", "ind001"]
+    assert stranger_dataset(replace(config, strangers=None)) is None
 
 
 def test_few_calibration_individuals_warn_and_the_paper_section_is_for_dogs_only(tmp_path, animals):
