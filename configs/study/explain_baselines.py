@@ -5,13 +5,15 @@ Hiding scattered pixels lowers an ImageNet network's similarity faster than hidi
 in contiguous cells, so a map, whose hot pixels come in blobs, is compared here with random orders
 of the same granularity as well. Also an occlusion map (the similarity drop when a 64-pixel grey
 square hides each region, stride 32), a map made for this measure. The first four demo queries and
-their dogs' first gallery photos, each explained against the other's embedding (8 photos).
+their dogs' first gallery photos, each explained against the other's embedding (8 photos); all eight
+queries (16 photos) with an argument of 8.
 
-    python configs/study/explain_baselines.py      # from the repository root
+    python configs/study/explain_baselines.py [QUERIES]      # from the repository root
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +61,12 @@ def random_cells(height: int, width: int, rng: np.random.Generator) -> np.ndarra
 
 
 def main() -> None:
+    queries = int(sys.argv[1]) if len(sys.argv) > 1 else QUERIES
     torch.set_num_threads(1)
     loaded = load_artifact(DEMO / "models" / "dog")
     model, spec = loaded.model.eval(), loaded.card.preprocess
     areas: dict[str, list[float]] = {"occlusion": [], "LayerCAM (served)": [], "pixels": [], "cells": []}
-    for n, query in enumerate(sorted((DEMO / "queries").glob("*.jpg"))[:QUERIES]):
+    for n, query in enumerate(sorted((DEMO / "queries").glob("*.jpg"))[:queries]):
         enrolled = sorted((DEMO / "gallery" / query.stem).glob("*.jpg"))[0]
         photos = [preprocess(open_image(path), spec) for path in (query, enrolled)]
         with torch.no_grad():
