@@ -615,14 +615,6 @@ def sampled_top2(
     return np.array(best), np.array(second), np.array(right), strangers
 
 
-def sampled_top1(
-    scores: QueryScores, gallery_individuals: float, rng: np.random.Generator, draws: int = CONFIDENCE_DRAWS
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 similarity and whether it is the query's own individual (:func:`sampled_top2`)."""
-    best, _, right, _ = sampled_top2(scores, gallery_individuals, rng, draws)
-    return best, right
-
-
 def max_quantile(sorted_scores: np.ndarray, p: float, tail: DistractorTail | None) -> float:
     """The distractor score whose ``F_q`` is ``p`` (:func:`distractor_cdf` inverted)."""
     m = sorted_scores.size

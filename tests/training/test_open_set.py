@@ -23,7 +23,6 @@ from training.open_set import (
     isotonic,
     logistic_regression,
     max_quantile,
-    sampled_top1,
     sampled_top2,
     sigmoid,
     threshold_for_fpir,
@@ -78,7 +77,7 @@ def test_isotonic_pools_adjacent_violators() -> None:
     np.testing.assert_allclose(ys, [1 / 3])
 
 
-def test_sampled_top1_follows_the_distribution_of_the_maximum() -> None:
+def test_the_sampled_best_follows_the_distribution_of_the_maximum() -> None:
     # The stranger, k = 2: max of two draws from {.2, .4, .6, .8} is .8 with probability
     # 1 - (3/4)^2 = 7/16.
     stranger_only = QueryScores(
@@ -88,7 +87,7 @@ def test_sampled_top1_follows_the_distribution_of_the_maximum() -> None:
         top1_correct=np.array([False]),
         images_per_individual=1.0,
     )
-    top, right = sampled_top1(stranger_only, 2, np.random.default_rng(0), draws=20000)
+    top, _, right, _ = sampled_top2(stranger_only, 2, np.random.default_rng(0), draws=20000)
     assert not right.any()
     assert abs(float(np.mean(top == 0.8)) - 7 / 16) < 0.01
 
@@ -210,7 +209,7 @@ def test_confidence_for_galleries_beyond_the_validation_data_is_calibrated(indiv
     # similarities look always right (ECE 0.29 at 1,000 individuals, 0.61 at 10,000). Measured on
     # fresh galleries drawn from the true distributions, the tail keeps the ECE under 0.05.
     scores, ab = beta_scores(seed=0, enrolled_share=0.6)
-    top, right = sampled_top1(scores, individuals, np.random.default_rng(0))
+    top, _, right, _ = sampled_top2(scores, individuals, np.random.default_rng(0))
     xs, ys = isotonic(top, right.astype(np.float64))
     curve = np.interp(CONFIDENCE_GRID, xs, ys)
     rng = np.random.default_rng(1)
