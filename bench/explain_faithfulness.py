@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from training.artifact import load_artifact
-from training.gradcam import curve_area, deletion_curve, gradcam_map, hottest_first, layercam_map
+from training.gradcam import (
+    curve_area,
+    deletion_curve,
+    display_map,
+    gradcam_map,
+    hottest_first,
+    input_attribution_map,
+    layercam_map,
+)
 from training.preprocess import open_image, preprocess
 
 DEMO = Path(__file__).resolve().parents[1] / "service" / "demo"
@@ -41,12 +49,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_artifact(args.model or args.demo / "models" / "dog")
-    model, spec = loaded.model.eval(), loaded.card.preprocess
+    model, spec = loaded.model.float().eval(), loaded.card.preprocess
     maps: dict[str, Callable[[torch.Tensor, torch.Tensor], np.ndarray]] = {
+        "gradient x input (served)": lambda x, r: input_attribution_map(model, x, r),
+        "gradient x input as drawn (display_map)": lambda x, r: display_map(
+            input_attribution_map(model, x, r)
+        ),
         "Grad-CAM, model.gradcam_layer": lambda x, r: gradcam_map(model, x, r),
-        "Grad-CAM, model.fine_gradcam_layer": lambda x, r: gradcam_map(model, x, r, model.fine_gradcam_layer),
-        "LayerCAM, model.gradcam_layer": lambda x, r: layercam_map(model, x, r, model.gradcam_layer),
-        "LayerCAM, model.fine_gradcam_layer (served)": lambda x, r: layercam_map(model, x, r),
+        "LayerCAM, model.fine_gradcam_layer": lambda x, r: layercam_map(model, x, r),
     }
     areas: dict[str, list[float]] = {name: [] for name in maps}
     random_areas: list[float] = []
@@ -55,7 +65,8 @@ def main() -> None:
     for query in sorted((args.demo / "queries").glob("*.jpg")):
         for enrolled in sorted((args.demo / "gallery" / query.stem).glob("*.jpg")):
             photos = [preprocess(open_image(path), spec) for path in (query, enrolled)]
-            embeddings = model.embed(torch.stack(photos))
+            with torch.no_grad():
+                embeddings = model.embed(torch.stack(photos))
             for image, other in ((photos[0], embeddings[1]), (photos[1], embeddings[0])):
                 pairs += 1
                 rng = np.random.default_rng(pairs)

@@ -485,8 +485,8 @@ class ExplainResult(BaseModel):
     height: int = Field(description="Rows of the heatmap (the model's input height)")
     width: int
     heatmap: list[list[float]] = Field(
-        description="The query's LayerCAM map in [0, 1], row-major, model input resolution: "
-        "what in the query raises its similarity to the reference"
+        description="The query's map in [0, 1], row-major, model input resolution: each pixel's positive "
+        "share (gradient x input) of the query's similarity to the reference, unblurred"
     )
     reference_heatmap: list[list[float]] = Field(
         description="The reference photo's map, the same way: what in it raises its similarity to the query"

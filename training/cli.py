@@ -227,7 +227,7 @@ def _gradcam(args: argparse.Namespace) -> int:
     import torch
 
     from training.artifact import load_artifact
-    from training.gradcam import explanation_panel, layercam_map
+    from training.gradcam import explanation_panel, input_attribution_map
     from training.preprocess import open_image, preprocess
 
     loaded = load_artifact(args.artifact)
@@ -235,7 +235,10 @@ def _gradcam(args: argparse.Namespace) -> int:
     image, reference = open_image(args.image), open_image(args.reference)
     batch = torch.stack([preprocess(image, spec), preprocess(reference, spec)])
     emb = loaded.model.embed(batch)
-    cams = [layercam_map(loaded.model, batch[0], emb[1]), layercam_map(loaded.model, batch[1], emb[0])]
+    cams = [
+        input_attribution_map(loaded.model, batch[0], emb[1]),
+        input_attribution_map(loaded.model, batch[1], emb[0]),
+    ]
     similarity = float(emb[0] @ emb[1])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     panel = explanation_panel((image, cams[0]), (reference, cams[1]), similarity, args.reference.name)

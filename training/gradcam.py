@@ -1,13 +1,15 @@
 """Heat maps for embedding models: which regions make an image similar to a reference.
 
 The target is the cosine similarity between the image's embedding and a reference embedding (for
-example an enrolled photo of the matched individual). Two maps: Grad-CAM on ``model.gradcam_layer``
-(the last stage) and LayerCAM on ``model.fine_gradcam_layer`` (an earlier, finer one), the map the
-service and the reports show because its deletion curve fell fastest on the study's ResNet18 dog
-model (:func:`deletion_curve`, docs/results.md; on the shipped EfficientNet-Lite2 model no map tried
-beats random deletion orders). :func:`explanation_panel` draws a query and its reference side by side.
+example an enrolled photo of the matched individual). Three maps: gradient x input at the model's
+input resolution (:func:`input_attribution_map`), the map the service and the reports show because
+on the shipped EfficientNet-Lite2 dog model it is the one whose deletion curve falls faster than
+random orders of pixels (:func:`deletion_curve`, docs/results.md); Grad-CAM on
+``model.gradcam_layer`` (the last stage) and LayerCAM on ``model.fine_gradcam_layer`` (an earlier,
+finer one), compared with it in the study. :func:`explanation_panel` draws a query and its
+reference side by side.
 
-This is a small hook-based implementation rather than ``pytorch_grad_cam.GradCAM`` / ``LayerCAM``
+The CAMs are a small hook-based implementation rather than ``pytorch_grad_cam.GradCAM`` / ``LayerCAM``
 (grad-cam 1.5.7, which the tests use as the oracle), because the service runs it on a shared, live model:
 GradCAM calls ``model.eval()`` and never restores the mode, back-propagates into every parameter's
 ``.grad`` (left behind on the served weights), fails with "element 0 of tensors does not require
@@ -44,14 +46,27 @@ def _evaluating(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def _similarity(model: EmbeddingModel, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the embedding of a (1, 3, H, W) batch to ``reference`` (normalised here)."""
+    ref = F.normalize(reference.detach().to(x.device, torch.float32).clone().flatten(), dim=0)
+    return F.normalize(model(x), dim=1)[0] @ ref
+
+
+def _input_copy(model: EmbeddingModel, image: torch.Tensor) -> torch.Tensor:
+    """A (1, 3, H, W) float32 copy of a normalised (3, H, W) image on the model's device that
+    requires the gradient. Call it outside inference mode: a tensor made under inference mode cannot
+    join an autograd graph (hence the clone, of what may be an inference tensor)."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a normalised (3, H, W) image, got {tuple(image.shape)}")
+    device = next(model.parameters()).device
+    return image.detach().to(device, torch.float32).clone().unsqueeze(0).requires_grad_(True)
+
+
 def _activations_and_gradients(
     model: EmbeddingModel, image: torch.Tensor, reference: torch.Tensor, layer: torch.nn.Module
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``layer``'s (C, h, w) output for a normalised (3, H, W) image and the gradient of the cosine
     similarity to ``reference`` with respect to it."""
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a normalised (3, H, W) image, got {tuple(image.shape)}")
-    device = next(model.parameters()).device
     owner = threading.get_ident()
     captured: list[torch.Tensor] = []
 
@@ -62,10 +77,7 @@ def _activations_and_gradients(
     handle = layer.register_forward_hook(keep_output)
     try:
         with _evaluating(model), torch.inference_mode(False), torch.enable_grad():
-            # clone(): a tensor made under inference mode cannot join an autograd graph.
-            x = image.detach().to(device, torch.float32).clone().unsqueeze(0).requires_grad_(True)
-            ref = F.normalize(reference.detach().to(device, torch.float32).clone().flatten(), dim=0)
-            target = F.normalize(model(x), dim=1)[0] @ ref
+            target = _similarity(model, _input_copy(model, image), reference)
             activations = captured[-1]
             (gradients,) = torch.autograd.grad(target, activations)
     finally:
@@ -102,19 +114,39 @@ def gradcam_map(
 def layercam_map(
     model: EmbeddingModel, image: torch.Tensor, reference: torch.Tensor, layer: torch.nn.Module | None = None
 ) -> np.ndarray:
-    """LayerCAM heatmap (H, W) float32 in [0, 1]: the finer map the service and reports show.
+    """LayerCAM heatmap (H, W) float32 in [0, 1]: the CAM with the finest detail.
 
     LayerCAM (Jiang et al., IEEE TIP 2021) weights each activation by its own positive gradient
     instead of a channel's spatial mean, which keeps earlier layers' detail; the layer is
     ``model.fine_gradcam_layer`` by default. Same target, device and safety as :func:`gradcam_map`.
-    On the study's ResNet18 dog model its deletion curve falls fastest of the maps tried; on the
-    shipped EfficientNet-Lite2 model none beats random orders (docs/results.md).
+    On the study's ResNet18 dog model its deletion curve fell fastest of the CAMs tried; on the
+    shipped EfficientNet-Lite2 model it does not beat random orders (docs/results.md).
     """
     activations, gradients = _activations_and_gradients(
         model, image, reference, model.fine_gradcam_layer if layer is None else layer
     )
     cam = F.relu((F.relu(gradients) * activations).sum(dim=0))
     return _to_map(cam, *image.shape[1:])
+
+
+def input_attribution_map(model: EmbeddingModel, image: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    """Gradient x input map (H, W) float32 in [0, 1]: the map the service and the reports show.
+
+    Each pixel's share of the cosine similarity to ``reference`` to first order: the similarity's
+    gradient with respect to the normalised (3, H, W) image times the image, summed over the colour
+    channels. Hiding a pixel sets it to 0 (:func:`deletion_curve`), so this is the similarity a
+    pixel's hiding removes, as far as the gradient sees: the map made for the deletion measure, at
+    the model's full input resolution, for any architecture (fused models too). On the shipped
+    EfficientNet-Lite2 dog model it is the only map tried whose deletion curve falls faster than
+    random orders of pixels (docs/results.md). Positive shares only: 0 is "no part in raising the
+    similarity". Same device and model safety as :func:`gradcam_map`; an all-zero map means no
+    pixel raised the similarity.
+    """
+    with _evaluating(model), torch.inference_mode(False), torch.enable_grad():
+        x = _input_copy(model, image)
+        (gradients,) = torch.autograd.grad(_similarity(model, x, reference), x)
+    share = F.relu((gradients * x.detach()).sum(dim=1)[0])
+    return (share / (share.max() + 1e-12)).float().cpu().numpy()
 
 
 def hottest_first(heat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -224,6 +256,28 @@ def colour_key(width: int, padding: int = 6) -> Image.Image:
     return key
 
 
+def display_map(cam: np.ndarray, blur: float = 0.01, saturate: float = 99.5) -> np.ndarray:
+    """A heat map as the pictures draw it: blurred by a Gaussian of ``blur`` times the map's longer
+    side and divided by its ``saturate`` percentile, clipped to [0, 1].
+
+    A pixel-level map (:func:`input_attribution_map`) is a speckle of single pixels whose few
+    brightest would otherwise be the only colour on the picture; blurred and saturated, its hot
+    pixels read as the regions they fall in. Drawing only: the maps the API returns and the
+    deletion measure reads are the maps themselves. A smooth map (Grad-CAM) barely changes.
+    """
+    heat = torch.as_tensor(np.asarray(cam, dtype=np.float32))
+    sigma = blur * max(heat.shape)
+    if sigma > 0.3:
+        radius = max(1, round(3 * sigma))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+        kernel = kernel / kernel.sum()
+        padded = F.pad(heat[None, None], (radius, radius, radius, radius), mode="replicate")
+        heat = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))[0, 0]
+    top = float(np.percentile(heat.numpy(), saturate))
+    return np.clip(heat.numpy() / top, 0.0, 1.0) if top > 0 else np.zeros_like(heat.numpy())
+
+
 def _fit_in(image: Image.Image, side: int) -> Image.Image:
     """``image`` scaled (up or down) so its longer side is ``side``."""
     scale = side / max(image.size)
@@ -239,8 +293,9 @@ def explanation_panel(
     tile: int = 256,
     padding: int = 8,
 ) -> Image.Image:
-    """The query and the reference side by side, each photo with its heat map over it, the
-    similarity and the reference's individual written above, and the colour key below.
+    """The query and the reference side by side, each photo with its heat map over it (drawn by
+    :func:`display_map`), the similarity and the reference's individual written above, and the
+    colour key below.
 
     ``query`` and ``reference`` are (photo, map) pairs; each map is what made that photo similar
     to the other one. Each photo is scaled so its longer side is ``tile`` pixels.
@@ -248,7 +303,7 @@ def explanation_panel(
     if tile < 32:
         raise ValueError(f"tile must be at least 32 pixels, got {tile}")
     title_font, caption_font = _font(16), _font(13)
-    tiles = [_fit_in(overlay(photo, cam), tile) for photo, cam in (query, reference)]
+    tiles = [_fit_in(overlay(photo, display_map(cam)), tile) for photo, cam in (query, reference)]
     captions = ["query", f"reference: {reference_label}"]
     title = f"similarity {similarity:.3f}"
     title_h = _text_size(title, title_font)[1]

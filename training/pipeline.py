@@ -32,7 +32,7 @@ from training.evaluate import (
     pair_verification_accuracy,
 )
 from training.fusion import Branch, fused_from, normalised_weights
-from training.gradcam import explanation_panel, gradcam_grid, layercam_map
+from training.gradcam import explanation_panel, gradcam_grid, input_attribution_map
 from training.model import FUSION_ARCHITECTURE, EmbeddingModel, EmbeddingNet
 from training.open_set import MIN_INDIVIDUALS, OpenSetCalibration, calibrate_open_set
 from training.preprocess import PreprocessSpec, normalize
@@ -112,7 +112,10 @@ def gradcam_examples(model: EmbeddingModel, shard: Shard, spec: PreprocessSpec, 
         e = next(i for i in enrol if shard.individuals[i] == individual)
         images = [normalize(shard.pixels[i], spec).to(device) for i in (q, e)]
         emb = model.embed(torch.stack(images))
-        cams = [layercam_map(model, images[0], emb[1]), layercam_map(model, images[1], emb[0])]
+        cams = [
+            input_attribution_map(model, images[0], emb[1]),
+            input_attribution_map(model, images[1], emb[0]),
+        ]
         pictures = [Image.fromarray(shard.pixels[i].permute(1, 2, 0).numpy()) for i in (q, e)]
         panel = explanation_panel(
             (pictures[0], cams[0]), (pictures[1], cams[1]), float(emb[0] @ emb[1]), "enrolled photo", tile=160

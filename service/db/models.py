@@ -204,6 +204,8 @@ class ReviewItem(Base):
     resolved_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     individual_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
     image_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+
+
 class JobStatus:
     QUEUED = "queued"
     RUNNING = "running"  # claimed by a worker; heartbeat_at says it is alive
@@ -236,6 +238,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class IndexChange(Base):
     """One committed change to a species' searchable vectors (enroll, delete, merge), in commit's
     transaction. ``seq`` only grows, so API replicas on one Postgres database catch up on what

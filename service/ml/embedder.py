@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.errors import ConfigurationError
 from training.artifact import LoadedModel, ModelCard
-from training.gradcam import layercam_map
+from training.gradcam import input_attribution_map
 from training.model import EmbeddingModel
 from training.preprocess import preprocess
 
@@ -70,14 +70,14 @@ class Embedder:
         height, width = self.card.preprocess.input_size
         self.embed_tensor(torch.zeros((1, 3, height, width), device=self.device))
 
-    def gradcam(self, image: Image.Image, reference: np.ndarray) -> np.ndarray:
-        """Heat map (H, W) in [0, 1] of the similarity between ``image`` and ``reference``: LayerCAM
-        on the model's finer layer, the map whose deletion curve fell fastest on the study's ResNet18
-        (on the shipped EfficientNet-Lite2 none beats random orders; docs/results.md).
+    def heat_map(self, image: Image.Image, reference: np.ndarray) -> np.ndarray:
+        """Heat map (H, W) in [0, 1] at the model's input size of what in ``image`` raises its
+        similarity to ``reference``: gradient x input, the map whose deletion curve falls faster
+        than random orders on the shipped dog model (training.gradcam, docs/results.md).
 
-        ``layercam_map`` is safe on the shared, serving model: its hook records only this thread's
-        forward pass, it writes no parameter gradient and restores the modules' modes.
+        ``input_attribution_map`` is safe on the shared, serving model: it writes no parameter
+        gradient and restores the modules' modes.
         """
         tensor = preprocess(image, self.card.preprocess).to(self.device)
         ref = torch.tensor(np.asarray(reference, dtype=np.float32), device=self.device)
-        return np.asarray(layercam_map(self.model, tensor, ref), dtype=np.float32)
+        return np.asarray(input_attribution_map(self.model, tensor, ref), dtype=np.float32)

@@ -203,8 +203,7 @@ def decode_images(
             max_request_pixels=policy.max_request_pixels,
         )
     return [
-        _decode(data, header, policy, size, name)
-        for (name, data), header in zip(items, headers, strict=True)
+        _decode(data, header, policy, size, name) for (name, data), header in zip(items, headers, strict=True)
     ]
 
 

@@ -106,8 +106,8 @@ def explain(
     photo, label = _reference(session, store, images, size, found, individual_id)
     with metrics.time_inference(species, "gradcam"):
         query_vector = embedder.embed([found.image.image])[0]
-        cam = embedder.gradcam(found.image.image, found.reference)
-        reference_cam = embedder.gradcam(photo, query_vector)
+        cam = embedder.heat_map(found.image.image, found.reference)
+        reference_cam = embedder.heat_map(photo, query_vector)
     picture = explanation_panel(
         (found.image.image, cam), (photo, reference_cam), found.similarity, label, tile=max_side // 2
     )

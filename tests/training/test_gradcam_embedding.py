@@ -1,5 +1,5 @@
 """training.gradcam: Grad-CAM and LayerCAM of cosine similarity, checked against pytorch-grad-cam as
-the oracle; deletion curves; the explanation picture."""
+the oracle; gradient x input against plain autograd; deletion curves; the explanation picture."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from training.gradcam import (
     curve_area,
     deletion_areas,
     deletion_curve,
+    display_map,
     explanation_panel,
     gradcam_grid,
     gradcam_map,
     hottest_first,
+    input_attribution_map,
     layercam_map,
     overlay,
 )
@@ -65,6 +67,19 @@ def test_map_matches_pytorch_grad_cam(tiny_model, oracle_name, layer_name, ours)
     np.testing.assert_allclose(ours(tiny_model, image, reference), expected, atol=1e-4)
 
 
+def test_input_attribution_is_each_pixels_positive_gradient_times_input(tiny_model):
+    image, reference = _inputs(size=(64, 96))
+    x = image.clone()[None].requires_grad_(True)
+    similarity = F.normalize(tiny_model.eval()(x), dim=1)[0] @ reference
+    (gradient,) = torch.autograd.grad(similarity, x)
+    share = (gradient * image).sum(dim=1)[0].clamp(min=0)
+    cam = input_attribution_map(tiny_model, image, reference)
+    assert cam.shape == (64, 96) and cam.dtype == np.float32 and cam.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(cam, (share / share.max()).numpy(), atol=1e-5)
+    # Pixel level: far more distinct values than the CAMs' few cells.
+    assert len(np.unique(cam)) > 1000
+
+
 def test_the_fine_layer_maps_at_a_finer_grid(tiny_model):
     """At 64 x 64 the last stage is 2 x 2 cells and the fine one 4 x 4: more distinct values."""
     seen = {}
@@ -88,35 +103,42 @@ def test_model_state_is_left_as_it_was():
     modes = {name: m.training for name, m in model.named_modules()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     image, reference = _inputs()
-    cam = gradcam_map(model, image, reference)
-    assert cam.shape == (64, 64) and layercam_map(model, image, reference).shape == (64, 64)
+    for heat_map in (gradcam_map, layercam_map, input_attribution_map):
+        assert heat_map(model, image, reference).shape == (64, 64)
     deletion_curve(model, image, reference, np.arange(64 * 64), steps=2)
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_works_without_parameter_gradients_and_inside_inference_mode(tiny_model):
+MAPS = pytest.mark.parametrize(
+    "heat_map", [gradcam_map, layercam_map, input_attribution_map], ids=["gradcam", "layercam", "input"]
+)
+
+
+@MAPS
+def test_works_without_parameter_gradients_and_inside_inference_mode(tiny_model, heat_map):
     model = EmbeddingNet(embedding_dim=32)
     model.load_state_dict(tiny_model.state_dict())
     model.eval().requires_grad_(False)  # how an inference-only service might hold it
     image, reference = _inputs()
-    expected = gradcam_map(tiny_model, image, reference)
+    expected = heat_map(tiny_model, image, reference)
     with torch.inference_mode():
         frozen_image = image.clone()  # an inference tensor
-        cam = gradcam_map(model, frozen_image, reference)
+        cam = heat_map(model, frozen_image, reference)
     np.testing.assert_allclose(cam, expected, atol=1e-6)
 
 
-def test_rejects_a_batch(tiny_model):
+@MAPS
+def test_rejects_a_batch(tiny_model, heat_map):
     image, reference = _inputs()
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
-        gradcam_map(tiny_model, image[None], reference)
+        heat_map(tiny_model, image[None], reference)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("heat_map", [gradcam_map, layercam_map], ids=["gradcam", "layercam"])
+@MAPS
 def test_runs_on_the_model_device(tiny_model, heat_map):
     model = EmbeddingNet(embedding_dim=32)
     model.load_state_dict(tiny_model.state_dict())
@@ -205,6 +227,19 @@ def test_deletion_areas_are_the_map_order_and_random_orders_of_one_seeded_genera
 
 def _colour_present(picture: Image.Image, rgb: tuple[int, int, int]) -> bool:
     return bool(np.all(np.asarray(picture).reshape(-1, 3) == rgb, axis=1).any())
+
+
+def test_display_map_blurs_single_pixels_into_regions_and_saturates_the_top():
+    cam = np.zeros((100, 60), dtype=np.float32)
+    cam[50, 30] = 1.0  # one hot pixel: blurred by a Gaussian of 1 pixel (1% of 100)
+    shown = display_map(cam, saturate=100.0)
+    assert shown.shape == cam.shape and shown.min() >= 0.0 and shown.max() <= 1.0
+    assert shown[50, 30] == 1.0 and shown[50, 31] == pytest.approx(np.exp(-0.5), abs=0.01)
+    assert shown[50, 40] == 0.0
+    ramp = np.tile(np.linspace(0.0, 1.0, 200, dtype=np.float32), (200, 1))
+    shown = display_map(ramp, blur=0.0)
+    assert (shown == 1.0).mean() == pytest.approx(0.005, abs=0.003)  # the top 0.5 % saturate
+    np.testing.assert_array_equal(display_map(np.zeros((8, 8), dtype=np.float32)), 0.0)
 
 
 def test_colour_key_spans_the_map_colours():

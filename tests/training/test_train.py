@@ -28,8 +28,6 @@ from training.train import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-
-
 @pytest.fixture(scope="module")
 def animals(tmp_path_factory):
     return make_folder_dataset(tmp_path_factory.mktemp("animals"), n_individuals=14, n_images=6, size=32)

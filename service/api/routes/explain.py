@@ -26,11 +26,12 @@ async def explain_input(request: Request) -> ExplainInput:
     "/explain",
     summary="Explain a match with heat maps over both photos",
     description=(
-        "Heat maps (LayerCAM) of the cosine similarity between the photo and a reference: `individual_id` "
-        "(its enrolled image that matches best) or `reference_image`. Returns a PNG with the photo and the "
-        "reference side by side, each with its heat map over it, the similarity and the individual written "
-        "above and a colour key below; with `format=json`, both raw maps at the model's input resolution "
-        "plus the PNG in base64. Headers `X-Similarity` and `X-Reference-Image-Id` accompany the PNG. "
+        "Heat maps (gradient x input, per pixel) of the cosine similarity between the photo and a "
+        "reference: `individual_id` (its enrolled image that matches best) or `reference_image`. Returns "
+        "a PNG with the photo and the reference side by side, each with its heat map over it (blurred for "
+        "the eye), the similarity and the individual written above and a colour key below; with "
+        "`format=json`, both raw maps at the model's input resolution plus the PNG in base64. Headers "
+        "`X-Similarity` and `X-Reference-Image-Id` accompany the PNG. "
         "Needs the read scope."
     ),
     openapi_extra=image_body(
