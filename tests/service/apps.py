@@ -74,15 +74,16 @@ def build_artifact(
 def build_fused_artifact(out: Path, parts: list[tuple[Path, float, dict[str, Any] | None]]) -> Path:
     """A fused model of the artifacts ``parts`` (path, weight, the training configuration its card
     records for that network: None as on cards fused before they recorded one)."""
-    models = []
+    models, species = [], set()
     for path, weight, config in parts:
         loaded = load_artifact(path)
         assert isinstance(loaded.model, EmbeddingNet)
         branch = dataclasses.replace(Branch.of(loaded.card, weight), training_config=config)
         models.append((loaded.model, branch))
+        species.add(loaded.card.species)
     model = fused_from(models)
     card = ModelCard(
-        species=load_artifact(parts[0][0]).card.species,
+        species=species.pop(),
         embedding_dim=model.embedding_dim,
         architecture=FUSION_ARCHITECTURE,
         preprocess=model.preprocess,

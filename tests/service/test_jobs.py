@@ -255,7 +255,7 @@ def test_a_fused_model_fine_tunes_its_trained_network_and_keeps_its_frozen_one(
     settings = job_settings(settings, tmp_path, promote_min_top1_gain=-1.0, promote_min_far_drop=-1.0)
     start = load_artifact(serve_fused(settings, artifacts, [recipe(0), recipe(3)]))
     with TestClient(create_app(settings), headers=ADMIN) as client:
-        enroll_batches(client)
+        enroll_batches(client, individuals=3, per_batch=1)
         job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
         assert run_queued(settings) == 1
         job = client.get(f"/jobs/{job_id}").json()
@@ -290,10 +290,10 @@ def test_a_fused_model_without_its_networks_recipes_or_with_none_trained_is_refu
     settings: Settings, tmp_path: Path, artifacts: dict[str, Path]
 ) -> None:
     settings = job_settings(settings, tmp_path)
-    serve_fused(settings, artifacts, [None, None])  # fused before cards recorded the recipes
     errors = []
     with TestClient(create_app(settings), headers=ADMIN) as client:
-        enroll_batches(client, individuals=2)
+        enroll_batches(client, individuals=2, per_batch=1)
+        # Fused before cards recorded the networks' recipes; then both frozen.
         for configs in ([None, None], [recipe(0), recipe(0)]):
             before = serve_fused(settings, artifacts, configs, name=f"fused-{len(errors)}")
             job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
