@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import nn
 
 from training.model import FUSION_ARCHITECTURE, EmbeddingModel, EmbeddingNet, parse_architecture
 from training.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    from training.artifact import ModelCard
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,29 @@ class Branch:
     preprocess: PreprocessSpec
     weight: float
     source: str  # model_version of the artifact it came from
+    # The source card's training configuration, so that the network can be fine-tuned on its own
+    # recipe; None on cards fused before it was recorded.
+    training_config: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, card: ModelCard, weight: float) -> Branch:
+        """The entry of a standalone model's artifact fused at ``weight``."""
+        return cls(
+            card.architecture,
+            card.embedding_dim,
+            card.preprocess,
+            weight,
+            card.model_version,
+            dict(card.training_config) or None,
+        )
+
+    @property
+    def trains(self) -> bool:
+        """Whether its recipe trains the network: a frozen-feature one (0 epochs) keeps its weights."""
+        return int((self.training_config or {}).get("epochs", 0)) > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "architecture": self.architecture,
             "embedding_dim": self.embedding_dim,
             "input_size": list(self.preprocess.input_size),
@@ -45,6 +69,9 @@ class Branch:
             "weight": self.weight,
             "source": self.source,
         }
+        if self.training_config is not None:  # cards without it are written as before
+            data["training_config"] = self.training_config
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], version: str) -> Branch:
@@ -59,6 +86,7 @@ class Branch:
             ),
             weight=float(data["weight"]),
             source=str(data["source"]),
+            training_config=None if data.get("training_config") is None else dict(data["training_config"]),
         )
 
 
@@ -94,13 +122,14 @@ class FusedEmbeddingNet(EmbeddingModel):
 
     @property
     def gradcam_layer(self) -> nn.Module:
-        return self._net(self._primary).gradcam_layer
+        return self.net(self._primary).gradcam_layer
 
     @property
     def fine_gradcam_layer(self) -> nn.Module:
-        return self._net(self._primary).fine_gradcam_layer
+        return self.net(self._primary).fine_gradcam_layer
 
-    def _net(self, i: int) -> EmbeddingNet:
+    def net(self, i: int) -> EmbeddingNet:
+        """Branch ``i``'s network."""
         net = self.branches[i]
         assert isinstance(net, EmbeddingNet)
         return net
@@ -113,7 +142,7 @@ class FusedEmbeddingNet(EmbeddingModel):
             if spec.preprocess.input_size != tuple(pixels.shape[-2:]):
                 x = F.interpolate(x, size=spec.preprocess.input_size, mode="bilinear", antialias=True)
             x = (x - _channels(spec.preprocess.mean, x)) / _channels(spec.preprocess.std, x)
-            parts.append(F.normalize(self._net(i)(x), dim=1) * math.sqrt(spec.weight))
+            parts.append(F.normalize(self.net(i)(x), dim=1) * math.sqrt(spec.weight))
         return torch.cat(parts, dim=1)
 
 
@@ -129,6 +158,75 @@ def fused_from(models: list[tuple[EmbeddingNet, Branch]]) -> FusedEmbeddingNet:
     for i, (net, _) in enumerate(models):
         fused.branches[i].load_state_dict(net.state_dict())
     return fused.eval()
+
+
+def fusion_record(branches: list[Branch]) -> dict[str, Any]:
+    """What a fused card's training configuration adds to its first network's: sources and weights."""
+    return {"fused_from": [b.source for b in branches], "fusion_weights": [b.weight for b in branches]}
+
+
+def trainable_branches(card: ModelCard) -> list[int]:
+    """The networks of a fused card that a fine-tune trains: those whose recipe trained (epochs > 0).
+
+    ValueError saying why when there are none, or when the card does not record every network's
+    recipe (fused before it did), so that a frozen network cannot be told from a trained one.
+    """
+    branches = card.fusion or []
+    if not branches or any(b.training_config is None for b in branches):
+        raise ValueError(
+            f"the fused model {card.model_version} does not record each network's training "
+            "configuration (fused before cards did): fuse its networks again to fine-tune it"
+        )
+    trained = [i for i, b in enumerate(branches) if b.trains]
+    if not trained:
+        raise ValueError(
+            f"no network of the fused model {card.model_version} was trained (all are frozen "
+            "features, 0 epochs): there is nothing to fine-tune"
+        )
+    return trained
+
+
+def export_branch(
+    net: EmbeddingNet,
+    card: ModelCard,
+    index: int,
+    out: Path,
+    training_config: dict[str, Any] | None = None,
+) -> ModelCard:
+    """Write ``net`` as branch ``index`` of fused ``card``, a standalone artifact in ``out``; its card.
+
+    The card carries the branch's architecture, preprocessing and recipe (``training_config``, else
+    the branch's own), so the ordinary fine-tune path can start from it.
+    """
+    from training.artifact import ModelCard, export_artifact  # artifact imports this module
+
+    assert card.fusion is not None
+    branch = card.fusion[index]
+    standalone = ModelCard(
+        species=card.species,
+        embedding_dim=branch.embedding_dim,
+        preprocess=branch.preprocess,
+        architecture=branch.architecture,
+        training_config=dict(training_config or branch.training_config or {}),
+    )
+    export_artifact(net, standalone, out)
+    return standalone
+
+
+def refit(
+    model: FusedEmbeddingNet,
+    card: ModelCard,
+    tuned: dict[int, tuple[EmbeddingNet, dict[str, Any]]],
+    out: Path,
+) -> FusedEmbeddingNet:
+    """``model`` (of ``card``) with the networks ``tuned`` ({index: new network and the configuration
+    that trained it}) in place of its own; weights and preprocessing stay. Each tuned network is
+    written as an artifact in ``out/network-<index>``, which its branch names as its source."""
+    replaced = {
+        i: (net, Branch.of(export_branch(net, card, i, out / f"network-{i}", config), model.specs[i].weight))
+        for i, (net, config) in tuned.items()
+    }
+    return fused_from([replaced.get(i, (model.net(i), spec)) for i, spec in enumerate(model.specs)])
 
 
 def normalised_weights(weights: list[float], count: int) -> list[float]:

@@ -31,7 +31,7 @@ from training.evaluate import (
     one_shot_identification,
     pair_verification_accuracy,
 )
-from training.fusion import Branch, fused_from, normalised_weights
+from training.fusion import Branch, fused_from, fusion_record, normalised_weights
 from training.gradcam import explanation_panel, gradcam_grid, input_attribution_map
 from training.model import FUSION_ARCHITECTURE, EmbeddingModel, EmbeddingNet
 from training.open_set import MIN_INDIVIDUALS, OpenSetCalibration, calibrate_open_set
@@ -311,7 +311,8 @@ def fuse_artifacts(
 
     Every model must have the same validation and test individuals (the same data, seed and
     fractions), so none of them saw an animal the fused model is tested on; the first model's
-    training configuration is the fused card's.
+    training configuration is the fused card's, and each branch keeps its own (a fine-tune of the
+    fused model trains each trained network on its own recipe).
     """
     if len(paths) < 2:
         raise ValueError("fuse needs at least two artifacts")
@@ -333,10 +334,7 @@ def fuse_artifacts(
                     f"(their {part} individuals differ): the fused model's test animals must be new to all"
                 )
     shares = normalised_weights(list(weights or []), len(loaded))
-    branches = [
-        Branch(c.architecture, c.embedding_dim, c.preprocess, w, c.model_version)
-        for c, w in zip(cards, shares, strict=True)
-    ]
+    branches = [Branch.of(c, w) for c, w in zip(cards, shares, strict=True)]
     model = fused_from(list(zip(nets, branches, strict=True))).to(torch_device)
     config = card_config(cards[0])
     config = replace(
@@ -349,8 +347,7 @@ def fuse_artifacts(
         preprocess=model.preprocess,
         architecture=FUSION_ARCHITECTURE,
         pretrained="fusion of " + ", ".join(f"{c.model_version} ({c.pretrained})" for c in cards),
-        training_config=cards[0].training_config
-        | {"fused_from": [c.model_version for c in cards], "fusion_weights": shares},
+        training_config=cards[0].training_config | fusion_record(branches),
         dataset_fingerprint=d.fingerprint,
         fusion=branches,
     )

@@ -13,6 +13,10 @@
    ``<models_dir>/<species>/`` (the old one moves to ``<models_dir>/.retired/``), and the service
    switches to it with its re-embedding (:mod:`service.services.model_watch` notices the new
    version, or ``POST /species/{name}/reload``).
+
+A fused start (:mod:`training.fusion`) trains each of its trained networks on its own recipe, from
+its own weights, and keeps its frozen-feature networks as they are; the challenger is the fused
+model re-assembled with the same weights and preprocessing, judged and promoted like any other.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
+from torch import nn
 
 from service.errors import InvalidRequest
 from service.image_store import ImageStore
@@ -38,10 +43,13 @@ from service.services.gallery_export import MANIFEST, export_gallery
 from training.artifact import LoadedModel, ModelCard, export_artifact, load_artifact
 from training.closed_set import evaluate_held_back
 from training.config import DatasetConfig, TrainConfig, build_config
+from training.fusion import FusedEmbeddingNet, export_branch, fusion_record, refit, trainable_branches
 from training.pipeline import card_config
 from training.train import CHECKPOINT_FILE, fit, load_checkpoint, prepare_data
 
 log = logging.getLogger(__name__)
+
+Net = TypeVar("Net", bound=nn.Module)
 
 Report = Callable[[dict[str, Any]], None]
 """Stores a job's progress; raises to stop the job (cancelled, or the worker is stopping)."""
@@ -57,6 +65,14 @@ class FinetunePolicy:
     threads: int
     device: str
     default_threshold: float
+
+
+@dataclass(frozen=True)
+class Run:
+    """One network the job trains: its configuration, and which branch of a fused start it is."""
+
+    config: TrainConfig
+    branch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +164,8 @@ def run_finetune(
     if start.card.species != species:
         raise InvalidRequest(f"{start_dir.name} is a model of {start.card.species}, not {species}")
     threshold = champion.card.threshold if champion.card.threshold is not None else policy.default_threshold
-    config = finetune_config(start.card, gallery / MANIFEST, work, start_dir, policy)
+    runs = training_runs(start, start_dir, gallery / MANIFEST, work, policy)
+    config = runs[0].config  # the runs hold back the same sessions; the card records the first
     (data,) = prepare_data(config, start.card.preprocess)
     if data.held is None:
         raise InvalidRequest(
@@ -157,10 +174,11 @@ def run_finetune(
         )
     progress: dict[str, Any] = {"stage": "train", "epoch": 0, "epochs": config.epochs}
     report(progress)
-    fit(config, resume=True, on_epoch=_epoch_reporter(report, progress))
+    for run in runs:
+        fit(run.config, resume=True, on_epoch=_epoch_reporter(report, progress))
     progress["stage"] = "evaluate"
     report(progress)
-    challenger = _challenger(start, config.run_dir / CHECKPOINT_FILE)
+    challenger = _challenger(start, runs, work / "tuned")
     champion_result = _judge(champion, config, threshold)
     challenger_result = evaluate_held_back(
         challenger, start.card.preprocess, data.train, data.held, threshold
@@ -190,6 +208,7 @@ def run_finetune(
     if promote:
         progress["stage"] = "promote"
         report(progress)
+        fusion = challenger.specs if isinstance(challenger, FusedEmbeddingNet) else None
         card = ModelCard(
             species=species,
             embedding_dim=start.card.embedding_dim,
@@ -201,9 +220,12 @@ def run_finetune(
                 "champion_closed_set": champion_result,
                 "parent_metrics": champion.card.metrics,
             },
-            training_config=config.to_dict() | {"epochs_trained": config.epochs, "lineage": lineage},
+            training_config=config.to_dict()
+            | (fusion_record(fusion) if fusion else {})
+            | {"epochs_trained": config.epochs, "lineage": lineage},
             dataset_fingerprint=data.fingerprint,
             architecture=start.card.architecture,
+            fusion=fusion,
         )
         staging = env.models_dir / f".staging-{job_id}"
         if staging.exists():
@@ -238,10 +260,47 @@ def _epoch_reporter(report: Report, progress: dict[str, Any]) -> Callable[[dict[
     return on_epoch
 
 
-def _challenger(start: LoadedModel, checkpoint: Path) -> Any:
-    """The start model's network with the fine-tuned weights (whatever its backbone)."""
-    model = copy.deepcopy(start.model)
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+def training_runs(
+    start: LoadedModel, start_dir: Path, manifest: Path, work: Path, policy: FinetunePolicy
+) -> list[Run]:
+    """What the job trains: the start model; for a fused start, each trained network from its own
+    weights (exported into ``work/network-<i>``) on its own recipe, all with the first one's seed so
+    that they hold back the same sessions (the challenger is judged on sessions none trained on)."""
+    if not isinstance(start.model, FusedEmbeddingNet):
+        return [Run(finetune_config(start.card, manifest, work, start_dir, policy))]
+    try:
+        branches = trainable_branches(start.card)
+    except ValueError as exc:
+        raise InvalidRequest(f"{start_dir.name} cannot be fine-tuned: {exc}", start=start_dir.name) from exc
+    runs: list[Run] = []
+    for i in branches:
+        folder = work / f"network-{i}"
+        card = export_branch(start.model.net(i), start.card, i, folder / "start")
+        config = finetune_config(card, manifest, folder, folder / "start", policy)
+        runs.append(Run(replace(config, seed=runs[0].config.seed) if runs else config, i))
+    return runs
+
+
+def _challenger(start: LoadedModel, runs: list[Run], tuned: Path) -> Any:
+    """The start model with the fine-tuned weights; a fused start re-assembled with its fine-tuned
+    networks (each also written in ``tuned``)."""
+    if not isinstance(start.model, FusedEmbeddingNet):
+        (run,) = runs
+        return _fine_tuned(start.model, run.config)
+    nets = {}
+    for run in runs:
+        assert run.branch is not None
+        nets[run.branch] = (
+            _fine_tuned(start.model.net(run.branch), run.config),
+            run.config.to_dict() | {"epochs_trained": run.config.epochs},
+        )
+    return refit(start.model, start.card, nets, tuned)
+
+
+def _fine_tuned(model: Net, config: TrainConfig) -> Net:
+    """``model`` (whatever its backbone) with the weights of ``config``'s run."""
+    model = copy.deepcopy(model)
+    model.load_state_dict(load_checkpoint(config.run_dir / CHECKPOINT_FILE)["model"])
     return model.eval()
 
 

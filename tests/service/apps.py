@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import warnings
@@ -16,8 +17,9 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
-from training.artifact import ModelCard, export_artifact
-from training.model import EmbeddingNet
+from training.artifact import ModelCard, export_artifact, load_artifact
+from training.fusion import Branch, fused_from
+from training.model import FUSION_ARCHITECTURE, EmbeddingNet
 from training.preprocess import PreprocessSpec
 
 with warnings.catch_warnings():
@@ -67,6 +69,29 @@ def build_artifact(
         metrics={"top1": 0.5, "note": f"random test model, seed {seed}"},
     )
     return export_artifact(net, card, out)
+
+
+def build_fused_artifact(out: Path, parts: list[tuple[Path, float, dict[str, Any] | None]]) -> Path:
+    """A fused model of the artifacts ``parts`` (path, weight, the training configuration its card
+    records for that network: None as on cards fused before they recorded one)."""
+    models, species = [], set()
+    for path, weight, config in parts:
+        loaded = load_artifact(path)
+        assert isinstance(loaded.model, EmbeddingNet)
+        branch = dataclasses.replace(Branch.of(loaded.card, weight), training_config=config)
+        models.append((loaded.model, branch))
+        species.add(loaded.card.species)
+    model = fused_from(models)
+    card = ModelCard(
+        species=species.pop(),
+        embedding_dim=model.embedding_dim,
+        architecture=FUSION_ARCHITECTURE,
+        preprocess=model.preprocess,
+        threshold=DOG_THRESHOLD,
+        threshold_far=0.01,
+        fusion=model.specs,
+    )
+    return export_artifact(model, card, out)
 
 
 def make_models_dir(root: Path, artifacts: dict[str, Path], **species: str) -> Path:

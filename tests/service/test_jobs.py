@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from apps import ADMIN, READ
+import torch
+from apps import ADMIN, READ, build_fused_artifact, make_models_dir
 from fastapi.testclient import TestClient
 from imagegen import jpeg
 
@@ -24,8 +25,10 @@ from service.services.gallery_export import export_gallery
 from service.services.model_watch import ModelWatcher
 from service.settings import Settings
 from service.worker import Worker
-from training.artifact import read_card
+from training.artifact import load_artifact, read_card
+from training.config import build_config
 from training.data import load_dataset
+from training.fusion import FusedEmbeddingNet
 
 REPO = Path(__file__).resolve().parents[2]
 INDIVIDUALS = 4
@@ -227,6 +230,80 @@ def test_a_gallery_with_one_enrolment_batch_per_animal_cannot_be_judged(
         run_queued(settings)
         job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "failed" and "two enrolment batches" in job["error"]
+
+
+def recipe(epochs: int) -> dict[str, object]:
+    """A network's training configuration as its card records it (0 epochs: ImageNet features)."""
+    values = {"epochs": epochs, "datasets": [{"source": "x", "species": "dog"}]}
+    return build_config(values | ({"pretrained": "imagenet"} if epochs == 0 else {})).to_dict()
+
+
+def serve_fused(
+    settings: Settings, artifacts: dict[str, Path], configs: list[dict | None], name: str = "fused"
+) -> Path:
+    """Serve as dog a model fusing dog_v2 (weight 0.7) and dog (0.3), their recipes ``configs``."""
+    parts = [(artifacts["dog_v2"], 0.7, configs[0]), (artifacts["dog"], 0.3, configs[1])]
+    root = settings.models_dir.parent
+    fused = build_fused_artifact(root / name, parts)
+    make_models_dir(root, {name: fused}, dog=name)
+    return fused
+
+
+def test_a_fused_model_fine_tunes_its_trained_network_and_keeps_its_frozen_one(
+    settings: Settings, tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    settings = job_settings(settings, tmp_path, promote_min_top1_gain=-1.0, promote_min_far_drop=-1.0)
+    start = load_artifact(serve_fused(settings, artifacts, [recipe(0), recipe(3)]))
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, individuals=3, per_batch=1)
+        job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
+        assert run_queued(settings) == 1
+        job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    assert job["result"]["decision"] == "promoted"
+
+    promoted = load_artifact(settings.models_dir / "dog")
+    assert isinstance(promoted.model, FusedEmbeddingNet) and isinstance(start.model, FusedEmbeddingNet)
+    card, old = promoted.card, start.card
+    assert card.model_version == job["result"]["challenger"]["model_version"] != old.model_version
+    assert card.architecture == "fusion-concat" and card.preprocess == old.preprocess
+    assert card.fusion is not None and old.fusion is not None
+    assert [b.weight for b in card.fusion] == [0.7, 0.3]
+    # The frozen network is the start's, bit for bit, and its entry unchanged.
+    assert card.fusion[0] == old.fusion[0]
+    for name, tensor in promoted.model.net(0).state_dict().items():
+        assert torch.equal(tensor, start.model.net(0).state_dict()[name]), name
+    # The trained one was fine-tuned: new weights, its new recipe and the artifact it was written as.
+    assert any(
+        not torch.equal(tensor, start.model.net(1).state_dict()[name])
+        for name, tensor in promoted.model.net(1).state_dict().items()
+    )
+    tuned = read_card(settings.jobs_dir / job_id / "tuned" / "network-1")
+    assert card.fusion[1].source == tuned.model_version != old.fusion[1].source
+    assert card.fusion[1].training_config is not None and card.fusion[1].training_config["epochs"] == 1
+    assert card.fusion[1].trains and not card.fusion[0].trains
+    assert card.training_config["lineage"]["parent_model_version"] == old.model_version
+    assert card.training_config["fused_from"] == [b.source for b in card.fusion]
+
+
+def test_a_fused_model_without_its_networks_recipes_or_with_none_trained_is_refused(
+    settings: Settings, tmp_path: Path, artifacts: dict[str, Path]
+) -> None:
+    settings = job_settings(settings, tmp_path)
+    errors = []
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, individuals=2, per_batch=1)
+        # Fused before cards recorded the networks' recipes; then both frozen.
+        for configs in ([None, None], [recipe(0), recipe(0)]):
+            before = serve_fused(settings, artifacts, configs, name=f"fused-{len(errors)}")
+            job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
+            assert run_queued(settings) == 1
+            job = client.get(f"/jobs/{job_id}").json()
+            assert job["status"] == "failed" and job["error"].startswith("dog cannot be fine-tuned"), job
+            assert (settings.models_dir / "dog").resolve() == before.resolve()  # nothing promoted
+            errors.append(job["error"])
+    assert "does not record each network's training configuration" in errors[0]
+    assert "nothing to fine-tune" in errors[1]
 
 
 def test_job_requests_and_cancels(settings: Settings, tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ import pytest
 from synthetic import make_folder_dataset
 from tiny_runs import tiny_config
 
-from training.artifact import ArtifactError, load_artifact
+from training.artifact import ArtifactError, ModelCard, load_artifact
 from training.cli import main
 from training.config import build_config
 from training.evaluate import embed_pixels
-from training.fusion import FusedEmbeddingNet
+from training.fusion import Branch, FusedEmbeddingNet, trainable_branches
+from training.model import FUSION_ARCHITECTURE
 from training.pipeline import export_run, fuse_artifacts
+from training.preprocess import PreprocessSpec
 from training.train import build_model, fit, prepare_data
 
 
@@ -59,6 +61,8 @@ def test_the_fused_similarity_is_the_weighted_mean_of_the_models(models, tmp_pat
         ("resnet18-gap-linear-bn", 0.25, [32, 32]),
     ]
     assert card["threshold"] is not None and 0 <= card["metrics"]["top1"] <= 1
+    # Each network keeps its own recipe: the frozen Lite0 trained for 0 epochs, the ResNet for 1.
+    assert [b["training_config"]["epochs"] for b in card["fusion"]] == [0, 1]
     assert (out / "report" / "report.md").is_file()
 
     fused = load_artifact(out)
@@ -106,3 +110,26 @@ def test_the_fuse_command_writes_the_artifact_and_prints_its_figures(models, tmp
     ] == pytest.approx([0.9, 0.1])
     assert main(["fuse", str(lite), "--out", str(tmp_path / "one")]) == 2
     assert "animalid-train fuse: error: fuse needs at least two artifacts" in capsys.readouterr().err
+
+
+def test_a_fused_card_keeps_each_network_s_recipe_and_an_old_card_still_loads():
+    spec = PreprocessSpec(input_size=(32, 32))
+    branches = [
+        Branch("resnet18-gap-linear-bn", 16, spec, 0.7, "goat-aaa", {"epochs": 0, "lr": 0.1}),
+        Branch("resnet18-gap-linear-bn", 8, spec, 0.3, "goat-bbb", {"epochs": 2, "lr": 0.05}),
+    ]
+    card = ModelCard("goat", 24, spec, architecture=FUSION_ARCHITECTURE, fusion=branches)
+    data = json.loads(json.dumps(card.to_dict()))
+    assert ModelCard.from_dict(data).fusion == branches
+    assert trainable_branches(card) == [1]  # the frozen-feature network stays as it is
+
+    for entry in data["fusion"]:
+        del entry["training_config"]
+    old = ModelCard.from_dict(data)  # a card fused before branches recorded their recipe
+    assert old.fusion is not None and [b.training_config for b in old.fusion] == [None, None]
+    assert [b.to_dict() for b in old.fusion] == data["fusion"]  # written back as it was
+    with pytest.raises(ValueError, match="does not record each network's training configuration"):
+        trainable_branches(old)
+    frozen = ModelCard.from_dict(card.to_dict() | {"fusion": [branches[0].to_dict()] * 2})
+    with pytest.raises(ValueError, match="nothing to fine-tune"):
+        trainable_branches(frozen)
