@@ -219,7 +219,9 @@ def _finetune(args: argparse.Namespace) -> int:
     worker = Worker(settings)
     try:
         with worker.sessions() as session:
-            job = jobs.queue_finetune(session, args.species, request, Principal(Scope.ADMIN, "cli"))
+            job = jobs.queue_finetune(
+                session, args.species, request, Principal(Scope.ADMIN, "cli"), settings.models_dir
+            )
         print(json.dumps({"job_id": str(job.id), "status": job.status}), flush=True)
         if args.queue:
             return 0

@@ -40,7 +40,7 @@ from service.errors import InvalidRequest
 from service.image_store import ImageStore
 from service.schemas_jobs import FinetuneRequest
 from service.services.gallery_export import MANIFEST, export_gallery
-from training.artifact import LoadedModel, ModelCard, export_artifact, load_artifact
+from training.artifact import ArtifactError, LoadedModel, ModelCard, export_artifact, load_artifact, read_card
 from training.closed_set import evaluate_held_back
 from training.config import DatasetConfig, TrainConfig, build_config
 from training.fusion import FusedEmbeddingNet, export_branch, fusion_record, refit, trainable_branches
@@ -131,6 +131,28 @@ def finetune_config(
     )
 
 
+def start_folder(models_dir: Path, species: str, start: str | None) -> Path:
+    """The artifact folder a fine-tune of ``species`` starts from (``start``, else the serving
+    model's), refused with :class:`InvalidRequest` when it is missing, unreadable, of another
+    species, or a fused model with no network to fine-tune. Checked when the job is queued, so the
+    caller gets a 422 instead of a job that fails, and again when it runs."""
+    folder = models_dir / start if start else models_dir / species
+    if not folder.is_dir():
+        raise InvalidRequest(f"no artifact folder {folder.name!r} in the models folder", start=start)
+    try:
+        card = read_card(folder)
+    except ArtifactError as exc:
+        raise InvalidRequest(f"{folder.name} cannot be fine-tuned: {exc}", start=start) from exc
+    if card.species != species:
+        raise InvalidRequest(f"{folder.name} is a model of {card.species}, not {species}", start=start)
+    if card.fusion:
+        try:
+            trainable_branches(card)
+        except ValueError as exc:
+            raise InvalidRequest(f"{folder.name} cannot be fine-tuned: {exc}", start=folder.name) from exc
+    return folder
+
+
 def run_finetune(
     env: FinetuneEnv,
     job_id: uuid.UUID,
@@ -154,15 +176,9 @@ def run_finetune(
             "job %s: exported %d images of %d %s", job_id, exported.images, exported.individuals, species
         )
     champion_dir = env.models_dir / species
-    start_dir = env.models_dir / request.start if request.start else champion_dir
-    if not start_dir.is_dir():
-        raise InvalidRequest(
-            f"no artifact folder {start_dir.name!r} in the models folder", start=request.start
-        )
+    start_dir = start_folder(env.models_dir, species, request.start)
     champion = load_artifact(champion_dir)
     start = champion if start_dir == champion_dir else load_artifact(start_dir)
-    if start.card.species != species:
-        raise InvalidRequest(f"{start_dir.name} is a model of {start.card.species}, not {species}")
     threshold = champion.card.threshold if champion.card.threshold is not None else policy.default_threshold
     runs = training_runs(start, start_dir, gallery / MANIFEST, work, policy)
     config = runs[0].config  # the runs hold back the same sessions; the card records the first

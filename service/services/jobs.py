@@ -7,6 +7,7 @@ Queueing and cancelling are audited like any other change.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -16,15 +17,20 @@ from service.db.repository import Repository
 from service.errors import InvalidRequest, JobConflict, JobNotFound, SpeciesNotFound
 from service.schemas_jobs import FinetuneRequest, JobPublic, JobsPublic
 from service.security import Principal
+from service.services.finetune import start_folder
 
 FINETUNE = "finetune"
 STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, *JobStatus.FINISHED)
 
 
-def queue_finetune(session: Session, species: str, request: FinetuneRequest, actor: Principal) -> JobPublic:
-    """Queue a fine-tune of ``species``; one at a time per species. Commits."""
+def queue_finetune(
+    session: Session, species: str, request: FinetuneRequest, actor: Principal, models_dir: Path
+) -> JobPublic:
+    """Queue a fine-tune of ``species``; one at a time per species, from an artifact of the models
+    folder that can be fine-tuned (:func:`start_folder`). Commits."""
     if Repository(session).species_by_name(species) is None:
         raise SpeciesNotFound(f"unknown species {species!r}", species=species)
+    start_folder(models_dir, species, request.start)
     jobs = JobRepository(session)
     active = jobs.active_for(species, FINETUNE)
     if active is not None:

@@ -293,15 +293,15 @@ def test_a_fused_model_without_its_networks_recipes_or_with_none_trained_is_refu
     errors = []
     with TestClient(create_app(settings), headers=ADMIN) as client:
         enroll_batches(client, individuals=2, per_batch=1)
-        # Fused before cards recorded the networks' recipes; then both frozen.
+        # Fused before cards recorded the networks' recipes; then both frozen. Refused when queued.
         for configs in ([None, None], [recipe(0), recipe(0)]):
             before = serve_fused(settings, artifacts, configs, name=f"fused-{len(errors)}")
-            job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
-            assert run_queued(settings) == 1
-            job = client.get(f"/jobs/{job_id}").json()
-            assert job["status"] == "failed" and job["error"].startswith("dog cannot be fine-tuned"), job
-            assert (settings.models_dir / "dog").resolve() == before.resolve()  # nothing promoted
-            errors.append(job["error"])
+            refused = client.post("/species/dog/finetune", json={"epochs": 1})
+            assert refused.status_code == 422 and refused.json()["code"] == "invalid_request", refused.text
+            assert refused.json()["message"].startswith("dog cannot be fine-tuned"), refused.text
+            assert client.get("/jobs").json()["count"] == 0  # nothing queued
+            assert (settings.models_dir / "dog").resolve() == before.resolve()
+            errors.append(refused.json()["message"])
     assert "does not record each network's training configuration" in errors[0]
     assert "nothing to fine-tune" in errors[1]
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Query
 
-from service.api.deps import AdminPrincipal, ReadPrincipal, SessionDep
+from service.api.deps import AdminPrincipal, ReadPrincipal, RuntimeDep, SessionDep
 from service.api.openapi import error_responses
 from service.schemas_jobs import FinetuneRequest, JobPublic, JobsPublic
 from service.services import jobs
@@ -28,17 +28,22 @@ JobIdPath = Annotated[
         "A worker process exports the gallery, fine-tunes from the serving model (or `start`), judges the "
         "serving model and the new one on the same held-back enrolment batches, and promotes the new one "
         "only when it wins by the configured margins on top-1 and on the false-match rate at the species' "
-        "threshold. One fine-tune per species at a time (409 `job_conflict`). Needs the admin scope."
+        "threshold. One fine-tune per species at a time (409 `job_conflict`). A start that cannot be "
+        "fine-tuned (no such artifact, another species', a fused model with no trained network) is "
+        "refused with 422 `invalid_request`. Needs the admin scope."
     ),
     responses=error_responses(401, 403, 404, 409, 422),
 )
 def queue_finetune(
     principal: AdminPrincipal,
     session: SessionDep,
+    runtime: RuntimeDep,
     name: Annotated[str, Path(description="Species name", examples=["dog"])],
     request: Annotated[FinetuneRequest | None, Body(examples=[{"epochs": 3, "lr": 0.01}])] = None,
 ) -> JobPublic:
-    return jobs.queue_finetune(session, name, request or FinetuneRequest(), principal)
+    return jobs.queue_finetune(
+        session, name, request or FinetuneRequest(), principal, runtime.settings.models_dir
+    )
 
 
 @router.get(
