@@ -270,7 +270,8 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
 
 
 def _start_architecture(values: dict[str, Any]) -> dict[str, Any]:
-    """Backbone, neck and embedding size of the ``init_from`` artifact, for a run that names none.
+    """Backbone, neck and embedding size of the ``init_from`` artifact (of a fused artifact, its
+    trained network's), for a run that names none.
 
     Fine-tuning from a model means its architecture; saying so again is only needed to change it
     (which the run then refuses, naming both).
@@ -281,6 +282,12 @@ def _start_architecture(values: dict[str, Any]) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(card.read_text())
+        if data.get("fusion"):  # a fused model: the network a run starts from (training.fusion)
+            from training.artifact import read_card  # artifact imports config's neighbours
+            from training.fusion import start_branch
+
+            fused = read_card(card.parent)
+            data = fused.fusion[start_branch(fused)].to_dict()  # type: ignore[index]
         backbone, neck = parse_architecture(str(data["architecture"]))
         return {"backbone": backbone, "neck": neck, "embedding_dim": int(data["embedding_dim"])}
     except (OSError, ValueError, KeyError, TypeError):

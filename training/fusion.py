@@ -186,6 +186,14 @@ def trainable_branches(card: ModelCard) -> list[int]:
     return trained
 
 
+def start_branch(card: ModelCard) -> int:
+    """The network of a fused card that a run initialised from it (``init_from``) starts from: its
+    trained network, the heaviest if several (the part that learnt the species; a frozen ImageNet
+    network is had from ``pretrained: imagenet`` directly). ValueError as :func:`trainable_branches`."""
+    assert card.fusion is not None
+    return max(trainable_branches(card), key=lambda i: card.fusion[i].weight)  # type: ignore[index]
+
+
 def export_branch(
     net: EmbeddingNet,
     card: ModelCard,

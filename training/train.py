@@ -51,6 +51,7 @@ from training.data import (
 from training.distill import relational_loss, teacher_targets
 from training.evaluate import embed_pixels
 from training.frozen_features import backbone_features, draw_views, neck_embeddings
+from training.fusion import FusedEmbeddingNet, start_branch
 from training.losses import ArcFaceHead, CosFaceHead, MarginLoss, build_loss
 from training.metrics import identification_ranks, similarity, topk_accuracy
 from training.model import (
@@ -214,6 +215,13 @@ class TrainModule(nn.Module):
         return self._heads()[0].margin
 
 
+def start_card_preprocess(init_from: str) -> PreprocessSpec:
+    """The preprocessing of the network a run initialised from ``init_from`` starts from (of a fused
+    artifact, its trained network's: :func:`training.fusion.start_branch`)."""
+    card = read_card(init_from)
+    return card.fusion[start_branch(card)].preprocess if card.fusion else card.preprocess
+
+
 def preprocess_spec(config: TrainConfig) -> PreprocessSpec:
     """The run's input size and normalisation (``auto``: what the start's weights were trained with)."""
     if config.normalization == "imagenet":
@@ -221,7 +229,7 @@ def preprocess_spec(config: TrainConfig) -> PreprocessSpec:
     elif config.normalization == "symmetric":
         mean, std = SYMMETRIC_MEAN, SYMMETRIC_STD
     elif config.init_from:
-        source = read_card(config.init_from).preprocess
+        source = start_card_preprocess(config.init_from)
         mean, std = source.mean, source.std  # type: ignore[assignment]
     else:
         mean, std = get_backbone(config.backbone).normalization(config.pretrained)  # type: ignore[assignment]
@@ -254,7 +262,10 @@ def build_model(config: TrainConfig) -> EmbeddingNet:
                 raise ValueError(f"{config.pretrained} has no classifier to make the svd_fc neck from")
             model.set_svd_fc(classifier)
     if config.init_from:
-        source = load_artifact(config.init_from).model
+        start = load_artifact(config.init_from)
+        source = start.model
+        if isinstance(source, FusedEmbeddingNet):  # its trained network (training.fusion.start_branch)
+            source = source.net(start_branch(start.card))
         if source.architecture != model.architecture:
             raise ValueError(
                 f"init_from {config.init_from} is a {source.architecture} model; this run builds "

@@ -4,9 +4,11 @@ similarity is the weighted mean of theirs, evaluated on the split they share."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from synthetic import make_folder_dataset
 from tiny_runs import tiny_config
 
@@ -18,7 +20,7 @@ from training.fusion import Branch, FusedEmbeddingNet, trainable_branches
 from training.model import FUSION_ARCHITECTURE
 from training.pipeline import export_run, fuse_artifacts
 from training.preprocess import PreprocessSpec
-from training.train import build_model, fit, prepare_data
+from training.train import build_model, fit, prepare_data, preprocess_spec
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,9 @@ def test_the_fused_similarity_is_the_weighted_mean_of_the_models(models, tmp_pat
     assert np.abs(emb @ emb.T - expected).max() < 0.02
 
 
-def test_models_of_different_splits_or_a_fused_model_are_refused(models, tmp_path):
+def test_models_of_different_splits_or_a_fused_model_are_refused_and_a_run_starts_from_its_trained_network(
+    models, tmp_path
+):
     lite, resnet, other = models["lite"][0], models["resnet"][0], models["other_split"][0]
     with pytest.raises(ValueError, match="different splits"):
         fuse_artifacts([lite, other], tmp_path / "x", device="cpu")
@@ -90,10 +94,14 @@ def test_models_of_different_splits_or_a_fused_model_are_refused(models, tmp_pat
     fused = fuse_artifacts([lite, resnet], tmp_path / "fused", device="cpu")
     with pytest.raises(ArtifactError, match="itself a fused model"):
         fuse_artifacts([fused, resnet], tmp_path / "y", device="cpu")
-    # Training from a fused model is refused with a reason, not a key error.
+    # Training from a fused model starts from its trained network (the ResNet; the Lite0 is frozen
+    # features), with that network's architecture and preprocessing.
     config = build_config({"init_from": str(fused), "datasets": [{"source": "x", "species": "goat"}]})
-    with pytest.raises(ValueError, match="fusion-concat"):
-        build_model(config)
+    assert (config.backbone, config.neck, config.embedding_dim) == ("resnet18", "linear_bn", 16)
+    assert preprocess_spec(replace(config, input_size=32)) == load_artifact(resnet).card.preprocess
+    started, trained = build_model(config).state_dict(), load_artifact(fused).model.net(1).state_dict()
+    assert started.keys() == trained.keys()
+    assert all(torch.equal(started[k], trained[k]) for k in started)
 
 
 def test_the_fuse_command_writes_the_artifact_and_prints_its_figures(models, tmp_path, capsys):
