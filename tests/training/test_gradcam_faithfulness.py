@@ -46,9 +46,6 @@ def areas() -> dict[str, list[float]]:
 
 def test_hiding_the_hottest_pixels_lowers_the_similarity_faster_than_random(areas):
     served, random = np.mean(areas["served"]), np.mean(areas["random"])
-    print(
-        f"deletion areas: served {served:.4f}, random {random:.4f}, LayerCAM {np.mean(areas['layercam']):.4f}"
-    )
     assert served < random - 0.03, (served, random)
     assert sum(h < r for h, r in zip(areas["served"], areas["random"], strict=True)) >= 12
 
