@@ -280,17 +280,17 @@ def _start_architecture(values: dict[str, Any]) -> dict[str, Any]:
     card = Path(source) / "model_card.json" if source else None
     if card is None or not card.is_file() or {"backbone", "neck"} & set(values):
         return {}
+    from training.artifact import ArtifactError, ModelCard  # artifact imports config's neighbours
+    from training.fusion import start_branch
+
     try:
         data = json.loads(card.read_text())
         if data.get("fusion"):  # a fused model: the network a run starts from (training.fusion)
-            from training.artifact import read_card  # artifact imports config's neighbours
-            from training.fusion import start_branch
-
-            fused = read_card(card.parent)
+            fused = ModelCard.from_dict(data)
             data = fused.fusion[start_branch(fused)].to_dict()  # type: ignore[index]
         backbone, neck = parse_architecture(str(data["architecture"]))
         return {"backbone": backbone, "neck": neck, "embedding_dim": int(data["embedding_dim"])}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, ArtifactError):
         return {}  # the run's own check reports an unreadable artifact
 
 

@@ -149,7 +149,7 @@ def start_folder(models_dir: Path, species: str, start: str | None) -> Path:
         try:
             trainable_branches(card)
         except ValueError as exc:
-            raise InvalidRequest(f"{folder.name} cannot be fine-tuned: {exc}", start=folder.name) from exc
+            raise InvalidRequest(f"{folder.name} cannot be fine-tuned: {exc}", start=start) from exc
     return folder
 
 
@@ -284,12 +284,8 @@ def training_runs(
     that they hold back the same sessions (the challenger is judged on sessions none trained on)."""
     if not isinstance(start.model, FusedEmbeddingNet):
         return [Run(finetune_config(start.card, manifest, work, start_dir, policy))]
-    try:
-        branches = trainable_branches(start.card)
-    except ValueError as exc:
-        raise InvalidRequest(f"{start_dir.name} cannot be fine-tuned: {exc}", start=start_dir.name) from exc
     runs: list[Run] = []
-    for i in branches:
+    for i in trainable_branches(start.card):  # start_folder refused a card without any
         folder = work / f"network-{i}"
         card = export_branch(start.model.net(i), start.card, i, folder / "start")
         config = finetune_config(card, manifest, folder, folder / "start", policy)
