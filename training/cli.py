@@ -134,6 +134,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--weights", type=float, nargs="+", metavar="W", help="one weight per artifact (default: equal)"
     )
     fuse.add_argument("--fp16", action="store_true", help="store weights in float16")
+    fuse.add_argument(
+        "--study-figures",
+        type=Path,
+        metavar="ARTIFACT",
+        help="for a release model (a network trained on its test individuals too): record the test figures "
+        "of ARTIFACT, the same recipe trained without them, in the card as metrics.study_split",
+    )
     fuse.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="inference device")
     fuse.set_defaults(func=_fuse, user_errors=USER_ERRORS)
 
@@ -169,11 +176,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _fuse(args: argparse.Namespace) -> int:
-    from training.artifact import read_card
-    from training.pipeline import fuse_artifacts
+    from training.artifact import read_card, write_card
+    from training.pipeline import fuse_artifacts, with_study_figures
 
+    study = read_card(args.study_figures) if args.study_figures is not None else None
     out = fuse_artifacts(args.artifacts, args.out, args.weights, args.fp16, args.device)
     card = read_card(out)
+    if study is not None:
+        card = with_study_figures(card, study)
+        write_card(card, out)
     print(json.dumps({"artifact": str(out), "threshold": card.threshold, **card.metrics}))
     return 0
 

@@ -120,6 +120,13 @@ class TrainConfig:
     train_fraction: float = field(
         default=1.0, metadata=_h("share of the training individuals to train on (val and test unchanged)")
     )
+    train_on_test: bool = field(
+        default=False,
+        metadata=_h(
+            "also train on the test individuals (a release model: its test figures are those of the same "
+            "recipe without this; validation stays held out for calibration)"
+        ),
+    )
     seed: int = field(default=0, metadata=_h("seed of splits, sampling, augmentation and initialisation"))
     device: str = field(default="auto", metadata=_h("auto | cpu | cuda"))
     amp: bool = field(default=True, metadata=_h("bf16 mixed precision on CUDA (ignored on CPU)"))
@@ -318,6 +325,8 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"holdout_sessions must be in [0, 1), not {c.holdout_sessions}")
     if not 0 < c.train_fraction <= 1:
         raise ValueError(f"train_fraction must be in (0, 1], not {c.train_fraction}")
+    if c.train_on_test and c.train_fraction < 1:
+        raise ValueError("train_on_test trains on every individual but validation: leave train_fraction at 1")
     get_backbone(c.backbone)
     if c.neck not in NECKS:
         raise ValueError(f"neck must be one of {', '.join(NECKS)}, not {c.neck!r}")

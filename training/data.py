@@ -226,6 +226,7 @@ def split_individuals(
     seed: int,
     min_images_eval: int = 2,
     train_fraction: float = 1.0,
+    train_on_test: bool = False,
 ) -> IndividualSplit:
     """Seeded split of individuals into train / validation / test.
 
@@ -233,6 +234,8 @@ def split_individuals(
     so they always go to training. ``train_fraction`` < 1 trains on that share of the training
     individuals only (at least one), leaving validation and test as they are: a learning curve over
     the number of identities. The kept individuals of a smaller share are a subset of a larger one's.
+    ``train_on_test`` moves the test individuals into training (a release model) and leaves
+    validation as the same seed and fractions give it, so that it calibrates on the same animals.
     """
     counts: dict[str, int] = defaultdict(int)
     for s in dataset.samples:
@@ -258,6 +261,8 @@ def split_individuals(
     if train_fraction < 1.0:
         random.Random(f"{seed}:train_fraction").shuffle(train)
         train = train[: max(1, round(len(train) * train_fraction))]
+    if train_on_test:
+        train, test = train + test, []
     return IndividualSplit(tuple(sorted(train)), tuple(sorted(val)), tuple(sorted(test)))
 
 

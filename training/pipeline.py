@@ -274,7 +274,11 @@ def _evaluate_into_card(
     title: str,
 ) -> None:
     """Calibrate and evaluate on the split's validation and test individuals (report in
-    ``target/report``) and record the threshold, metrics, open-set table and warnings in ``card``."""
+    ``target/report``) and record the threshold, metrics, open-set table and warnings in ``card``.
+    A model trained on its test individuals too (``train_on_test``) is calibrated only."""
+    if not d.test.individuals:
+        _calibrate_into_card(card, model, config, d.val)
+        return
     spec = card.preprocess
     evaluation = evaluate_species(
         model,
@@ -297,6 +301,45 @@ def _evaluate_into_card(
         with evaluation.report.open("a") as fh:
             fh.write(side_by_side(evaluation.result.summary(), closed.summary(), evaluation.threshold))
         card.metrics["closed_set"] = closed.summary()
+
+
+def _calibrate_into_card(card: ModelCard, model: EmbeddingModel, config: TrainConfig, val: Shard) -> None:
+    """The threshold and open-set table of a release model (no test individuals left), from the
+    validation individuals; its card says where its test figures are to be found."""
+    emb = embed_pixels(model, val.pixels, card.preprocess, next(model.parameters()).device)
+    individuals = len(set(val.individuals))
+    card.threshold = calibrate_threshold(emb, np.array(val.individuals), config.target_far)
+    card.threshold_far = config.target_far
+    card.open_set = (
+        calibrate_open_set(emb, val.individuals, val.groups, seed=config.seed, repeats=config.eval_repeats)
+        if individuals >= MIN_INDIVIDUALS
+        else None
+    )
+    card.metrics = {"calibration_individuals": individuals, "test_individuals": 0}
+    card.warnings = calibration_warnings(individuals) + [RELEASE_NOTE]
+    log.info(
+        "%s: trained on its test individuals too; calibrated on %d validation individuals",
+        card.species,
+        individuals,
+    )
+
+
+# The card's note on a model trained on every individual but its validation ones.
+RELEASE_NOTE = (
+    "trained on its test individuals too (train_on_test), so it has no test figures of its own; "
+    "they are those of the same recipe trained without them (metrics.study_split, when recorded)"
+)
+
+
+def with_study_figures(card: ModelCard, study: ModelCard) -> ModelCard:
+    """A release model's card with the test figures of the same recipe on the study split
+    (``study``: a model trained without the test individuals), under ``metrics.study_split``."""
+    if card.metrics.get("test_individuals", None) != 0:
+        raise ValueError(f"{card.model_version or 'the model'} has test figures of its own")
+    if not study.metrics.get("top1"):
+        raise ValueError(f"{study.model_version} has no test figures to borrow")
+    figures = {"model_version": study.model_version} | study.metrics
+    return replace(card, metrics=card.metrics | {"study_split": figures})
 
 
 def fuse_artifacts(
@@ -326,19 +369,26 @@ def fuse_artifacts(
         if not isinstance(item.model, EmbeddingNet):
             raise ArtifactError(f"{item.path} is itself a fused model: fuse its networks directly")
         nets.append(item.model)
+    release = any(card_config(c).train_on_test for c in cards)
     for card in cards[1:]:
-        for part in ("val", "test"):
+        # A release network (trained on the test individuals too) makes a release model: only the
+        # validation individuals, which calibrate it, must then be new to every network.
+        parts: tuple[Literal["val", "test"], ...] = ("val",) if release else ("val", "test")
+        for part in parts:
             if _individuals(split_part(card, part)) != _individuals(split_part(cards[0], part)):
                 raise ValueError(
                     f"{card.model_version} and {cards[0].model_version} were trained on different splits "
-                    f"(their {part} individuals differ): the fused model's test animals must be new to all"
+                    f"(their {part} individuals differ): the fused model's {PART_ROLE[part]} animals must "
+                    "be new to all"
                 )
     shares = normalised_weights(list(weights or []), len(loaded))
     branches = [Branch.of(c, w) for c, w in zip(cards, shares, strict=True)]
     model = fused_from(list(zip(nets, branches, strict=True))).to(torch_device)
     config = card_config(cards[0])
     config = replace(
-        config, datasets=tuple(d for d in config.datasets if d.species in (None, cards[0].species))
+        config,
+        datasets=tuple(d for d in config.datasets if d.species in (None, cards[0].species)),
+        train_on_test=release,
     )
     (d,) = [d for d in prepare_data(config, model.preprocess) if d.species == cards[0].species]
     card = ModelCard(
@@ -347,7 +397,7 @@ def fuse_artifacts(
         preprocess=model.preprocess,
         architecture=FUSION_ARCHITECTURE,
         pretrained="fusion of " + ", ".join(f"{c.model_version} ({c.pretrained})" for c in cards),
-        training_config=cards[0].training_config | fusion_record(branches),
+        training_config=cards[0].training_config | {"train_on_test": release} | fusion_record(branches),
         dataset_fingerprint=d.fingerprint,
         fusion=branches,
     )
@@ -364,6 +414,9 @@ def fuse_artifacts(
     export_artifact(model, card, target, fp16=fp16)
     log.info("fused %s into %s", ", ".join(c.model_version for c in cards), target)
     return target
+
+
+PART_ROLE = {"val": "calibration", "test": "test"}
 
 
 def _individuals(dataset: Dataset) -> set[str]:
@@ -472,13 +525,19 @@ def evaluate_artifact(
         card = replace(card, species=as_species, relabelled_from=card.relabelled_from or card.species)
     config = card_config(card)
     if datasets:
-        config = replace(config, datasets=tuple(datasets))
+        # Other data: its individuals were not trained on, whatever the model's own split held.
+        config = replace(config, datasets=tuple(datasets), train_on_test=False)
         others = sorted({d.species for d in datasets if d.species not in (None, card.species)})
         if others and len(others) == len(datasets):
             raise ValueError(
                 f"the data is of species {', '.join(map(repr, others))} but the model is for "
                 f"{card.species!r}; to use this model for another species, say so with --as-species"
             )
+    elif config.train_on_test:
+        raise ValueError(
+            f"{card.model_version} was trained on its test individuals too (train_on_test): evaluate it "
+            "on other data (--dataset SOURCE --all-individuals), or the same recipe trained without them"
+        )
     if strangers:
         config = replace(config, strangers=strangers)
     if ignore_groups or group_pattern:

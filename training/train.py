@@ -114,6 +114,7 @@ def split_dataset(config: TrainConfig, ds_cfg: DatasetConfig) -> tuple[Dataset, 
         test_fraction=config.test_fraction,
         seed=config.seed,
         train_fraction=config.train_fraction,
+        train_on_test=config.train_on_test,
     )
     return dataset, split
 

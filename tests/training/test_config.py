@@ -53,6 +53,7 @@ def test_saved_config_reloads_identically(tmp_path):
         ({"learning_rate": 1}, "unknown configuration keys"),
         ({"train_fraction": 0}, "train_fraction"),
         ({"train_fraction": 1.5}, "train_fraction"),
+        ({"train_on_test": True, "train_fraction": 0.5}, "leave train_fraction at 1"),
     ],
 )
 def test_invalid_configurations_are_refused(values, message):

@@ -93,6 +93,15 @@ def test_train_fraction_keeps_a_nested_share_of_training_individuals_and_the_sam
     assert half.train == tuple(sorted(half.train))
 
 
+def test_train_on_test_moves_the_test_individuals_into_training_and_keeps_validation(tmp_path):
+    folder = make_folder_dataset(tmp_path / "data", n_individuals=40, n_images=2, size=24)
+    ds = load_dataset(folder, species="x")
+    study = split_individuals(ds, val_fraction=0.1, test_fraction=0.2, seed=3)
+    release = split_individuals(ds, val_fraction=0.1, test_fraction=0.2, seed=3, train_on_test=True)
+    assert release.test == () and release.val == study.val
+    assert release.train == tuple(sorted(study.train + study.test))
+
+
 def test_enrol_query_split_keeps_groups_together():
     individuals = ["a"] * 6 + ["b"] * 4 + ["c"] * 3
     groups = ["a/1"] * 3 + ["a/2"] * 2 + ["a/3"] + ["b/1"] * 2 + ["b/2"] * 2 + ["c/1"] * 3

@@ -12,13 +12,20 @@ import torch
 from synthetic import make_folder_dataset
 from tiny_runs import tiny_config
 
-from training.artifact import ArtifactError, ModelCard, load_artifact
+from training.artifact import ArtifactError, ModelCard, load_artifact, read_card
 from training.cli import main
 from training.config import build_config
 from training.evaluate import embed_pixels
 from training.fusion import Branch, FusedEmbeddingNet, trainable_branches
 from training.model import FUSION_ARCHITECTURE
-from training.pipeline import export_run, fuse_artifacts
+from training.pipeline import (
+    RELEASE_NOTE,
+    evaluate_artifact,
+    export_run,
+    fuse_artifacts,
+    split_part,
+    with_study_figures,
+)
 from training.preprocess import PreprocessSpec
 from training.train import build_model, fit, prepare_data, preprocess_spec
 
@@ -48,6 +55,7 @@ def models(tmp_path_factory):
         ),
         "resnet": artifact("resnet"),
         "other_split": artifact("other", seed=1),
+        "release": artifact("release", train_on_test=True),
         "root": root,
     }
 
@@ -141,3 +149,40 @@ def test_a_fused_card_keeps_each_network_s_recipe_and_an_old_card_still_loads():
     frozen = ModelCard.from_dict(card.to_dict() | {"fusion": [branches[0].to_dict()] * 2})
     with pytest.raises(ValueError, match="nothing to fine-tune"):
         trainable_branches(frozen)
+
+
+def test_a_release_network_makes_a_release_model_calibrated_on_validation_that_records_the_study_figures(
+    models, tmp_path, capsys
+):
+    """A network trained on its test individuals too (train_on_test) has no test figures: it and a
+    fusion with it are calibrated on the validation individuals, and the fused card can record the
+    test figures of the same recipe on the study split."""
+    lite, resnet, release = models["lite"][0], models["resnet"][0], models["release"][0]
+    card = load_artifact(release).card
+    assert card.metrics == {"calibration_individuals": 4, "test_individuals": 0}
+    assert card.threshold is not None and RELEASE_NOTE in card.warnings
+    val = {s.individual for s in split_part(card, "val").samples}
+    assert not split_part(card, "test").samples
+    assert val == {s.individual for s in split_part(load_artifact(resnet).card, "val").samples}
+    with pytest.raises(ValueError, match="trained on its test individuals too"):
+        evaluate_artifact(release, tmp_path / "eval", device="cpu")
+
+    study = read_card(fuse_artifacts([lite, resnet], tmp_path / "study", device="cpu"))
+    out = tmp_path / "release"
+    argv = ["fuse", str(lite), str(release), "--out", str(out), "--device", "cpu"]
+    assert main([*argv, "--study-figures", str(tmp_path / "study")]) == 0
+    fused = read_card(out)
+    assert fused.training_config["train_on_test"] is True and not split_part(fused, "test").samples
+    assert {s.individual for s in split_part(fused, "val").samples} == val
+    assert fused.metrics["test_individuals"] == 0 and fused.threshold is not None
+    assert fused.metrics["study_split"] == {"model_version": study.model_version} | study.metrics
+    assert (
+        json.loads(capsys.readouterr().out.strip().splitlines()[-1])["study_split"]["top1"]
+        == study.metrics["top1"]
+    )
+    load_artifact(out)  # the card still pins the weights
+    with pytest.raises(ValueError, match="has test figures of its own"):
+        with_study_figures(study, study)
+    # A release network and one of another validation split are still refused.
+    with pytest.raises(ValueError, match="calibration animals must be new to all"):
+        fuse_artifacts([release, models["other_split"][0]], tmp_path / "x", device="cpu")
