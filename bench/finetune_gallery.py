@@ -50,7 +50,7 @@ from identify_latency import free_port, percentile
 
 from training.artifact import ModelCard, read_card
 from training.data import Dataset
-from training.pipeline import card_config, stranger_dataset, trained_on
+from training.pipeline import card_config, held_out, stranger_dataset, trained_on
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -94,7 +94,10 @@ def enrolment_data(species: str, card: ModelCard, data: Path) -> tuple[Dataset, 
     dataset, split = trained_on(card, data / "manifest.csv")
     parts = {name: part for part in ("train", "val", "test") for name in getattr(split, part)}
     if species == "dog":
-        dataset = Dataset(tuple(s for s in dataset.samples if parts[s.individual] == "test"), dataset.source)
+        try:
+            dataset = held_out(card, data / "manifest.csv")
+        except ValueError as error:
+            raise SystemExit(f"{error} (--model)") from None
     return dataset, parts
 
 

@@ -51,7 +51,7 @@ import numpy as np
 from training.artifact import ModelCard, read_card
 from training.data import Sample, enrol_query_split, load_dataset
 from training.open_set import OpenSetCalibration
-from training.pipeline import card_config, split_part
+from training.pipeline import card_config, held_out, split_part
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIES_KEY = "bench-admin-key"
@@ -349,7 +349,10 @@ def main() -> int:
     card = read_card(args.artifact)
     if card.open_set is None:
         raise SystemExit(f"{args.artifact}: the model card has no open-set table (run `animalid calibrate`)")
-    test = list(split_part(card, "test", args.data).samples)
+    try:
+        test = list(held_out(card, args.data).samples)
+    except ValueError as error:
+        raise SystemExit(f"{args.artifact}: {error} (--artifact)") from None
     padding = list(split_part(card, "val", args.data).samples)
     compare = compared_table(args.compare_card)
     outside = card_strangers(card, args.data) if args.card_strangers else None

@@ -452,8 +452,19 @@ def held_out(card: ModelCard, source: str | Path | None = None) -> Dataset:
     """Every photo of the artifact's test individuals: never seen in training, by its own split.
 
     ``source`` reads the same data from another place than the one recorded at training time.
+    A release model (trained on its test individuals too) has none: that is an error.
     """
+    refuse_release(card)
     return split_part(card, "test", source)
+
+
+def refuse_release(card: ModelCard) -> None:
+    """A release model has no test individuals of its own to evaluate on: say what to do instead."""
+    if card_config(card).train_on_test:
+        raise ValueError(
+            f"{card.model_version} was trained on its test individuals too (train_on_test): evaluate it "
+            "on other data (--dataset SOURCE --all-individuals), or the same recipe trained without them"
+        )
 
 
 def split_part(card: ModelCard, part: Literal["val", "test"], source: str | Path | None = None) -> Dataset:
@@ -533,11 +544,8 @@ def evaluate_artifact(
                 f"the data is of species {', '.join(map(repr, others))} but the model is for "
                 f"{card.species!r}; to use this model for another species, say so with --as-species"
             )
-    elif config.train_on_test:
-        raise ValueError(
-            f"{card.model_version} was trained on its test individuals too (train_on_test): evaluate it "
-            "on other data (--dataset SOURCE --all-individuals), or the same recipe trained without them"
-        )
+    else:
+        refuse_release(card)
     if strangers:
         config = replace(config, strangers=strangers)
     if ignore_groups or group_pattern:
