@@ -4,7 +4,7 @@ batching, against a real server with a real dog photo.
 The server runs as `animalid serve` in a subprocess on loopback with the bundled demo dog model
 (service/demo/models/dog, ResNet18 at 112x112) and a gallery of `--gallery` stored random unit
 vectors (inserted into the database before start-up). Every request posts the same real DogFaceNet
-photo (service/demo/queries/25.jpg). Each configuration gets its own server start: batching off
+photo (service/demo/queries/36.jpg). Each configuration gets its own server start: batching off
 (ANIMALID_BATCH_WAIT_MS=0, ANIMALID_SEARCH_BATCH_WAIT_MS=0) and on (the settings' defaults, or
 `--wait-ms`). Next to them: the bare forward pass in this process at batch 1 and at batch 8 (same
 model, same thread count, server stopped), the ceiling that batching can reach.
@@ -37,7 +37,7 @@ from service.db import migrate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "service" / "demo" / "models" / SPECIES
-PHOTO = REPO / "service" / "demo" / "queries" / "25.jpg"
+PHOTO = REPO / "service" / "demo" / "queries" / "36.jpg"
 
 
 def parse_args() -> argparse.Namespace:

@@ -89,5 +89,5 @@ def test_the_readme_tour_runs_against_the_demo(tmp_path: Path) -> None:
     gallery = sorted((ROOT / "service" / "demo" / "gallery").iterdir())
     photos = sum(len(list(folder.iterdir())) for folder in gallery)
     assert f"{len(gallery)} individuals (0 new): 0 photos enrolled now, {photos} already enrolled" in out
-    assert re.search(r"service/demo/queries/39\.jpg: match 39 \(", out)
-    assert re.search(r"service/demo/tour/64\.2\.jpg: match kennel-7/rex \(", out)
+    assert re.search(r"service/demo/queries/72\.jpg: match 72 \(", out)
+    assert re.search(r"service/demo/tour/115\.2\.jpg: match kennel-7/rex \(", out)
