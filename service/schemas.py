@@ -542,7 +542,11 @@ class SpeciesPublic(BaseModel):
     threshold: float | None
     threshold_source: ThresholdSource | None
     threshold_far: float | None
-    metrics: dict[str, Any] = Field(description="Evaluation metrics from the model card")
+    metrics: dict[str, Any] = Field(
+        description="Evaluation metrics from the model card; a release model (trained on its test animals "
+        "too) has no test figures of its own, and `study_split` holds those of the same recipe trained "
+        "without them"
+    )
     trained_for: str | None = Field(
         default=None, description="The species the model was trained for, when its card was relabelled"
     )
