@@ -122,6 +122,7 @@ def finetune_config(
             "val_fraction": 0.0,
             "test_fraction": 0.0,
             "train_fraction": 1.0,
+            "train_on_test": False,
             "holdout_sessions": policy.holdout,
             "init_from": str(start),
             "imprint_head": True,
