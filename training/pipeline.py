@@ -276,7 +276,7 @@ def _evaluate_into_card(
     """Calibrate and evaluate on the split's validation and test individuals (report in
     ``target/report``) and record the threshold, metrics, open-set table and warnings in ``card``.
     A model trained on its test individuals too (``train_on_test``) is calibrated only."""
-    if not d.test.individuals:
+    if config.train_on_test:
         _calibrate_into_card(card, model, config, d.val)
         return
     spec = card.preprocess
@@ -378,8 +378,8 @@ def fuse_artifacts(
             if _individuals(split_part(card, part)) != _individuals(split_part(cards[0], part)):
                 raise ValueError(
                     f"{card.model_version} and {cards[0].model_version} were trained on different splits "
-                    f"(their {part} individuals differ): the fused model's {PART_ROLE[part]} animals must "
-                    "be new to all"
+                    f"(their {part} individuals differ): the fused model's "
+                    f"{'calibration' if part == 'val' else 'test'} animals must be new to all"
                 )
     shares = normalised_weights(list(weights or []), len(loaded))
     branches = [Branch.of(c, w) for c, w in zip(cards, shares, strict=True)]
@@ -414,9 +414,6 @@ def fuse_artifacts(
     export_artifact(model, card, target, fp16=fp16)
     log.info("fused %s into %s", ", ".join(c.model_version for c in cards), target)
     return target
-
-
-PART_ROLE = {"val": "calibration", "test": "test"}
 
 
 def _individuals(dataset: Dataset) -> set[str]:
