@@ -19,14 +19,18 @@ costs and which other work on the machine does not inflate. Speed-ups are exact 
 Bytes per vector count what the index holds (vectors, ids, graph links, centroids); the service
 keeps its exact index beside an approximate one. Build time is wall-clock (CPU seconds in brackets).
 
-Index kinds (`--kinds`): `ivf` is the service's IVF-Flat (service/ml/ann.py) with nlist =
+Index kinds (`--kinds`): `pq` is the service's default, 4-bit product-quantisation codes scanned
+with FAISS's fast scan and the best refine x k candidates rescored with the exact vectors
+(service/ml/ann.py `FastScanIndex`, through the service's own `VectorIndex`), one index per
+`--pq-dims-per-code`, `--refine` swept; its bytes per vector are the codes and ids beside the
+exact master copy it rescores from; `ivf` is the service's IVF-Flat with nlist =
 cells_per_sqrt x sqrt(N) for each `--cells-per-sqrt`, `--nprobe` swept; `hnsw` is FAISS's
 IndexHNSWFlat (inner product, `--hnsw-m`, `--hnsw-ef-construction`), `--hnsw-ef-search` swept.
 
 The exact-search threshold: the largest of `--threshold-sizes` whose exact single-query p50 meets
 `--target-ms` (the latency target of one search).
 
-    PYTHONPATH=. python bench/large_gallery.py                       # 100k and 1M, IVF and HNSW
+    PYTHONPATH=. python bench/large_gallery.py                       # 100k and 1M, PQ, IVF and HNSW
     PYTHONPATH=. python bench/large_gallery.py --sizes 100000 --kinds ivf --nprobe 32 --threshold-sizes
 """
 
@@ -45,8 +49,8 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from service.ml.ann import IndexPlan, IvfIndex
-from service.ml.index import as_unit_vectors, use_blas_for_batches
+from service.ml.ann import FastScanIndex, IndexPlan, IvfIndex
+from service.ml.index import VectorIndex, as_unit_vectors, use_blas_for_batches
 
 DIM = 512
 K = 10
@@ -57,7 +61,9 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--kinds", nargs="+", choices=["ivf", "hnsw"], default=["ivf", "hnsw"])
+    parser.add_argument("--kinds", nargs="+", choices=["pq", "ivf", "hnsw"], default=["pq", "ivf", "hnsw"])
+    parser.add_argument("--pq-dims-per-code", type=int, nargs="+", default=[4])
+    parser.add_argument("--refine", type=int, nargs="+", default=[2, 5, 10, 20])
     parser.add_argument("--cells-per-sqrt", type=float, nargs="+", default=[4.0])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--hnsw-m", type=int, default=16)
@@ -233,6 +239,29 @@ def ivf_rows(vectors: np.ndarray, oracle: Oracle, args: argparse.Namespace) -> I
         del built, ivf
 
 
+def pq_rows(vectors: np.ndarray, oracle: Oracle, args: argparse.Namespace) -> Iterator[Row]:
+    """The service's own index (exact master plus the fast-scan codes) as a species holds it."""
+    size = len(vectors)
+    for dims_per_code in args.pq_dims_per_code:
+
+        def make(per_code: int = dims_per_code) -> tuple[Searchable, float]:
+            plan = IndexPlan(exact_max_vectors=1, kind="pq", pq_dims_per_code=per_code)
+            index = VectorIndex(DIM, use_gpu=False, plan=plan)
+            index.add(np.arange(size, dtype=np.int64), vectors)
+            assert isinstance(index._ann, FastScanIndex)
+            return index, index._ann.bytes_per_vector
+
+        built = build(make)
+        index = built.index
+        assert isinstance(index, VectorIndex) and isinstance(index._ann, FastScanIndex)
+        fast_scan = index._ann
+        for refine in args.refine:
+            fast_scan.refine = refine
+            name = f"PQ {fast_scan.codes}x4 fast scan, {refine} x k rescored"
+            yield oracle.row(name, built)
+        del built, index, fast_scan
+
+
 def hnsw_rows(vectors: np.ndarray, oracle: Oracle, args: argparse.Namespace) -> Iterator[Row]:
     def make() -> tuple[Searchable, float]:
         hnsw = faiss.IndexHNSWFlat(DIM, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -282,7 +311,7 @@ def compare(size: int, args: argparse.Namespace) -> Iterator[Row]:
         f"  exact top-{K} is the asked individual's photos for {oracle.own_individual:.1%} of queries; "
         f"smallest score gap between rank {K} and {K + 1}: {oracle.gap:.3f}"
     )
-    kinds = {"ivf": ivf_rows, "hnsw": hnsw_rows}
+    kinds = {"pq": pq_rows, "ivf": ivf_rows, "hnsw": hnsw_rows}
     rows = chain([oracle.exact_row()], *(kinds[kind](vectors, oracle, args) for kind in args.kinds))
     for row in rows:
         print("  " + " | ".join(row.cells()), flush=True)

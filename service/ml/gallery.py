@@ -51,7 +51,7 @@ class Gallery:
         return self._index.approximate
 
     def set_plan(self, plan: IndexPlan) -> None:
-        """Exact or IVF search by size from now on (see :class:`service.ml.ann.IndexPlan`)."""
+        """Exact or approximate search by size from now on (see :class:`service.ml.ann.IndexPlan`)."""
         with self._lock:
             self._index.set_plan(plan)
 

@@ -1,5 +1,5 @@
 """Inner-product search over L2-normalised float32 vectors, with database ids as FAISS ids: exact,
-or through an IVF index above a configured size (:mod:`service.ml.ann`).
+or through an approximate index above a configured size (:mod:`service.ml.ann`).
 
 The CPU index (``IndexIDMap2`` over ``IndexFlatIP``) is the master copy: it supports removal and
 reconstruction. When FAISS sees a GPU, a ``GpuIndexFlatIP`` mirror answers searches; it is
@@ -15,7 +15,7 @@ import logging
 import faiss
 import numpy as np
 
-from service.ml.ann import MAX_APPROXIMATE_K, IndexPlan, IvfIndex
+from service.ml.ann import MAX_APPROXIMATE_K, ApproximateIndex, IndexPlan
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,10 @@ class VectorIndex:
         if dim <= 0:
             raise ValueError("dim must be positive")
         self.dim = dim
-        # Above the plan's size a CPU index also answers searches from an IVF (service/ml/ann.py).
+        # Above the plan's size a CPU index also answers searches from an approximate index
+        # (service/ml/ann.py).
         self._plan = plan if plan is not None else IndexPlan()
-        self._ivf: IvfIndex | None = None
+        self._ann: ApproximateIndex | None = None
         self._cpu = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         use_blas_for_batches(dim)
         self._ids: set[int] = set()
@@ -88,23 +89,24 @@ class VectorIndex:
 
     @property
     def approximate(self) -> bool:
-        """True while searches go to the IVF index rather than the exact scan."""
-        return self._ivf is not None
+        """True while searches go to the approximate index rather than the exact scan."""
+        return self._ann is not None
 
     def set_plan(self, plan: IndexPlan) -> None:
-        """Adopt ``plan`` now: build the IVF index if the gallery is above its size (a k-means over
-        the vectors, which takes seconds at a million), or drop it if below."""
+        """Adopt ``plan`` now: build the approximate index if the gallery is above its size (a
+        training pass over the vectors, which takes seconds at a million), or drop it if below."""
         self._plan = plan
         self._replan()
 
     def _replan(self) -> None:
-        """Build, rebuild (after much growth) or drop the IVF index to follow the plan. Only a CPU
-        index turns approximate: on a GPU the exact scan of a million vectors takes about a millisecond."""
+        """Build, rebuild (after much growth) or drop the approximate index to follow the plan. Only
+        a CPU index turns approximate: on a GPU the exact scan of a million vectors takes about a
+        millisecond."""
         wanted = self._gpu is None and self._plan.wants_approximate(self.ntotal)
         if not wanted:
-            self._ivf = None
-        elif self._ivf is None or self.ntotal >= self._ivf.built_size * self._plan.rebuild_growth:
-            self._ivf = IvfIndex(self.dim, self.vectors(), self.ids().copy(), self._plan)
+            self._ann = None
+        elif self._ann is None or self.ntotal >= self._ann.built_size * self._plan.rebuild_growth:
+            self._ann = self._plan.build(self.dim, self.vectors(), self.ids().copy(), self.reconstruct)
 
     @property
     def ntotal(self) -> int:
@@ -128,10 +130,11 @@ class VectorIndex:
         return flat.reconstruct_n(0, flat.ntotal)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        id_list = [int(i) for i in np.asarray(ids).reshape(-1)]
-        if not id_list:
+        """The stored vectors of ``ids`` (each must be present), in that order."""
+        keys = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if not keys.size:
             return np.empty((0, self.dim), dtype=np.float32)
-        return np.stack([self._cpu.reconstruct(i) for i in id_list])
+        return self._cpu.reconstruct_batch(keys)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         id_array = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
@@ -159,8 +162,8 @@ class VectorIndex:
                 raise
             self._gpu_ids = np.concatenate([self._gpu_ids, id_array])
         self._ids |= new
-        if self._ivf is not None:
-            self._ivf.add(id_array, unit)
+        if self._ann is not None:
+            self._ann.add(id_array, unit)
         self._replan()
 
     def remove(self, ids: np.ndarray) -> int:
@@ -170,8 +173,8 @@ class VectorIndex:
             return 0
         removed = self._remove_from_cpu(present)
         self._ids -= {int(i) for i in present}
-        if self._ivf is not None:
-            self._ivf.remove(present)
+        if self._ann is not None:
+            self._ann.remove(present)
             self._replan()
         if self._gpu is not None:
             self._rebuild_gpu()
@@ -188,8 +191,8 @@ class VectorIndex:
         if self._gpu is not None and k <= GPU_MAX_K:
             scores, positions = self._gpu.search(unit, k)
             return scores, self._gpu_ids[positions]
-        if self._ivf is not None and k <= MAX_APPROXIMATE_K and k < self.ntotal:
-            return self._ivf.search(unit, k)
+        if self._ann is not None and k <= MAX_APPROXIMATE_K and k < self.ntotal:
+            return self._ann.search(unit, k)
         scores, ids = self._cpu.search(unit, k)
         return scores, ids
 

@@ -113,7 +113,7 @@ class Registry:
     embed_batching: BatchingConfig = field(default_factory=BatchingConfig)
     search_batching: BatchingConfig = field(default_factory=BatchingConfig)
     observe_batch: BatchObserver | None = None
-    index_plan: IndexPlan = field(default_factory=IndexPlan)  # exact or IVF search, by gallery size
+    index_plan: IndexPlan = field(default_factory=IndexPlan)  # exact or approximate search, by gallery size
     # Per species, the batcher of the model (and index) it served last; a swap starts a new one.
     _embed_batchers: dict[str, EmbedBatcher] = field(default_factory=dict, repr=False)
     _search_batchers: dict[str, SearchBatcher] = field(default_factory=dict, repr=False)

@@ -48,7 +48,7 @@ def build_gallery(
     plan: IndexPlan | None = None,
 ) -> Gallery:
     """The index of every stored embedding of one model version, added in id order, then exact or
-    approximate by ``plan`` (an IVF index is built once, from all of them)."""
+    approximate by ``plan`` (the approximate index is built once, from all of them)."""
     gallery = Gallery(dim, use_gpu=use_gpu)
     with sessions() as session:
         for rows in Repository(session).iter_gallery(model_version_id):

@@ -1,5 +1,5 @@
-"""Large galleries: the index turns to IVF above the plan's size, and per-individual top-k stays
-that of brute force."""
+"""Large galleries: the index turns approximate (fast-scan codes rescored exactly, or IVF) above the
+plan's size, and per-individual top-k stays that of brute force."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_index import unit
 
-from service.ml.ann import IndexPlan
+from service.ml.ann import FastScanIndex, IndexPlan, IvfIndex, rescore
 from service.ml.gallery import Gallery, GalleryEntry
 from service.ml.index import VectorIndex
 
@@ -53,13 +53,22 @@ def make_gallery(vectors: np.ndarray, labels: np.ndarray, plan: IndexPlan) -> tu
     return gallery, individuals
 
 
+# Plans that look at every vector: every IVF cell scanned, or every code rescored exactly.
+EVERYTHING = {
+    "ivf": IndexPlan(exact_max_vectors=1000, kind="ivf", nprobe=10_000),
+    "pq": IndexPlan(exact_max_vectors=1000, kind="pq", refine=10_000),
+}
+
+
+@pytest.mark.parametrize("kind", ["ivf", "pq"])
 @pytest.mark.parametrize("top_k", [1, 5, 20])
-def test_ivf_scanning_every_cell_gives_the_exact_per_individual_ranking(top_k: int) -> None:
+def test_an_index_that_looks_at_everything_gives_the_exact_per_individual_ranking(
+    top_k: int, kind: str
+) -> None:
     rng = np.random.default_rng(top_k)
     vectors = clustered(rng, 300, 10)
     labels = np.arange(3000) // 10
-    plan = IndexPlan(exact_max_vectors=1000, nprobe=10_000)  # nprobe beyond nlist: every cell
-    gallery, individuals = make_gallery(vectors, labels, plan)
+    gallery, individuals = make_gallery(vectors, labels, EVERYTHING[kind])
     assert gallery.approximate
     queries = unit(rng, 20, DIM)
     for query in queries:
@@ -69,11 +78,16 @@ def test_ivf_scanning_every_cell_gives_the_exact_per_individual_ranking(top_k: i
         ]
 
 
-def test_ivf_with_few_cells_scanned_still_finds_the_individual_of_new_photos() -> None:
+@pytest.mark.parametrize(
+    "plan",
+    [IndexPlan(exact_max_vectors=1000, kind="ivf", nprobe=4), IndexPlan(exact_max_vectors=1000, kind="pq")],
+    ids=["ivf-4-cells", "pq-default"],
+)
+def test_an_approximate_index_finds_the_individual_of_new_photos(plan: IndexPlan) -> None:
     rng = np.random.default_rng(11)
     vectors = clustered(rng, 400, 10)
     labels = np.arange(4000) // 10
-    gallery, individuals = make_gallery(vectors, labels, IndexPlan(exact_max_vectors=1000, nprobe=4))
+    gallery, individuals = make_gallery(vectors, labels, plan)
     # New photos: other draws around the same centres.
     queries = clustered(np.random.default_rng(11), 400, 1)[::8]
     hits = 0
@@ -84,10 +98,11 @@ def test_ivf_with_few_cells_scanned_still_finds_the_individual_of_new_photos() -
     assert hits >= 0.98 * len(queries)
 
 
-def test_the_index_is_exact_up_to_the_threshold_and_follows_adds_and_removes() -> None:
+@pytest.mark.parametrize("kind", ["ivf", "pq"])
+def test_the_index_is_exact_up_to_the_threshold_and_follows_adds_and_removes(kind: str) -> None:
     rng = np.random.default_rng(5)
     vectors = clustered(rng, 200, 10)
-    index = VectorIndex(DIM, use_gpu=False, plan=IndexPlan(exact_max_vectors=1000, nprobe=10_000))
+    index = VectorIndex(DIM, use_gpu=False, plan=EVERYTHING[kind])
     index.add(np.arange(1000), vectors[:1000])
     assert not index.approximate  # at the threshold: exact
     index.add(np.arange(1000, 2000), vectors[1000:])
@@ -107,30 +122,64 @@ def test_the_index_is_exact_up_to_the_threshold_and_follows_adds_and_removes() -
 def test_the_ivf_is_rebuilt_when_the_gallery_has_grown() -> None:
     rng = np.random.default_rng(6)
     vectors = clustered(rng, 400, 10)
-    plan = IndexPlan(exact_max_vectors=500, nprobe=10_000, rebuild_growth=2.0)
+    plan = IndexPlan(exact_max_vectors=500, kind="ivf", nprobe=10_000, rebuild_growth=2.0)
     index = VectorIndex(DIM, use_gpu=False, plan=plan)
     index.add(np.arange(800), vectors[:800])
-    first = index._ivf
-    assert first is not None and first.built_size == 800
+    first = index._ann
+    assert isinstance(first, IvfIndex) and first.built_size == 800
     index.add(np.arange(800, 1500), vectors[800:1500])
-    assert index._ivf is first  # grown less than twice: incremental adds
+    assert index._ann is first  # grown less than twice: incremental adds
     index.add(np.arange(1500, 4000), vectors[1500:])
-    assert index._ivf is not None and index._ivf.built_size == 4000 and index._ivf.nlist > first.nlist
+    rebuilt = index._ann
+    assert isinstance(rebuilt, IvfIndex) and rebuilt.built_size == 4000 and rebuilt.nlist > first.nlist
     _, found = index.search(vectors[3990:], 1)
     assert found[:, 0].tolist() == list(range(3990, 4000))
 
 
-def test_the_default_plan_finds_the_exact_top_10_of_new_photos() -> None:
-    # The default IVF shape (4 sqrt(N) cells, nprobe as in docs/benchmarks.md) against brute force:
-    # nearly all of an individual's photos come back, not just the best one.
+@pytest.mark.parametrize("kind", ["ivf", "pq"])
+def test_the_default_plans_find_the_exact_top_10_of_new_photos(kind: str) -> None:
+    # The default shapes (IVF: 4 sqrt(N) cells and nprobe; PQ: 4 dimensions a code, 10 x k
+    # rescored; as in docs/benchmarks.md) against brute force: nearly all of an individual's photos
+    # come back, not just the best one.
     rng = np.random.default_rng(12)
     centres = unit(rng, 3000, DIM)
     vectors = photos_of(rng, centres, np.arange(30_000) // 10)
-    index = VectorIndex(DIM, use_gpu=False, plan=IndexPlan(exact_max_vectors=1000))
+    index = VectorIndex(DIM, use_gpu=False, plan=IndexPlan(exact_max_vectors=1000, kind=kind))  # type: ignore[arg-type]
     index.add(np.arange(len(vectors)), vectors)
-    assert index._ivf is not None and index._ivf.nlist == int(4 * np.sqrt(len(vectors)))
+    if kind == "ivf":
+        assert isinstance(index._ann, IvfIndex) and index._ann.nlist == int(4 * np.sqrt(len(vectors)))
+    else:
+        assert isinstance(index._ann, FastScanIndex) and index._ann.codes == DIM // 4
     queries = photos_of(rng, centres, rng.choice(3000, size=100, replace=False))
     _, found = index.search(queries, 10)
     want = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
     recall = np.mean([len(set(f) & set(w)) / 10 for f, w in zip(found, want, strict=True)])
     assert recall >= 0.99
+
+
+def test_rescoring_ranks_candidates_by_their_exact_scores_and_pads_missing_ones() -> None:
+    rng = np.random.default_rng(3)
+    vectors = unit(rng, 6, DIM)
+    stored = {10 * i: vectors[i] for i in range(6)}
+    queries = unit(rng, 2, DIM)
+    candidates = np.array([[0, 10, 20, 30], [40, 50, -1, -1]], dtype=np.int64)
+    scores, ids = rescore(queries, candidates, lambda keys: np.stack([stored[int(k)] for k in keys]), 3)
+    first = {i: float(queries[0] @ stored[i]) for i in (0, 10, 20, 30)}
+    assert ids[0].tolist() == sorted(first, key=first.__getitem__, reverse=True)[:3]
+    np.testing.assert_allclose(scores[0], [first[i] for i in ids[0]], rtol=1e-5)
+    second = sorted((40, 50), key=lambda i: -float(queries[1] @ stored[i]))
+    assert ids[1].tolist() == [*second, -1]
+    assert scores[1, 2] == -np.inf
+
+
+def test_the_fast_scan_index_follows_removals() -> None:
+    rng = np.random.default_rng(8)
+    vectors = clustered(rng, 200, 10)
+    index = VectorIndex(DIM, use_gpu=False, plan=IndexPlan(exact_max_vectors=500, kind="pq"))
+    index.add(np.arange(2000), vectors)
+    assert isinstance(index._ann, FastScanIndex)
+    index.remove(np.arange(0, 2000, 10))  # the first photo of every individual
+    scores, found = index.search(vectors[0:2000:10], 5)
+    assert not np.isin(found, np.arange(0, 2000, 10)).any()
+    assert (found[:, 0] // 10 == np.arange(200)).all()  # still its own individual's photos
+    assert index._ann.ntotal == 1800
