@@ -2,12 +2,13 @@
 batching, against a real server with a real dog photo.
 
 The server runs as `animalid serve` in a subprocess on loopback with the bundled demo dog model
-(service/demo/models/dog, ResNet18 at 112x112) and a gallery of `--gallery` stored random unit
-vectors (inserted into the database before start-up). Every request posts the same real DogFaceNet
-photo (service/demo/queries/36.jpg). Each configuration gets its own server start: batching off
-(ANIMALID_BATCH_WAIT_MS=0, ANIMALID_SEARCH_BATCH_WAIT_MS=0) and on (the settings' defaults, or
-`--wait-ms`). Next to them: the bare forward pass in this process at batch 1 and at batch 8 (same
-model, same thread count, server stopped), the ceiling that batching can reach.
+(service/demo/models/dog, or `--model`; the script prints its version, backbone and input size) and
+a gallery of `--gallery` stored random unit vectors (inserted into the database before start-up).
+Every request posts the same real DogFaceNet photo (service/demo/queries/36.jpg). Each
+configuration gets its own server start: batching off (ANIMALID_BATCH_WAIT_MS=0,
+ANIMALID_SEARCH_BATCH_WAIT_MS=0) and on (the settings' defaults, or `--wait-ms`). Next to them:
+the bare forward pass in a fresh process at batch 1 and at batch 8 (same model, same thread count,
+server stopped), the ceiling that one batching lane can reach.
 
     PYTHONPATH=. python bench/concurrent_identify.py
     PYTHONPATH=. python bench/concurrent_identify.py --clients 1 8 --requests-per-client 10
@@ -16,6 +17,7 @@ model, same thread count, server stopped), the ceiling that batching can reach.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -45,6 +47,9 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--gallery", type=int, default=10_000, help="stored vectors")
+    parser.add_argument(
+        "--model", type=Path, default=DEMO_MODEL, help="artifact folder (default: the demo dog model)"
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-client", type=int, default=12)
     parser.add_argument("--min-requests", type=int, default=60, help="at least this many per level")
@@ -121,7 +126,13 @@ def batch_metrics(port: int) -> str:
     return "; ".join(parts)
 
 
-def bare_forward(threads: int, batch: int, repeats: int = 20) -> float:
+def model_description(folder: Path) -> str:
+    card = json.loads((folder / "model_card.json").read_text())
+    height, width = card["input_size"]
+    return f"{card['model_version']} ({card.get('backbone') or card['architecture']}, {height}x{width})"
+
+
+def bare_forward(model: Path, threads: int, batch: int, repeats: int = 20) -> float:
     """Images per second of the bare preprocessing + forward pass at ``batch``, measured in a fresh
     process set up like the server (same thread count, OMP_NUM_THREADS as `animalid serve` sets)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
@@ -131,7 +142,7 @@ def bare_forward(threads: int, batch: int, repeats: int = 20) -> float:
         "from service.ml.images import ImagePolicy, decode_image\n"
         "from training.artifact import load_artifact\n"
         f"torch.set_num_threads({threads})\n"
-        f"embedder = Embedder(load_artifact({str(DEMO_MODEL)!r}, 'cpu'), torch.device('cpu'))\n"
+        f"embedder = Embedder(load_artifact({str(model)!r}, 'cpu'), torch.device('cpu'))\n"
         f"policy = ImagePolicy({40_000_000}, {40_000_000})\n"
         f"image = decode_image(open({str(PHOTO)!r}, 'rb').read(), policy).image\n"
         f"images = [image] * {batch}\n"
@@ -150,7 +161,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="animalid-bench-") as tmp:
         root = Path(tmp)
         (root / "models").mkdir()
-        shutil.copytree(DEMO_MODEL, root / "models" / SPECIES)
+        shutil.copytree(args.model, root / "models" / SPECIES)
         url = args.database_url or f"sqlite:///{root / 'bench.db'}"
         migrate.upgrade(url)
         populate(url, root / "models" / SPECIES, args.gallery, 10)
@@ -158,7 +169,8 @@ def main() -> None:
             f"concurrent_identify.py {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()}, "
             f"{os.cpu_count()} CPUs (shared with other work: load average "
             f"{os.getloadavg()[0]:.2f} at start); "
-            f"server {args.threads} thread(s); demo dog model 112x112; gallery {args.gallery:,} vectors; "
+            f"server {args.threads} thread(s); dog model {model_description(args.model)}; "
+            f"gallery {args.gallery:,} vectors; "
             f"photo {PHOTO.relative_to(REPO)}"
         )
         modes = {
@@ -196,7 +208,7 @@ def main() -> None:
         results = {
             key: {m: float(np.median([r[m] for r in rows])) for m in rows[0]} for key, rows in runs.items()
         }
-        one, eight = bare_forward(args.threads, 1), bare_forward(args.threads, 8)
+        one, eight = bare_forward(args.model, args.threads, 1), bare_forward(args.model, args.threads, 8)
     print(
         f"\nbare forward pass (this process, {args.threads} threads): "
         f"batch 1 {one:.1f} img/s, batch 8 {eight:.1f} img/s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -80,6 +81,16 @@ def image_policy(settings: Settings) -> ImagePolicy:
     )
 
 
+def batch_lanes(settings: Settings, device: torch.device) -> int:
+    """Batches that run side by side: as set, else one on a GPU and, on the CPU, as many as there
+    are shares of the cores of the size one forward pass uses (docs/benchmarks.md, dynamic batching)."""
+    if settings.batch_lanes:
+        return settings.batch_lanes
+    if device.type != "cpu":
+        return 1
+    return max(1, (os.cpu_count() or 1) // torch.get_num_threads())
+
+
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = resolve_device(settings.device)
     if settings.cpu_threads is not None:
@@ -88,7 +99,13 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         faiss.omp_set_num_threads(settings.cpu_threads)
     # ANIMALID_DEVICE=cpu keeps the index on the CPU too; otherwise FAISS uses a GPU when it sees one.
     use_gpu_index = settings.device != "cpu" and gpu_count() > 0
-    index_plan = IndexPlan(exact_max_vectors=settings.exact_search_max_vectors, nprobe=settings.ivf_nprobe)
+    index_plan = IndexPlan(
+        exact_max_vectors=settings.exact_search_max_vectors,
+        kind=settings.approximate_index,
+        refine=settings.pq_refine,
+        nprobe=settings.ivf_nprobe,
+    )
+    lanes = batch_lanes(settings, device)
     images = image_policy(settings)
     engine = make_engine(settings.database_url)
     database = DatabaseHealth()
@@ -99,9 +116,9 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         registry = Registry(
             device=device,
             use_gpu_index=use_gpu_index,
-            embed_batching=BatchingConfig(settings.batch_wait_ms / 1000.0, settings.batch_max_images),
+            embed_batching=BatchingConfig(settings.batch_wait_ms / 1000.0, settings.batch_max_images, lanes),
             search_batching=BatchingConfig(
-                settings.search_batch_wait_ms / 1000.0, settings.search_batch_max_queries
+                settings.search_batch_wait_ms / 1000.0, settings.search_batch_max_queries, lanes
             ),
             observe_batch=metrics.observe_batch,
             index_plan=index_plan,

@@ -191,6 +191,13 @@ class Settings(BaseSettings):
     batch_max_images: int = Field(
         default=32, ge=1, description="Dynamic batching: the most images in one forward pass"
     )
+    batch_lanes: int = Field(
+        default=0,
+        ge=0,
+        description="Dynamic batching: batches (forward passes, index searches) that run at the same time; "
+        "0: one per share of the CPU cores that one pass uses (cores / ANIMALID_CPU_THREADS) on the CPU, "
+        "1 on a GPU",
+    )
     search_batch_wait_ms: float = Field(
         default=1.0,
         ge=0.0,
@@ -203,8 +210,16 @@ class Settings(BaseSettings):
     exact_search_max_vectors: int = Field(
         default=50_000,
         ge=0,
-        description="A species' gallery above this many vectors is searched through an IVF index "
-        "(approximate, on the CPU); at or below it exactly. 0: always exact. See docs/benchmarks.md",
+        description="A species' gallery above this many vectors is searched through an approximate index "
+        "(on the CPU); at or below it exactly. 0: always exact. See docs/benchmarks.md",
+    )
+    approximate_index: Literal["pq", "ivf"] = Field(
+        default="pq",
+        description="The approximate index of large galleries: pq (4-bit codes scanned with FAISS's fast "
+        "scan, the best candidates rescored exactly) or ivf (IVF-Flat cells)",
+    )
+    pq_refine: int = Field(
+        default=10, ge=1, description="pq: candidates rescored exactly per neighbour asked (recall vs speed)"
     )
     ivf_nprobe: int = Field(default=64, ge=1, description="IVF cells scanned per query (recall vs speed)")
     index_follow_poll_s: float = Field(

@@ -1,11 +1,16 @@
 """Dynamic batching: the work of concurrent requests gathered into one call.
 
 Requests run in worker threads (sync routes). Each hands its items to a :class:`MicroBatcher` and
-blocks. The first waiting thread leads: it waits until the oldest queued job is ``max_wait_s`` old
-or ``max_items`` items are queued, takes jobs in arrival order up to ``max_items`` items (a single
-job larger than that goes alone), runs them in one call, and hands every job its share of the
-results. It keeps leading until its own job is done, then passes the lead on. No thread of its own
-runs, so there is nothing to start or stop, and a request alone waits at most ``max_wait_s``.
+blocks. A waiting thread leads when fewer than ``lanes`` threads lead: it waits until the oldest
+queued job is ``max_wait_s`` old or ``max_items`` items are queued, takes jobs in arrival order up
+to ``max_items`` items, with several lanes at most its share of the queue among the idle lanes (a
+single job larger than that goes alone), runs them in one call, and hands every job its share of
+the results.
+It keeps leading until its own job is done, then passes the lead on. With more than one lane,
+batches run side by side: on a CPU whose forward pass uses one
+thread, one lane would leave the other cores idle while a batch runs (measured: 8 clients got half
+the throughput of unbatched requests on 2 cores, docs/benchmarks.md). No thread of its own runs,
+so there is nothing to start or stop, and a request alone waits at most ``max_wait_s``.
 
 :class:`EmbedBatcher` applies this to one embedder's forward passes (preprocessing stays in the
 caller's thread; tensors are concatenated, on whatever device the model is on), and
@@ -35,10 +40,12 @@ Out = TypeVar("Out")
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """``max_wait_s`` 0 turns batching off: every call runs alone, at once."""
+    """``max_wait_s`` 0 turns batching off: every call runs alone, at once. ``lanes``: batches that
+    may run at the same time."""
 
     max_wait_s: float = 0.0
     max_items: int = 32
+    lanes: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -63,12 +70,13 @@ class BatchStats:
 
 
 class _Job(Generic[In, Out]):
-    __slots__ = ("items", "size", "enqueued", "results", "error", "done")
+    __slots__ = ("items", "size", "enqueued", "due", "results", "error", "done")
 
     def __init__(self, items: In, size: int) -> None:
         self.items = items
         self.size = size
         self.enqueued = time.perf_counter()
+        self.due = False  # left over from a due backlog that was split over lanes: runs at once
         self.results: Out | None = None
         self.error: BaseException | None = None
         self.done = False
@@ -89,7 +97,8 @@ class MicroBatcher(Generic[In, Out]):
         self._on_batch = on_batch
         self._queue: deque[_Job[In, Out]] = deque()
         self._queued = 0  # items in the queue
-        self._leading = False
+        self._leaders = 0  # threads leading now, at most config.lanes
+        self._running = 0  # batches running now
         self._cond = threading.Condition()
 
     def submit(self, items: In, size: int) -> Out:
@@ -103,19 +112,18 @@ class MicroBatcher(Generic[In, Out]):
         with self._cond:
             self._queue.append(job)
             self._queued += size
-            if self._queued >= self.config.max_items:
-                self._cond.notify_all()
-            while not job.done and self._leading:
+            self._cond.notify_all()  # a leader waiting for work, or for a full batch
+            while not job.done and self._leaders >= max(1, self.config.lanes):
                 self._cond.wait()
             if job.done:
                 return self._result(job)
-            self._leading = True
+            self._leaders += 1
         try:
-            while not job.done:
-                self._lead_one_batch()
+            while self._lead_one_batch(job):
+                pass
         finally:
             with self._cond:
-                self._leading = False
+                self._leaders -= 1
                 self._cond.notify_all()
         return self._result(job)
 
@@ -131,36 +139,54 @@ class MicroBatcher(Generic[In, Out]):
         if self._on_batch is not None:
             self._on_batch(size)
 
-    def _lead_one_batch(self) -> None:
+    def _lead_one_batch(self, mine: _Job[In, Out]) -> bool:
+        """Run the next batch once it is due; False when ``mine`` is done (another lane may have
+        run it) and the caller stops leading."""
         with self._cond:
-            deadline = self._queue[0].enqueued + self.config.max_wait_s
-            while self._queued < self.config.max_items:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+            while True:
+                if mine.done:
+                    return False
+                if not self._queue:  # every queued job is in another lane's batch
+                    self._cond.wait()
+                    continue
+                remaining = self._queue[0].enqueued + self.config.max_wait_s - time.perf_counter()
+                if self._queued >= self.config.max_items or remaining <= 0 or self._queue[0].due:
                     break
                 self._cond.wait(remaining)
+            # With several lanes, a batch takes its share of the queue among the lanes not running
+            # one, so a backlog is split over them instead of one lane taking it all.
+            idle_lanes = max(1, self.config.lanes - self._running)
+            limit = min(self.config.max_items, -(-self._queued // idle_lanes))
             batch = [self._queue.popleft()]
             taken = batch[0].size
-            while self._queue and taken + self._queue[0].size <= self.config.max_items:
+            while self._queue and taken + self._queue[0].size <= limit:
                 job = self._queue.popleft()
                 batch.append(job)
                 taken += job.size
             self._queued -= taken
+            self._running += 1
             self._record(taken)
+            if self._queue:  # the rest of a due backlog is due too: another lane takes it now
+                for job in self._queue:
+                    job.due = True
+                self._cond.notify_all()
         try:
             results = self._run([job.items for job in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} jobs gave {len(results)} results")
         except BaseException as exc:  # every job of the batch sees the failure, as if it ran alone
             with self._cond:
+                self._running -= 1
                 for job in batch:
                     job.error, job.done = exc, True
                 self._cond.notify_all()
-            return
+            return True
         with self._cond:
+            self._running -= 1
             for job, result in zip(batch, results, strict=True):
                 job.results, job.done = result, True
             self._cond.notify_all()
+        return True
 
 
 class EmbedBatcher:

@@ -4,6 +4,7 @@ they would get alone."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,57 @@ def test_a_job_larger_than_a_batch_runs_alone() -> None:
     assert batcher.stats.sizes == [5]
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_lanes_let_that_many_batches_run_at_once(lanes: int) -> None:
+    # Each job fills a batch of its own (2 items of at most 2); a batch waits until two batches are inside the
+    # call at the same time. Two lanes let both in; one lane never does.
+    both_inside = threading.Barrier(2)
+
+    def meet(jobs: list[int]) -> list[bool]:
+        try:
+            both_inside.wait(timeout=1.0)
+        except threading.BrokenBarrierError:
+            return [False for _ in jobs]
+        return [True for _ in jobs]
+
+    batcher: MicroBatcher[int, bool] = MicroBatcher(meet, BatchingConfig(0.001, 2, lanes=lanes))
+    results = concurrently(2, lambda i: batcher.submit(i, 2))
+    assert results == ([True, True] if lanes == 2 else [False, False])
+    assert batcher.stats.sizes == [2, 2]
+
+
+def test_with_two_lanes_every_job_is_answered_once_with_its_own_result() -> None:
+    calls: list[list[int]] = []
+    lock = threading.Lock()
+
+    def square(jobs: list[int]) -> list[int]:
+        with lock:
+            calls.append(jobs)
+        return [x * x for x in jobs]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(square, BatchingConfig(0.002, 4, lanes=2))
+    assert concurrently(24, lambda i: batcher.submit(i, 1)) == [i * i for i in range(24)]
+    assert sorted(x for call in calls for x in call) == list(range(24))
+    assert all(len(call) <= 4 for call in calls)
+
+
+def test_a_backlog_is_split_over_the_lanes() -> None:
+    # 8 jobs queued at once (max_items 8, so the batch is due at once): with two lanes the first
+    # batch takes its half and a second leader takes the rest while the first still runs.
+    sizes: list[int] = []
+    lock = threading.Lock()
+
+    def record(jobs: list[int]) -> list[int]:
+        with lock:
+            sizes.append(len(jobs))
+        time.sleep(0.2)
+        return jobs
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(record, BatchingConfig(2.0, 8, lanes=2))
+    assert concurrently(8, lambda i: batcher.submit(i, 1)) == list(range(8))
+    assert sorted(sizes) == [4, 4]
+
+
 def test_a_failed_batch_fails_each_of_its_jobs_and_the_next_batch_runs() -> None:
     def fail_on_seven(jobs: list[int]) -> list[int]:
         if 7 in jobs:
@@ -142,6 +194,7 @@ def batched_settings(database_url: str, service_root: Path) -> Settings:
         batch_max_images=GATHER.max_items,
         search_batch_wait_ms=GATHER.max_wait_s * 1000,
         search_batch_max_queries=GATHER.max_items,
+        batch_lanes=1,  # one lane: the 8 requests share one pass (lanes have tests of their own)
     )
 
 
