@@ -81,6 +81,19 @@ def image_policy(settings: Settings) -> ImagePolicy:
     )
 
 
+# Forward-pass batch sizes when not set: on the CPU a batch of 8 already gives ResNet18 most of
+# its gain per image, while larger ones made the fused EfficientNet model's requests wait seconds
+# (docs/benchmarks.md, dynamic batching); a GPU gains up to far larger batches.
+CPU_BATCH_MAX_IMAGES = 8
+GPU_BATCH_MAX_IMAGES = 32
+
+
+def batch_max_images(settings: Settings, device: torch.device) -> int:
+    if settings.batch_max_images:
+        return settings.batch_max_images
+    return CPU_BATCH_MAX_IMAGES if device.type == "cpu" else GPU_BATCH_MAX_IMAGES
+
+
 def batch_lanes(settings: Settings, device: torch.device) -> int:
     """Batches that run side by side: as set, else one on a GPU and, on the CPU, as many as there
     are shares of the cores of the size one forward pass uses (docs/benchmarks.md, dynamic batching)."""
@@ -116,7 +129,9 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         registry = Registry(
             device=device,
             use_gpu_index=use_gpu_index,
-            embed_batching=BatchingConfig(settings.batch_wait_ms / 1000.0, settings.batch_max_images, lanes),
+            embed_batching=BatchingConfig(
+                settings.batch_wait_ms / 1000.0, batch_max_images(settings, device), lanes
+            ),
             search_batching=BatchingConfig(
                 settings.search_batch_wait_ms / 1000.0, settings.search_batch_max_queries, lanes
             ),

@@ -189,7 +189,10 @@ class Settings(BaseSettings):
         "pass (0: every request runs its own); a request alone waits at most this long",
     )
     batch_max_images: int = Field(
-        default=32, ge=1, description="Dynamic batching: the most images in one forward pass"
+        default=0,
+        ge=0,
+        description="Dynamic batching: the most images in one forward pass; 0: 8 on the CPU, where larger "
+        "batches are no faster per image and make their requests wait (docs/benchmarks.md), 32 on a GPU",
     )
     batch_lanes: int = Field(
         default=0,

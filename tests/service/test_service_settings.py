@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
+from service.runtime import batch_lanes, batch_max_images
 from service.settings import Settings
 
 
@@ -54,3 +56,19 @@ def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, 
     monkeypatch.setenv(f"ANIMALID_{name}", value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_batching_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Unset (0): small batches and one lane per share of the cores on the CPU; large batches and one
+    # lane on a GPU. Set: as set.
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    settings = Settings()
+    assert (batch_max_images(settings, cpu), batch_lanes(settings, cpu)) == (8, 2)
+    assert (batch_max_images(settings, cuda), batch_lanes(settings, cuda)) == (32, 1)
+    monkeypatch.setenv("ANIMALID_BATCH_MAX_IMAGES", "16")
+    monkeypatch.setenv("ANIMALID_BATCH_LANES", "3")
+    chosen = Settings()
+    assert (batch_max_images(chosen, cpu), batch_lanes(chosen, cpu)) == (16, 3)
+    assert (batch_max_images(chosen, cuda), batch_lanes(chosen, cuda)) == (16, 3)
