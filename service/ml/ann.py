@@ -42,6 +42,9 @@ MAX_APPROXIMATE_K = 1024
 # most this many vectors (the sub-quantisers have 16 centroids each, so a sample suffices).
 PQ_BITS = 4
 PQ_TRAIN_SAMPLE = 65_536
+# Fewer vectors than this cannot place 16 centroids per sub-quantiser well (FAISS refuses fewer
+# than 16); such a gallery is searched exactly, which at this size costs microseconds anyway.
+PQ_MIN_VECTORS = (1 << PQ_BITS) * TRAIN_POINTS_PER_CELL
 # Candidates rescored per query at the least, whatever k: a single best match (k=1) is the answer
 # the service gives most, and rescoring 100 vectors costs microseconds next to the scan.
 PQ_MIN_CANDIDATES = 100
@@ -81,6 +84,9 @@ class IndexPlan:
         return self.exact_max_vectors > 0
 
     def wants_approximate(self, size: int) -> bool:
+        """Above the exact size, and for ``pq`` with enough vectors to train its sub-quantisers."""
+        if self.kind == "pq" and size < PQ_MIN_VECTORS:
+            return False
         return self.enabled and size > self.exact_max_vectors
 
     def nlist(self, size: int) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_index import unit
 
-from service.ml.ann import FastScanIndex, IndexPlan, IvfIndex, rescore
+from service.ml.ann import PQ_MIN_VECTORS, FastScanIndex, IndexPlan, IvfIndex, rescore
 from service.ml.gallery import Gallery, GalleryEntry
 from service.ml.index import VectorIndex
 
@@ -183,3 +183,13 @@ def test_the_fast_scan_index_follows_removals() -> None:
     assert not np.isin(found, np.arange(0, 2000, 10)).any()
     assert (found[:, 0] // 10 == np.arange(200)).all()  # still its own individual's photos
     assert index._ann.ntotal == 1800
+
+
+def test_a_pq_plan_stays_exact_below_the_size_its_codes_can_be_trained_on() -> None:
+    rng = np.random.default_rng(9)
+    vectors = clustered(rng, 100, 10)
+    index = VectorIndex(DIM, use_gpu=False, plan=IndexPlan(exact_max_vectors=10, kind="pq"))
+    index.add(np.arange(PQ_MIN_VECTORS - 1), vectors[: PQ_MIN_VECTORS - 1])
+    assert not index.approximate  # above the plan's size, but too few to train 16 centroids well
+    index.add(np.arange(PQ_MIN_VECTORS - 1, 1000), vectors[PQ_MIN_VECTORS - 1 :])
+    assert index.approximate
