@@ -222,7 +222,7 @@ class Settings(BaseSettings):
         "scan, the best candidates rescored exactly) or ivf (IVF-Flat cells)",
     )
     pq_refine: int = Field(
-        default=10, ge=1, description="pq: candidates rescored exactly per neighbour asked (recall vs speed)"
+        default=50, ge=1, description="pq: candidates rescored exactly per neighbour asked (recall vs speed)"
     )
     ivf_nprobe: int = Field(default=64, ge=1, description="IVF cells scanned per query (recall vs speed)")
     index_follow_poll_s: float = Field(

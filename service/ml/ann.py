@@ -73,7 +73,7 @@ class IndexPlan:
     exact_max_vectors: int = 0
     kind: ApproximateKind = "pq"
     pq_dims_per_code: int = 4
-    refine: int = 10
+    refine: int = 50
     nprobe: int = 64
     cells_per_sqrt: float = 4.0
     rebuild_growth: float = 4.0
@@ -185,13 +185,16 @@ def rescore(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best ``k`` of each row's ``candidates`` (ids, -1 for none) by exact inner product with
     the vectors ``exact`` gives; (scores, ids) padded with (-inf, -1)."""
-    known = np.unique(candidates[candidates >= 0])
+    found = candidates >= 0
+    known = np.unique(candidates[found])
     scores = np.full(candidates.shape, -np.inf, dtype=np.float32)
     if known.size:
-        table = unit @ exact(known).T  # (queries, known)
-        found = candidates >= 0
-        columns = np.searchsorted(known, np.where(found, candidates, known[0]))
-        scores = np.where(found, np.take_along_axis(table, columns, axis=1), -np.inf).astype(np.float32)
+        vectors = exact(known)
+        rows = np.searchsorted(known, np.where(found, candidates, known[0]))
+        # Row by row: each query against its own candidates only, not every query's (a batch of 64
+        # queries with 1,000 candidates each would otherwise be a 64 x 64,000 product).
+        for query, (mine, present) in enumerate(zip(rows, found, strict=True)):
+            scores[query, present] = vectors[mine[present]] @ unit[query]
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     best = np.take_along_axis(scores, order, axis=1)
     ids = np.where(np.isfinite(best), np.take_along_axis(candidates, order, axis=1), -1)

@@ -138,7 +138,7 @@ def test_the_ivf_is_rebuilt_when_the_gallery_has_grown() -> None:
 
 @pytest.mark.parametrize("kind", ["ivf", "pq"])
 def test_the_default_plans_find_the_exact_top_10_of_new_photos(kind: str) -> None:
-    # The default shapes (IVF: 4 sqrt(N) cells and nprobe; PQ: 4 dimensions a code, 10 x k
+    # The default shapes (IVF: 4 sqrt(N) cells and nprobe; PQ: 4 dimensions a code, 50 x k
     # rescored; as in docs/benchmarks.md) against brute force: nearly all of an individual's photos
     # come back, not just the best one.
     rng = np.random.default_rng(12)
