@@ -80,6 +80,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--database-url", help="default: a SQLite file in the work folder")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
+    parser.add_argument(
+        "--promote-anyway",
+        action="store_true",
+        help="promote the fine-tuned model whatever its judged figures (promotion margins -1), to measure "
+        "what a promoted model does through the service, strangers included",
+    )
     args = parser.parse_args()
     args.data = args.data or DEFAULT_DATA[args.species]
     args.model = args.model or DEFAULT_MODEL.get(args.species)
@@ -270,6 +276,8 @@ def main() -> None:
     url = args.database_url or f"sqlite:///{root / 'animalid.db'}"
     port = free_port()
     env = env_for(root, url, port, args.threads)
+    if args.promote_anyway:
+        env.update(ANIMALID_PROMOTE_MIN_TOP1_GAIN="-1", ANIMALID_PROMOTE_MIN_FAR_DROP="-1")
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=root, env=env, check=True)
     server = spawn(root, env, "api", "serve")
     worker: subprocess.Popen[bytes] | None = None
@@ -280,6 +288,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU used",
         "threads": args.threads,
         "epochs": args.epochs,
+        "lr": args.lr,
+        "promote_anyway": args.promote_anyway,
     }
     try:
         with httpx.Client(
