@@ -83,8 +83,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--promote-anyway",
         action="store_true",
-        help="promote the fine-tuned model whatever its judged figures (promotion margins -1), to measure "
-        "what a promoted model does through the service, strangers included",
+        help="promotion margins -1, to measure what a promoted model does through the service, strangers "
+        "included; a serving model with an open-set calibration is still kept (the job cannot calibrate "
+        "the new one)",
     )
     args = parser.parse_args()
     args.data = args.data or DEFAULT_DATA[args.species]

@@ -202,7 +202,30 @@ def run_finetune(
     ).summary()
     top1_gain = challenger_result["top1"] - champion_result["top1"]
     far_drop = champion_result["test_far"] - challenger_result["test_far"]
-    promote = top1_gain >= policy.min_top1_gain and far_drop >= policy.min_far_drop
+    kept_because = [
+        reason
+        for reason, holds in (
+            (
+                f"top-1 gain {top1_gain:.4f} is below the margin {policy.min_top1_gain}",
+                top1_gain < policy.min_top1_gain,
+            ),
+            (
+                f"false-match rate drop {far_drop:.4f} is below the margin {policy.min_far_drop}",
+                far_drop < policy.min_far_drop,
+            ),
+            (
+                # The job cannot calibrate the new model for animals nobody enrolled (it has no
+                # strangers the new model has not trained on), and without its table the service
+                # would decide with the pair threshold: a promoted cattle model measured that way
+                # answered `match` to 54% of never-enrolled cows against 3% (docs/results.md).
+                "the serving model has an open-set calibration (thresholds by gallery size) that "
+                "the new model would not have",
+                champion.card.open_set is not None,
+            ),
+        )
+        if holds
+    ]
+    promote = not kept_because
     lineage = {
         "job_id": str(job_id),
         "parent_model_version": champion.card.model_version,
@@ -219,6 +242,7 @@ def run_finetune(
         "margins": {"min_top1_gain": policy.min_top1_gain, "min_far_drop": policy.min_far_drop},
         "top1_gain": round(top1_gain, 4),
         "far_drop": round(far_drop, 4),
+        "kept_because": kept_because,
         "lineage": lineage,
         "epochs": config.epochs,
     }

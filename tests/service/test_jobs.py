@@ -31,6 +31,7 @@ from training.data import load_dataset
 from training.fusion import FusedEmbeddingNet
 
 REPO = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO / "service" / "demo" / "models" / "dog"
 INDIVIDUALS = 4
 
 
@@ -218,6 +219,30 @@ def test_a_challenger_that_does_not_win_by_the_margin_is_kept_out(settings: Sett
     assert job["result"]["challenger"]["model_version"] is None
     assert (settings.models_dir / "dog").resolve() == before
     assert "finetune_kept" in audit_actions(settings)
+
+
+def test_a_serving_model_with_an_open_set_calibration_is_not_replaced_by_one_without(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Margins any challenger meets, but the serving model decides with thresholds by gallery size
+    # (the demo model's table, copied into its card) that the new model would not have.
+    settings = job_settings(settings, tmp_path, promote_min_top1_gain=-1.0, promote_min_far_drop=-1.0)
+    card_file = settings.models_dir / "dog" / "model_card.json"
+    card = json.loads(card_file.read_text())
+    card["open_set"] = json.loads((DEMO_MODEL / "model_card.json").read_text())["open_set"]
+    card_file.write_text(json.dumps(card))
+    before = (settings.models_dir / "dog").resolve()
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        assert client.get("/species/dog").status_code == 200  # the card with its table loads
+        enroll_batches(client)
+        job_id = client.post("/species/dog/finetune", json={"epochs": 1}).json()["id"]
+        run_queued(settings)
+        job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["result"]["decision"] == "kept"
+    (reason,) = job["result"]["kept_because"]
+    assert "open-set calibration" in reason
+    assert (settings.models_dir / "dog").resolve() == before
+    assert read_card(before).open_set is not None
 
 
 def test_a_gallery_with_one_enrolment_batch_per_animal_cannot_be_judged(
