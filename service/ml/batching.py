@@ -5,12 +5,11 @@ blocks. A waiting thread leads when fewer than ``lanes`` threads lead: it waits 
 queued job is ``max_wait_s`` old or ``max_items`` items are queued, takes jobs in arrival order up
 to ``max_items`` items, with several lanes at most its share of the queue among the idle lanes (a
 single job larger than that goes alone), runs them in one call, and hands every job its share of
-the results.
-It keeps leading until its own job is done, then passes the lead on. With more than one lane,
-batches run side by side: on a CPU whose forward pass uses one
-thread, one lane would leave the other cores idle while a batch runs (measured: 8 clients got half
-the throughput of unbatched requests on 2 cores, docs/benchmarks.md). No thread of its own runs,
-so there is nothing to start or stop, and a request alone waits at most ``max_wait_s``.
+the results. It keeps leading until its own job is done, then passes the lead on. With more than
+one lane, batches run side by side: on a CPU whose forward pass uses one thread, one lane would
+leave the other cores idle while a batch runs (measured: 8 clients got half the throughput of
+unbatched requests on 2 cores, docs/benchmarks.md). No thread of its own runs, so there is nothing
+to start or stop, and a request alone waits at most ``max_wait_s``.
 
 :class:`EmbedBatcher` applies this to one embedder's forward passes (preprocessing stays in the
 caller's thread; tensors are concatenated, on whatever device the model is on), and
