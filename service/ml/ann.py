@@ -132,7 +132,29 @@ def pq_codes(dim: int, dims_per_code: int) -> int:
     return min((m for m in range(1, dim + 1) if dim % m == 0), key=lambda m: (abs(m - wanted), -m))
 
 
-class FastScanIndex:
+def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
+    """Remove the database ``ids`` (C-contiguous int64) from ``index``; how many it held."""
+    return int(index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids))))
+
+
+class _DatabaseIdIndex:
+    """A FAISS index (``_index``) keyed by database ids: what adds, removals and its size take."""
+
+    _index: faiss.Index
+    built_size: int
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def add(self, ids: np.ndarray, unit: np.ndarray) -> None:
+        self._index.add_with_ids(unit, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        remove_ids(self._index, ids)
+
+
+class FastScanIndex(_DatabaseIdIndex):
     """4-bit product-quantisation codes scanned with FAISS's fast scan; the best ``refine x k``
     candidates are rescored with the exact vectors, so returned scores are exact."""
 
@@ -160,18 +182,8 @@ class FastScanIndex:
         )  # fmt: skip
 
     @property
-    def ntotal(self) -> int:
-        return int(self._index.ntotal)
-
-    @property
     def bytes_per_vector(self) -> float:
         return self.codes * PQ_BITS / 8 + 8  # the codes and the id
-
-    def add(self, ids: np.ndarray, unit: np.ndarray) -> None:
-        self._index.add_with_ids(unit, ids)
-
-    def remove(self, ids: np.ndarray) -> None:
-        self._index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
 
     def search(self, unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), best first, scores exact; rows end in id -1 when fewer than k were found."""
@@ -201,8 +213,10 @@ def rescore(
     return best, ids
 
 
-class IvfIndex:
+class IvfIndex(_DatabaseIdIndex):
     """Inner-product IVF over unit vectors, with database ids as FAISS ids."""
+
+    _index: faiss.IndexIVFFlat
 
     def __init__(self, dim: int, vectors: np.ndarray, ids: np.ndarray, plan: IndexPlan) -> None:
         size = len(ids)
@@ -220,22 +234,12 @@ class IvfIndex:
         log.info("built an IVF index: %d vectors in %d cells, nprobe %d", size, self.nlist, index.nprobe)
 
     @property
-    def ntotal(self) -> int:
-        return int(self._index.ntotal)
-
-    @property
     def nprobe(self) -> int:
         return int(self._index.nprobe)
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
         self._index.nprobe = min(max(1, value), self.nlist)
-
-    def add(self, ids: np.ndarray, unit: np.ndarray) -> None:
-        self._index.add_with_ids(unit, ids)
-
-    def remove(self, ids: np.ndarray) -> None:
-        self._index.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids)))
 
     def search(self, unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), best first; rows end in id -1 when the scanned cells hold fewer than k."""

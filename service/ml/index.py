@@ -15,7 +15,7 @@ import logging
 import faiss
 import numpy as np
 
-from service.ml.ann import MAX_APPROXIMATE_K, ApproximateIndex, IndexPlan
+from service.ml.ann import MAX_APPROXIMATE_K, ApproximateIndex, IndexPlan, remove_ids
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class VectorIndex:
         return scores, ids
 
     def _remove_from_cpu(self, ids: np.ndarray) -> int:
-        return int(self._cpu.remove_ids(faiss.IDSelectorBatch(ids.size, faiss.swig_ptr(ids))))
+        return remove_ids(self._cpu, ids)
 
     def _rebuild_gpu(self) -> None:
         assert self._gpu_resources is not None
