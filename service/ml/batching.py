@@ -111,7 +111,10 @@ class MicroBatcher(Generic[In, Out]):
         with self._cond:
             self._queue.append(job)
             self._queued += size
-            self._cond.notify_all()  # a leader waiting for work, or for a full batch
+            # Wake the leaders when they have something to do: work for one waiting on an empty
+            # queue, or a full batch for one waiting out the deadline of the first job.
+            if len(self._queue) == 1 or self._queued >= self.config.max_items:
+                self._cond.notify_all()
             while not job.done and self._leaders >= max(1, self.config.lanes):
                 self._cond.wait()
             if job.done:
