@@ -202,29 +202,20 @@ def run_finetune(
     ).summary()
     top1_gain = challenger_result["top1"] - champion_result["top1"]
     far_drop = champion_result["test_far"] - challenger_result["test_far"]
-    kept_because = [
-        reason
-        for reason, holds in (
-            (
-                f"top-1 gain {top1_gain:.4f} is below the margin {policy.min_top1_gain}",
-                top1_gain < policy.min_top1_gain,
-            ),
-            (
-                f"false-match rate drop {far_drop:.4f} is below the margin {policy.min_far_drop}",
-                far_drop < policy.min_far_drop,
-            ),
-            (
-                # The job cannot calibrate the new model for animals nobody enrolled (it has no
-                # strangers the new model has not trained on), and without its table the service
-                # would decide with the pair threshold: a promoted cattle model measured that way
-                # answered `match` to 54% of never-enrolled cows against 3% (docs/results.md).
-                "the serving model has an open-set calibration (thresholds by gallery size) that "
-                "the new model would not have",
-                champion.card.open_set is not None,
-            ),
+    kept_because = []
+    if top1_gain < policy.min_top1_gain:
+        kept_because.append(f"top-1 gain {top1_gain:.4f} is below the margin {policy.min_top1_gain}")
+    if far_drop < policy.min_far_drop:
+        kept_because.append(f"false-match rate drop {far_drop:.4f} is below the margin {policy.min_far_drop}")
+    if champion.card.open_set is not None:
+        # The job cannot calibrate the new model for animals nobody enrolled (it has no strangers
+        # the new model has not trained on), and without its table the service would decide with
+        # the pair threshold: a promoted cattle model measured that way answered `match` to 54% of
+        # never-enrolled cows against 3% (docs/results.md).
+        kept_because.append(
+            "the serving model has an open-set calibration (thresholds by gallery size) that the new "
+            "model would not have"
         )
-        if holds
-    ]
     promote = not kept_because
     lineage = {
         "job_id": str(job_id),
