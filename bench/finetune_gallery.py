@@ -84,8 +84,15 @@ def parse_args() -> argparse.Namespace:
         "--promote-anyway",
         action="store_true",
         help="promotion margins -1, to measure what a promoted model does through the service, strangers "
-        "included; a serving model with an open-set calibration is still kept (the job cannot calibrate "
-        "the new one)",
+        "included; a serving model with an open-set calibration is still kept when the job keeps too few "
+        "animals out of training to calibrate the new one",
+    )
+    parser.add_argument(
+        "--strangers",
+        type=float,
+        help="share of the gallery's animals the job keeps out of training to calibrate the new model "
+        "(default: the server's ANIMALID_FINETUNE_STRANGERS); identification after the job is also "
+        "reported for them apart",
     )
     args = parser.parse_args()
     args.data = args.data or DEFAULT_DATA[args.species]
@@ -204,11 +211,15 @@ def identify(client: httpx.Client, species: str, image: bytes) -> dict[str, Any]
     return body
 
 
+Answer = tuple[str, bool, bool]  # individual, right best candidate, wrong match
+
+
 def identify_all(
     client: httpx.Client, species: str, plan: Plan, parts: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """Top-1 and wrong-match rate of the queries; per part of the model's split when there are several."""
-    answers: list[tuple[str, bool, bool]] = []  # individual, right best candidate, wrong match
+) -> tuple[dict[str, Any], list[Answer]]:
+    """Top-1 and wrong-match rate of the queries (per part of the model's split when there are
+    several), and the answers."""
+    answers: list[Answer] = []
     version = ""
     for name, (_, queries) in plan.items():
         for path in queries:
@@ -224,10 +235,10 @@ def identify_all(
             for part in ("train", "val", "test")
             if any(parts[a[0]] == part for a in answers)
         }
-    return result
+    return result, answers
 
 
-def rates(answers: list[tuple[str, bool, bool]]) -> dict[str, Any]:
+def rates(answers: list[Answer]) -> dict[str, Any]:
     total = len(answers)
     right = sum(a[1] for a in answers)
     wrong = sum(a[2] for a in answers)
@@ -242,12 +253,20 @@ def identify_strangers(client: httpx.Client, species: str, photos: list[Path]) -
 
 def measure(
     client: httpx.Client, species: str, plan: Plan, parts: dict[str, str], strangers: list[Path]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[Answer]]:
     """Identification of the enrolled animals' queries, and of the strangers when there are any."""
-    result = identify_all(client, species, plan, parts)
+    result, answers = identify_all(client, species, plan, parts)
     if strangers:
         result["strangers"] = identify_strangers(client, species, strangers)
-    return result
+    return result, answers
+
+
+def learnt_apart(answers: list[Answer], kept_out: set[str]) -> dict[str, Any]:
+    """Rates of the animals the job trained on and of those it kept out to calibrate, apart."""
+    return {
+        "trained": rates([a for a in answers if a[0] not in kept_out]),
+        "kept_out": rates([a for a in answers if a[0] in kept_out]),
+    }
 
 
 def latencies(client: httpx.Client, species: str, images: list[bytes], count: int) -> list[float]:
@@ -302,14 +321,17 @@ def main() -> None:
             out["enroll_s"] = round(time.perf_counter() - start, 1)
             out["individuals"] = len(plan)
             out["enrolment_batches"] = sum(len(batches) for batches, _ in plan.values())
-            out["before"] = measure(client, args.species, plan, parts, strangers)
+            before, answers_before = measure(client, args.species, plan, parts, strangers)
+            out["before"] = before
             print(json.dumps({"before": out["before"]}), flush=True)
             probes = [q.read_bytes() for _, qs in plan.values() for q in qs][:20]
             out["latency_idle"] = summary(latencies(client, args.species, probes, args.latency_requests))
             print(json.dumps({"latency_idle": out["latency_idle"]}), flush=True)
 
             job = client.post(
-                f"/species/{args.species}/finetune", json={"epochs": args.epochs, "lr": args.lr}
+                f"/species/{args.species}/finetune",
+                json={"epochs": args.epochs, "lr": args.lr}
+                | ({"strangers": args.strangers} if args.strangers is not None else {}),
             ).json()
             worker = spawn(root, env, "worker", "worker")
             busy: list[float] = []
@@ -356,7 +378,12 @@ def main() -> None:
                         break
                     time.sleep(0.5)
                 out["switch_s"] = round(time.perf_counter() - start, 1)
-            out["after"] = measure(client, args.species, plan, parts, strangers)
+            after, answers_after = measure(client, args.species, plan, parts, strangers)
+            out["after"] = after
+            calibration = (final["result"].get("challenger") or {}).get("calibration") or {}
+            if calibration.get("kept_out"):
+                before["learnt_apart"] = learnt_apart(answers_before, set(calibration["kept_out"]))
+                after["learnt_apart"] = learnt_apart(answers_after, set(calibration["kept_out"]))
             print(json.dumps({"after": out["after"]}), flush=True)
     finally:
         for process in (worker, server):

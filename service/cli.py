@@ -215,7 +215,9 @@ def _finetune(args: argparse.Namespace) -> int:
     from service.worker import Worker
 
     settings = _settings(args)
-    request = FinetuneRequest(epochs=args.epochs, lr=args.lr, holdout=args.holdout, start=args.start)
+    request = FinetuneRequest(
+        epochs=args.epochs, lr=args.lr, holdout=args.holdout, strangers=args.strangers, start=args.start
+    )
     worker = Worker(settings)
     try:
         with worker.sessions() as session:
@@ -417,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--epochs", type=int, help="default: ANIMALID_FINETUNE_EPOCHS")
     finetune.add_argument("--lr", type=float, help="default: ANIMALID_FINETUNE_LR")
     finetune.add_argument("--holdout", type=float, help="share of enrolment batches held back to judge")
+    finetune.add_argument(
+        "--strangers", type=float, help="share of the animals kept out of training to calibrate the new model"
+    )
     finetune.add_argument("--start", help="artifact folder in the models folder to start from")
     finetune.add_argument("--queue", action="store_true", help="only queue the job for a worker")
     finetune.set_defaults(func=_finetune)

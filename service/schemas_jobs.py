@@ -18,6 +18,13 @@ class FinetuneRequest(BaseModel):
     holdout: float | None = Field(
         default=None, gt=0, lt=1, description="Share of each animal's enrolment batches held back to judge"
     )
+    strangers: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Share of the gallery's animals kept out of training to calibrate the new model for "
+        "never-enrolled animals",
+    )
     start: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",

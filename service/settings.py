@@ -166,6 +166,13 @@ class Settings(BaseSettings):
     finetune_holdout: float = Field(
         default=0.5, gt=0, lt=1, description="Share of each animal's enrolment batches held back to judge"
     )
+    finetune_strangers: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Share of the gallery's animals kept out of a fine-tune to calibrate the new model for "
+        "animals nobody enrolled (0: none, and a serving model with an open-set table is never replaced)",
+    )
     promote_min_top1_gain: float = Field(
         default=0.01, description="The challenger's top-1 must beat the champion's by at least this"
     )

@@ -140,6 +140,8 @@ class Worker:
             epochs=s.finetune_epochs,
             lr=s.finetune_lr,
             holdout=s.finetune_holdout,
+            strangers=s.finetune_strangers,
+            target_fpir=s.target_fpir_by_species.get(job.species, s.target_fpir),
             min_top1_gain=s.promote_min_top1_gain,
             min_far_drop=s.promote_min_far_drop,
             threads=s.worker_threads,

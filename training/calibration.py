@@ -19,12 +19,13 @@ from training.artifact import LoadedModel, ModelCard, load_artifact, write_card
 from training.config import DatasetConfig, TrainConfig
 from training.data import Shard, cached_shard, load_dataset
 from training.evaluate import calibrate_threshold, embed_pixels, evaluate_embeddings
-from training.open_set import OpenSetCalibration, calibrate_open_set
+from training.open_set import MIN_INDIVIDUALS, OpenSetCalibration
 from training.pipeline import (
     SpeciesEvaluation,
     calibration_warnings,
     card_config,
     load_strangers,
+    open_set_table,
     split_part,
     strangers_of,
 )
@@ -72,6 +73,25 @@ def _embed(loaded: LoadedModel, shard: Shard) -> np.ndarray:
     return embed_pixels(loaded.model, shard.pixels, loaded.card.preprocess, device)
 
 
+def recalibrated(
+    card: ModelCard, emb: np.ndarray, shard: Shard, far: float, config: TrainConfig, source: str
+) -> ModelCard:
+    """The card with its pair threshold (at ``far``) and open-set table computed on ``shard``, whose
+    individuals the model never trained on (``emb`` their embeddings); ``source`` names them in the
+    card's warning when they are few."""
+    individuals = len(set(shard.individuals))
+    # The card's count and warning describe this calibration, not the one it was copied from
+    # (a dog card calibrated on 100 dogs, recalibrated on 8 lions, rests on 8 individuals).
+    return replace(
+        card,
+        threshold=calibrate_threshold(emb, np.array(shard.individuals), far),
+        threshold_far=far,
+        open_set=open_set_table(emb, shard, config),
+        metrics=card.metrics | {"calibration_individuals": individuals},
+        warnings=calibration_warnings(individuals, source, "more data"),
+    )
+
+
 def calibrate_artifact(
     artifact: str | Path,
     out_dir: str | Path,
@@ -96,22 +116,16 @@ def calibrate_artifact(
         val = split_part(card, "val", source)
         shard = cached_shard(val, card.preprocess, config.cache_dir or None)
     emb = _embed(loaded, shard)
-    table = calibrate_open_set(
-        emb, shard.individuals, shard.groups, seed=config.seed, repeats=config.eval_repeats
-    )
-    card = replace(card, open_set=table)
     if datasets:
         far = card.threshold_far or config.target_far
-        pair_threshold = calibrate_threshold(emb, np.array(shard.individuals), far)
-        # The card's count and warning describe this calibration, not the one it was copied from
-        # (a dog card calibrated on 100 dogs, recalibrated on 8 lions, rests on 8 individuals).
-        individuals = len(set(shard.individuals))
-        card = replace(
-            card,
-            threshold=pair_threshold,
-            threshold_far=far,
-            metrics=card.metrics | {"calibration_individuals": individuals},
-            warnings=calibration_warnings(individuals, f"individuals of {datasets[0].source}", "more data"),
+        card = recalibrated(card, emb, shard, far, config, f"individuals of {datasets[0].source}")
+    else:
+        card = replace(card, open_set=open_set_table(emb, shard, config))
+    table = card.open_set
+    if table is None:
+        raise ValueError(
+            f"{len(set(shard.individuals))} individuals are too few for an open-set table "
+            f"(at least {MIN_INDIVIDUALS})"
         )
     log.info(
         "open-set table on %d images of %d individuals: threshold at FPIR 1%% and 1,000 images %.3f",

@@ -89,6 +89,15 @@ def calibration_warnings(
     ]
 
 
+def open_set_table(emb: np.ndarray, shard: Shard, config: TrainConfig) -> OpenSetCalibration | None:
+    """The open-set table of ``shard``'s embeddings; None when its individuals are too few for one."""
+    if len(set(shard.individuals)) < MIN_INDIVIDUALS:
+        return None
+    return calibrate_open_set(
+        emb, shard.individuals, shard.groups, seed=config.seed, repeats=config.eval_repeats
+    )
+
+
 def load_strangers(config: TrainConfig, spec: PreprocessSpec) -> Shard | None:
     dataset = stranger_dataset(config)
     return None if dataset is None else cached_shard(dataset, spec, config.cache_dir or None)
@@ -145,12 +154,8 @@ def evaluate_species(
         return embedded[id(shard)]
 
     result, extra = run_protocols(embed, config, val, test, strangers)
-    open_set = None
-    if len(set(val.individuals)) >= MIN_INDIVIDUALS:
-        open_set = calibrate_open_set(
-            embed(val), val.individuals, val.groups, seed=config.seed, repeats=config.eval_repeats
-        )
-    else:
+    open_set = open_set_table(embed(val), val, config)
+    if open_set is None:
         log.warning("%d validation individuals: too few for the open-set table", len(set(val.individuals)))
     grid = gradcam_grid(gradcam_examples(model, test, spec, config.seed), ["query and enrolled reference"])
     calibration_individuals = len(set(val.individuals))
@@ -310,11 +315,7 @@ def _calibrate_into_card(card: ModelCard, model: EmbeddingModel, config: TrainCo
     individuals = len(set(val.individuals))
     card.threshold = calibrate_threshold(emb, np.array(val.individuals), config.target_far)
     card.threshold_far = config.target_far
-    card.open_set = (
-        calibrate_open_set(emb, val.individuals, val.groups, seed=config.seed, repeats=config.eval_repeats)
-        if individuals >= MIN_INDIVIDUALS
-        else None
-    )
+    card.open_set = open_set_table(emb, val, config)
     card.metrics = {"calibration_individuals": individuals, "test_individuals": 0}
     card.warnings = calibration_warnings(individuals) + [RELEASE_NOTE]
     log.info(

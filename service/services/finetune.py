@@ -22,12 +22,13 @@ model re-assembled with the same weights and preprocessing, judged and promoted 
 from __future__ import annotations
 
 import copy
+import csv
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,11 +42,16 @@ from service.image_store import ImageStore
 from service.schemas_jobs import FinetuneRequest
 from service.services.gallery_export import MANIFEST, export_gallery
 from training.artifact import ArtifactError, LoadedModel, ModelCard, export_artifact, load_artifact, read_card
+from training.calibration import recalibrated
 from training.closed_set import evaluate_held_back
 from training.config import DatasetConfig, TrainConfig, build_config
+from training.data import DatasetError, load_dataset
+from training.evaluate import embed_pixels
 from training.fusion import FusedEmbeddingNet, export_branch, fusion_record, refit, trainable_branches
+from training.model import EmbeddingModel
+from training.open_set import MIN_INDIVIDUALS
 from training.pipeline import card_config
-from training.train import CHECKPOINT_FILE, fit, load_checkpoint, prepare_data
+from training.train import CHECKPOINT_FILE, SpeciesData, fit, load_checkpoint, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +66,13 @@ class FinetunePolicy:
     epochs: int
     lr: float
     holdout: float
+    strangers: float  # share of the gallery's animals kept out of training to calibrate the challenger
     min_top1_gain: float
     min_far_drop: float
     threads: int
     device: str
     default_threshold: float
+    target_fpir: float = 0.01  # the species' operating point with an open-set table
 
 
 @dataclass(frozen=True)
@@ -85,23 +93,21 @@ class FinetuneEnv:
 
 def job_policy(request: FinetuneRequest, policy: FinetunePolicy) -> FinetunePolicy:
     """The settings' policy with what the request overrides."""
-    return FinetunePolicy(
+    return replace(
+        policy,
         epochs=request.epochs or policy.epochs,
         lr=request.lr or policy.lr,
         holdout=request.holdout or policy.holdout,
-        min_top1_gain=policy.min_top1_gain,
-        min_far_drop=policy.min_far_drop,
-        threads=policy.threads,
-        device=policy.device,
-        default_threshold=policy.default_threshold,
+        strangers=policy.strangers if request.strangers is None else request.strangers,
     )
 
 
 def finetune_config(
     card: ModelCard, manifest: Path, work: Path, start: Path, policy: FinetunePolicy
 ) -> TrainConfig:
-    """The start model's own training recipe, pointed at the gallery: every animal trains (no
-    validation or test individuals), part of its sessions held back, from the start model's weights."""
+    """The start model's own training recipe, pointed at the gallery: every animal trains but the
+    share ``policy.strangers`` kept out as validation individuals (they calibrate the new model for
+    animals it never saw), part of its sessions held back, from the start model's weights."""
     base = card_config(card).to_dict() if card.training_config else {}
     height, width = card.preprocess.input_size
     return build_config(
@@ -119,7 +125,7 @@ def finetune_config(
             "lr": policy.lr,
             "warmup_epochs": 0,
             "margin_warmup_epochs": 0,
-            "val_fraction": 0.0,
+            "val_fraction": policy.strangers,
             "test_fraction": 0.0,
             "train_fraction": 1.0,
             "train_on_test": False,
@@ -180,15 +186,15 @@ def run_finetune(
     start_dir = start_folder(env.models_dir, species, request.start)
     champion = load_artifact(champion_dir)
     start = champion if start_dir == champion_dir else load_artifact(start_dir)
-    threshold = champion.card.threshold if champion.card.threshold is not None else policy.default_threshold
+    enrolled = load_dataset(gallery / MANIFEST, species=species, verify_images=False)
+    individuals = len({sample.individual for sample in enrolled.samples})
+    policy = replace(policy, strangers=strangers_share(individuals, policy.strangers))
     runs = training_runs(start, start_dir, gallery / MANIFEST, work, policy)
     config = runs[0].config  # the runs hold back the same sessions; the card records the first
-    (data,) = prepare_data(config, start.card.preprocess)
-    if data.held is None:
-        raise InvalidRequest(
-            f"no {species} has photos from two enrolment batches: nothing can be held back to judge "
-            "a new model"
-        )
+    data = _gallery_data(config, start.card, species)
+    held = data.held
+    assert held is not None  # _gallery_data refuses a gallery with nothing to hold back
+    gallery_images = len(data.train.individuals) + len(held.individuals) + len(data.val.individuals)
     progress: dict[str, Any] = {"stage": "train", "epoch": 0, "epochs": config.epochs}
     report(progress)
     for run in runs:
@@ -196,9 +202,13 @@ def run_finetune(
     progress["stage"] = "evaluate"
     report(progress)
     challenger = _challenger(start, runs, work / "tuned")
-    champion_result = _judge(champion, config, threshold)
+    card = _challenger_card(challenger, start.card, champion.card, data, config, policy)
+    # Each model judged at the threshold it would serve with at this gallery's size.
+    champion_threshold = serving_threshold(champion.card, gallery_images, policy)
+    challenger_threshold = serving_threshold(card, gallery_images, policy)
+    champion_result = _judge(champion, config, champion_threshold)
     challenger_result = evaluate_held_back(
-        challenger, start.card.preprocess, data.train, data.held, threshold
+        challenger, start.card.preprocess, data.train, held, challenger_threshold
     ).summary()
     top1_gain = challenger_result["top1"] - champion_result["top1"]
     far_drop = champion_result["test_far"] - challenger_result["test_far"]
@@ -207,29 +217,44 @@ def run_finetune(
         kept_because.append(f"top-1 gain {top1_gain:.4f} is below the margin {policy.min_top1_gain}")
     if far_drop < policy.min_far_drop:
         kept_because.append(f"false-match rate drop {far_drop:.4f} is below the margin {policy.min_far_drop}")
-    if champion.card.open_set is not None:
-        # The job cannot calibrate the new model for animals nobody enrolled (it has no strangers
-        # the new model has not trained on), and without its table the service would decide with
-        # the pair threshold: a promoted cattle model measured that way answered `match` to 54% of
-        # never-enrolled cows against 3% (docs/results.md).
+    if champion.card.open_set is not None and card.open_set is None:
+        # Without its table the service would decide with the pair threshold: a promoted cattle
+        # model without one answered `match` to 54% of never-enrolled cows against 3% (docs/results.md).
         kept_because.append(
             "the serving model has an open-set calibration (thresholds by gallery size) that the new "
-            "model would not have"
+            f"model would not have: calibrating it needs at least {MIN_INDIVIDUALS} of the gallery's animals "
+            "kept out of training (the strangers share), and two left to train on"
         )
     promote = not kept_because
     lineage = {
         "job_id": str(job_id),
         "parent_model_version": champion.card.model_version,
         "start_model_version": start.card.model_version,
-        "gallery_images": len(data.train.individuals) + len(data.held.individuals),
-        "gallery_individuals": len(data.classes),
-        "held_back_images": len(data.held.individuals),
+        "gallery_images": gallery_images,
+        "gallery_individuals": len(data.classes) + len(set(data.val.individuals)),
+        "held_back_images": len(held.individuals),
+        "calibration_individuals": len(set(data.val.individuals)),
         "gallery_fingerprint": data.fingerprint,
     }
     result: dict[str, Any] = {
-        "threshold": threshold,
-        "champion": {"model_version": champion.card.model_version, "closed_set": champion_result},
-        "challenger": {"closed_set": challenger_result},
+        "gallery_images": gallery_images,
+        "target_fpir": policy.target_fpir if card.open_set or champion.card.open_set else None,
+        "champion": {
+            "model_version": champion.card.model_version,
+            "threshold": champion_threshold,
+            "closed_set": champion_result,
+        },
+        "challenger": {
+            "threshold": challenger_threshold,
+            "calibration": {
+                "individuals": len(set(data.val.individuals)),
+                "images": len(data.val.individuals),
+                "pair_threshold": card.threshold,
+                "open_set": card.open_set is not None,
+                "kept_out": kept_out(gallery / MANIFEST, data.val.individuals),
+            },
+            "closed_set": challenger_result,
+        },
         "margins": {"min_top1_gain": policy.min_top1_gain, "min_far_drop": policy.min_far_drop},
         "top1_gain": round(top1_gain, 4),
         "far_drop": round(far_drop, 4),
@@ -240,24 +265,15 @@ def run_finetune(
     if promote:
         progress["stage"] = "promote"
         report(progress)
-        fusion = challenger.specs if isinstance(challenger, FusedEmbeddingNet) else None
-        card = ModelCard(
-            species=species,
-            embedding_dim=start.card.embedding_dim,
-            preprocess=start.card.preprocess,
-            threshold=threshold,
-            threshold_far=champion.card.threshold_far,
-            metrics={
+        card = replace(
+            card,
+            metrics=card.metrics
+            | {
                 "closed_set": challenger_result,
                 "champion_closed_set": champion_result,
                 "parent_metrics": champion.card.metrics,
             },
-            training_config=config.to_dict()
-            | (fusion_record(fusion) if fusion else {})
-            | {"epochs_trained": config.epochs, "lineage": lineage},
-            dataset_fingerprint=data.fingerprint,
-            architecture=start.card.architecture,
-            fusion=fusion,
+            training_config=card.training_config | {"lineage": lineage},
         )
         staging = env.models_dir / f".staging-{job_id}"
         if staging.exists():
@@ -271,6 +287,78 @@ def run_finetune(
     result["decision"] = "promoted" if promote else "kept"
     result["wall_s"] = round(time.perf_counter() - began, 1)
     return result
+
+
+def _gallery_data(config: TrainConfig, card: ModelCard, species: str) -> SpeciesData:
+    """The exported gallery split as the job trains, calibrates and judges on it, refused with
+    :class:`InvalidRequest` when it cannot be."""
+    try:
+        (data,) = prepare_data(config, card.preprocess)
+    except DatasetError as exc:
+        raise InvalidRequest(f"the {species} gallery cannot be split for a fine-tune: {exc}") from exc
+    if data.held is None:
+        raise InvalidRequest(
+            f"no {species} has photos from two enrolment batches: nothing can be held back to judge "
+            "a new model"
+        )
+    return data
+
+
+def strangers_share(individuals: int, share: float) -> float:
+    """``share`` of a gallery of ``individuals`` animals to keep out of training, or 0 when that would
+    be fewer than an open-set table needs or leave fewer than two to train on."""
+    kept_out = round(individuals * share)
+    return share if kept_out >= MIN_INDIVIDUALS and individuals - kept_out >= 2 else 0.0
+
+
+def kept_out(manifest: Path, individuals: Sequence[str]) -> list[str]:
+    """The external ids (else the ids) of the exported ``individuals``: the animals a job kept out
+    of training, which the new model has not learnt."""
+    with manifest.open(newline="") as fh:
+        names = {row["individual"]: row["external_id"] or row["individual"] for row in csv.DictReader(fh)}
+    return sorted({names[i] for i in individuals})
+
+
+def serving_threshold(card: ModelCard, gallery_images: int, policy: FinetunePolicy) -> float:
+    """The threshold the service would answer ``match`` with for ``card`` in a gallery of that
+    many images (no threshold in the request): its open-set table's at the target FPIR, else its
+    pair threshold, else the configured default."""
+    if card.open_set is not None:
+        return card.open_set.threshold(gallery_images, policy.target_fpir)
+    return card.threshold if card.threshold is not None else policy.default_threshold
+
+
+def _challenger_card(
+    challenger: EmbeddingModel,
+    start: ModelCard,
+    champion: ModelCard,
+    data: SpeciesData,
+    config: TrainConfig,
+    policy: FinetunePolicy,
+) -> ModelCard:
+    """The new model's card: the start's preprocessing and the champion's calibration, recalibrated
+    (pair threshold and open-set table) on the gallery's animals kept out of training when there are
+    at least two of them, since the new model has never seen them."""
+    fusion = challenger.specs if isinstance(challenger, FusedEmbeddingNet) else None
+    card = ModelCard(
+        species=champion.species,
+        embedding_dim=start.embedding_dim,
+        preprocess=start.preprocess,
+        threshold=champion.threshold if champion.threshold is not None else policy.default_threshold,
+        threshold_far=champion.threshold_far,
+        training_config=config.to_dict()
+        | (fusion_record(fusion) if fusion else {})
+        | {"epochs_trained": config.epochs},
+        dataset_fingerprint=data.fingerprint,
+        architecture=start.architecture,
+        fusion=fusion,
+    )
+    if len(set(data.val.individuals)) < 2:
+        return card
+    device = next(challenger.parameters()).device
+    emb = embed_pixels(challenger, data.val.pixels, start.preprocess, device)
+    far = champion.threshold_far or config.target_far
+    return recalibrated(card, emb, data.val, far, config, "enrolled animals kept out of the fine-tune")
 
 
 def _epoch_reporter(report: Report, progress: dict[str, Any]) -> Callable[[dict[str, Any]], None]:

@@ -21,6 +21,7 @@ from imagegen import jpeg
 from service.app import create_app
 from service.db.models import AuditEntry
 from service.db.session import make_engine, make_sessionmaker
+from service.services.finetune import strangers_share
 from service.services.gallery_export import export_gallery
 from service.services.model_watch import ModelWatcher
 from service.settings import Settings
@@ -189,7 +190,10 @@ def test_finetune_queued_through_the_api_is_judged_promoted_and_served(
         assert card.model_version == result["challenger"]["model_version"] != old_version
         assert card.training_config["lineage"]["parent_model_version"] == old_version
         assert card.metrics["closed_set"] == result["challenger"]["closed_set"]
-        assert card.threshold == result["threshold"]
+        # Four animals are too few to keep some out as strangers: the champion's pair threshold stays.
+        assert result["challenger"]["calibration"]["individuals"] == 0
+        assert card.threshold == result["challenger"]["threshold"] == result["champion"]["threshold"]
+        assert card.open_set is None
         assert read_card(Path(result["retired_to"])).model_version == old_version
 
         # The service switches to it with its re-embedding.
@@ -243,6 +247,49 @@ def test_a_serving_model_with_an_open_set_calibration_is_not_replaced_by_one_wit
     assert "open-set calibration" in reason
     assert (settings.models_dir / "dog").resolve() == before
     assert read_card(before).open_set is not None
+
+
+def test_a_calibrated_serving_model_is_replaced_by_one_calibrated_on_animals_kept_out_of_training(
+    settings: Settings, tmp_path: Path
+) -> None:
+    settings = job_settings(settings, tmp_path, promote_min_top1_gain=-1.0, promote_min_far_drop=-1.0)
+    card_file = settings.models_dir / "dog" / "model_card.json"
+    card = json.loads(card_file.read_text())
+    card["open_set"] = json.loads((DEMO_MODEL / "model_card.json").read_text())["open_set"]
+    card_file.write_text(json.dumps(card))
+    champion = read_card(settings.models_dir / "dog")
+    assert champion.open_set is not None
+    with TestClient(create_app(settings), headers=ADMIN) as client:
+        enroll_batches(client, individuals=8)
+        job_id = client.post("/species/dog/finetune", json={"epochs": 1, "strangers": 0.4}).json()["id"]
+        run_queued(settings)
+        job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["result"]["decision"] == "promoted", job
+    result = job["result"]
+    # 3 of the 8 dogs (0.4, rounded) never trained: the new model's thresholds come from them.
+    assert result["lineage"]["gallery_individuals"] == 8
+    assert result["lineage"]["calibration_individuals"] == 3
+    assert result["challenger"]["calibration"]["individuals"] == 3
+    kept_out = result["challenger"]["calibration"]["kept_out"]
+    assert len(kept_out) == 3 and set(kept_out) <= {f"dog-{i}" for i in range(8)}
+    assert result["champion"]["closed_set"]["test_individuals"] == 5  # judged on the trained dogs only
+    promoted = read_card(settings.models_dir / "dog")
+    assert promoted.model_version == result["challenger"]["model_version"]
+    assert promoted.open_set is not None and promoted.open_set.counts["individuals"] == 3
+    assert promoted.open_set.thresholds != champion.open_set.thresholds
+    assert promoted.threshold == result["challenger"]["calibration"]["pair_threshold"] != champion.threshold
+    assert promoted.metrics["calibration_individuals"] == 3
+    assert any("kept out of the fine-tune" in w for w in promoted.warnings)
+    # Each model was judged at the threshold it serves with for this gallery (32 images, FPIR 1%).
+    assert result["gallery_images"] == 32 and result["target_fpir"] == 0.01
+    assert result["champion"]["threshold"] == champion.open_set.threshold(32, 0.01)
+    assert result["challenger"]["threshold"] == promoted.open_set.threshold(32, 0.01)
+
+
+def test_the_strangers_share_keeps_out_enough_animals_for_a_table_or_none() -> None:
+    assert strangers_share(4, 0.2) == 0.0  # one animal: no table
+    assert strangers_share(15, 0.2) == 0.2  # three
+    assert strangers_share(4, 0.9) == 0.0  # nothing left to train on
 
 
 def test_a_gallery_with_one_enrolment_batch_per_animal_cannot_be_judged(
