@@ -225,16 +225,23 @@ def test_a_challenger_that_does_not_win_by_the_margin_is_kept_out(settings: Sett
     assert "finetune_kept" in audit_actions(settings)
 
 
-def test_a_serving_model_with_an_open_set_calibration_is_not_replaced_by_one_without(
-    settings: Settings, tmp_path: Path
-) -> None:
-    # Margins any challenger meets, but the serving model decides with thresholds by gallery size
-    # (the demo model's table, copied into its card) that the new model would not have.
-    settings = job_settings(settings, tmp_path, promote_min_top1_gain=-1.0, promote_min_far_drop=-1.0)
+def calibrated_champion(settings: Settings) -> Settings:
+    """``settings`` whose serving dog model has an open-set table (the demo model's, copied into its card)."""
     card_file = settings.models_dir / "dog" / "model_card.json"
     card = json.loads(card_file.read_text())
     card["open_set"] = json.loads((DEMO_MODEL / "model_card.json").read_text())["open_set"]
     card_file.write_text(json.dumps(card))
+    return settings
+
+
+def test_a_serving_model_with_an_open_set_calibration_is_not_replaced_by_one_without(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Margins any challenger meets, but the serving model decides with thresholds by gallery size
+    # that the new model would not have (four animals are too few to keep some out for its own).
+    settings = calibrated_champion(
+        job_settings(settings, tmp_path, promote_min_top1_gain=-1.0, promote_min_far_drop=-1.0)
+    )
     before = (settings.models_dir / "dog").resolve()
     with TestClient(create_app(settings), headers=ADMIN) as client:
         assert client.get("/species/dog").status_code == 200  # the card with its table loads
@@ -252,11 +259,9 @@ def test_a_serving_model_with_an_open_set_calibration_is_not_replaced_by_one_wit
 def test_a_calibrated_serving_model_is_replaced_by_one_calibrated_on_animals_kept_out_of_training(
     settings: Settings, tmp_path: Path
 ) -> None:
-    settings = job_settings(settings, tmp_path, promote_min_top1_gain=-1.0, promote_min_far_drop=-1.0)
-    card_file = settings.models_dir / "dog" / "model_card.json"
-    card = json.loads(card_file.read_text())
-    card["open_set"] = json.loads((DEMO_MODEL / "model_card.json").read_text())["open_set"]
-    card_file.write_text(json.dumps(card))
+    settings = calibrated_champion(
+        job_settings(settings, tmp_path, promote_min_top1_gain=-1.0, promote_min_far_drop=-1.0)
+    )
     champion = read_card(settings.models_dir / "dog")
     assert champion.open_set is not None
     with TestClient(create_app(settings), headers=ADMIN) as client:
