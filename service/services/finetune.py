@@ -3,13 +3,17 @@
 1. **Export** the species' gallery (:mod:`service.services.gallery_export`) into the job's folder;
    the enrolment batch of each photo is its session.
 2. **Train** from the serving model (or another artifact of the models folder) on the gallery, with
-   part of each animal's enrolment batches held back (:func:`training.closed_set.hold_back_sessions`).
-   The run checkpoints every epoch in the job's folder, so a job taken over after its worker died
-   resumes where the checkpoint left it.
-3. **Judge** the serving model (champion) and the new one (challenger) on the *same* held-back
-   sessions, with the training photos as gallery, at the species' threshold.
+   a share of the animals kept out altogether (:func:`strangers_share`) and part of each other
+   animal's enrolment batches held back (:func:`training.closed_set.hold_back_sessions`). The run
+   checkpoints every epoch in the job's folder, so a job taken over after its worker died resumes
+   where the checkpoint left it.
+3. **Calibrate** the challenger on the animals kept out, which it never saw: its pair threshold and
+   open-set table (:func:`training.calibration.recalibrated`).
+   **Judge** the serving model (champion) and the new one (challenger) on the *same* held-back
+   sessions, with the training photos as gallery, each at the threshold it would serve with for
+   the gallery's size (:func:`serving_threshold`).
 4. **Promote** only when the challenger wins by the configured margins on top-1 and on the
-   false-match rate at that threshold: a new artifact (card with metrics and lineage) replaces
+   false-match rate at those thresholds, and has an open-set table if the champion has one: a new artifact (card with metrics and lineage) replaces
    ``<models_dir>/<species>/`` (the old one moves to ``<models_dir>/.retired/``), and the service
    switches to it with its re-embedding (:mod:`service.services.model_watch` notices the new
    version, or ``POST /species/{name}/reload``).
