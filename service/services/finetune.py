@@ -13,10 +13,11 @@
    sessions, with the training photos as gallery, each at the threshold it would serve with for
    the gallery's size (:func:`serving_threshold`).
 4. **Promote** only when the challenger wins by the configured margins on top-1 and on the
-   false-match rate at those thresholds, and has an open-set table if the champion has one: a new artifact (card with metrics and lineage) replaces
-   ``<models_dir>/<species>/`` (the old one moves to ``<models_dir>/.retired/``), and the service
-   switches to it with its re-embedding (:mod:`service.services.model_watch` notices the new
-   version, or ``POST /species/{name}/reload``).
+   false-match rate at those thresholds, and has an open-set table if the champion has one: a new
+   artifact (card with metrics, calibration and lineage) replaces ``<models_dir>/<species>/`` (the
+   old one moves to ``<models_dir>/.retired/``), and the service switches to it with its
+   re-embedding (:mod:`service.services.model_watch` notices the new version, or
+   ``POST /species/{name}/reload``).
 
 A fused start (:mod:`training.fusion`) trains each of its trained networks on its own recipe, from
 its own weights, and keeps its frozen-feature networks as they are; the challenger is the fused
