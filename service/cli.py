@@ -420,7 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--lr", type=float, help="default: ANIMALID_FINETUNE_LR")
     finetune.add_argument("--holdout", type=float, help="share of enrolment batches held back to judge")
     finetune.add_argument(
-        "--strangers", type=float, help="share of the animals kept out of training to calibrate the new model"
+        "--strangers",
+        type=float,
+        help="share of the animals kept out of training to calibrate the new model "
+        "(default: ANIMALID_FINETUNE_STRANGERS)",
     )
     finetune.add_argument("--start", help="artifact folder in the models folder to start from")
     finetune.add_argument("--queue", action="store_true", help="only queue the job for a worker")
