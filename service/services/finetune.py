@@ -11,7 +11,7 @@
    open-set table (:func:`training.calibration.recalibrated`).
    **Judge** the serving model (champion) and the new one (challenger) on the *same* held-back
    sessions, with the training photos as gallery, each at the threshold it would serve with for
-   the gallery's size (:func:`serving_threshold`).
+   the gallery's size (:func:`service.services.identification.served_threshold`).
 4. **Promote** only when the challenger wins by the configured margins on top-1 and on the
    false-match rate at those thresholds, and has an open-set table if the champion has one: a new
    artifact (card with metrics, calibration and lineage) replaces ``<models_dir>/<species>/`` (the
@@ -46,6 +46,7 @@ from service.errors import InvalidRequest
 from service.image_store import ImageStore
 from service.schemas_jobs import FinetuneRequest
 from service.services.gallery_export import MANIFEST, export_gallery
+from service.services.identification import served_threshold
 from training.artifact import ArtifactError, LoadedModel, ModelCard, export_artifact, load_artifact, read_card
 from training.calibration import recalibrated
 from training.closed_set import evaluate_held_back
@@ -77,7 +78,7 @@ class FinetunePolicy:
     threads: int
     device: str
     default_threshold: float
-    target_fpir: float = 0.01  # the species' operating point with an open-set table
+    target_fpir: float  # the species' operating point with an open-set table
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,12 @@ def run_finetune(
     challenger = _challenger(start, runs, work / "tuned")
     card = _challenger_card(challenger, start.card, champion.card, data, config, policy)
     # Each model judged at the threshold it would serve with at this gallery's size.
-    champion_threshold = serving_threshold(champion.card, gallery_images, policy)
-    challenger_threshold = serving_threshold(card, gallery_images, policy)
+    champion_threshold = served_threshold(
+        champion.card, gallery_images, policy.target_fpir, policy.default_threshold
+    )
+    challenger_threshold = served_threshold(
+        card, gallery_images, policy.target_fpir, policy.default_threshold
+    )
     champion_result = _judge(champion, config, champion_threshold)
     challenger_result = evaluate_held_back(
         challenger, start.card.preprocess, data.train, held, challenger_threshold
@@ -322,15 +327,6 @@ def kept_out(manifest: Path, individuals: Sequence[str]) -> list[str]:
     with manifest.open(newline="") as fh:
         names = {row["individual"]: row["external_id"] or row["individual"] for row in csv.DictReader(fh)}
     return sorted({names[i] for i in individuals})
-
-
-def serving_threshold(card: ModelCard, gallery_images: int, policy: FinetunePolicy) -> float:
-    """The threshold the service would answer ``match`` with for ``card`` in a gallery of that
-    many images (no threshold in the request): its open-set table's at the target FPIR, else its
-    pair threshold, else the configured default."""
-    if card.open_set is not None:
-        return card.open_set.threshold(gallery_images, policy.target_fpir)
-    return card.threshold if card.threshold is not None else policy.default_threshold
 
 
 def _challenger_card(

@@ -81,6 +81,15 @@ class OperatingPoint:
         return "unknown"
 
 
+def served_threshold(card: ModelCard | None, gallery_size: int, target_fpir: float, default: float) -> float:
+    """The match threshold of a request that gives none (:func:`operating_point`'s rule): the card's
+    open-set threshold for the gallery's size and the target FPIR, else its pair threshold, else
+    ``default``. A fine-tune judges its models at this threshold too."""
+    if card is not None and card.open_set is not None:
+        return card.open_set.threshold(gallery_size, target_fpir)
+    return effective_threshold(card, default, None)[0]
+
+
 def beyond_validation(table: OpenSetCalibration, gallery_size: int) -> str:
     """What the reason says of a gallery larger than the calibration's validation data could simulate."""
     if not 0 < table.simulated_up_to < gallery_size:
@@ -102,7 +111,7 @@ def operating_point(
     table = card.open_set if card is not None else None
     if requested is None and table is not None:
         fpir = limits.fpir_for(species)
-        cut = table.threshold(gallery_size, fpir)
+        cut = served_threshold(card, gallery_size, fpir, limits.default_threshold)
         review = table.threshold(gallery_size, limits.review_fpir) if limits.review_fpir > fpir else None
         return OperatingPoint(
             threshold=cut,
