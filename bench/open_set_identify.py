@@ -105,7 +105,9 @@ def parse_args() -> argparse.Namespace:
         default=120.0,
         help="seconds a request may take (a busy machine: more)",
     )
-    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    parser.add_argument(
+        "--out", type=Path, help="also write the figures as JSON here, with every answer in brief"
+    )
     parser.add_argument(
         "--compare-card",
         type=Path,
@@ -368,6 +370,20 @@ class SizeRun:
     figures: dict[str, object]
 
 
+def brief(answer: dict) -> dict[str, object]:
+    """What the JSON keeps of one answer: enough to recompute decisions and confidences offline."""
+    candidates = answer["candidates"]
+    return {
+        "truth": answer["truth"],
+        "top": candidates[0]["external_id"] if candidates else None,
+        "similarity": candidates[0]["similarity"] if candidates else None,
+        "second": candidates[1]["similarity"] if len(candidates) > 1 else None,
+        "gallery_size": answer["gallery_size"],
+        "decision": answer["decision"],
+        "confidence": answer["confidence"],
+    }
+
+
 def run_seed(
     args: argparse.Namespace,
     card: ModelCard,
@@ -473,7 +489,10 @@ def main() -> int:
     runs = [run_seed(args, card, test, padding, outside, seed, compare) for seed in args.seeds]
 
     def figs_of(run: dict[int, SizeRun]) -> dict[str, object]:
-        return {str(target): size_run.figures for target, size_run in run.items()}
+        return {
+            str(target): size_run.figures | {"answers": [brief(a) for a in size_run.answers]}
+            for target, size_run in run.items()
+        }
 
     results = (
         figs_of(runs[0])
