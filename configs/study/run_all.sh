@@ -18,7 +18,7 @@ if [ ${#runs[@]} -eq 0 ]; then
         dogs-lite0-arcface-224 dogs-lite0-metric dogs-lite2-metric cattle-lite0-metric-224x112
         humans-lite0-frozen humans-lite0-metric dogs-arcface-112-aug-distill dogs-lite0-frozen-imagenet-norm
         dogs-lite2-arcface-224 dogs-lite0-arcface-224-release cattle-lite0-224x112-8ep cattle-from-dogs-lite0-224x112
-        cattle-lite2-frozen cattle-from-dogs-128x64-closed)
+        cattle-lite2-frozen cattle-from-dogs-128x64-closed cattle-from-dogs-256x128-closed)
 fi
 python=${PYTHON:-.venv/bin/python}
 mkdir -p runs/study
