@@ -57,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--min-requests", type=int, default=60, help="at least this many per level")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the server (torch, FAISS)")
     parser.add_argument("--wait-ms", type=float, help="ANIMALID_BATCH_WAIT_MS when batching is on")
+    parser.add_argument("--lanes", type=int, help="ANIMALID_BATCH_LANES when batching is on")
     parser.add_argument("--repeats", type=int, default=3, help="runs per level and mode (median kept)")
     parser.add_argument("--database-url", help="default: a SQLite file in a temporary folder")
     return parser.parse_args()
@@ -158,15 +159,13 @@ def bare_forward(model: Path, threads: int, batch: int, repeats: int = 20) -> fl
 
 
 def batcher_alone(
-    model: Path, threads: int, clients: int, wait_ms: float | None, seconds: float = 10.0
+    model: Path, threads: int, clients: int, batching_env: dict[str, str], seconds: float = 10.0
 ) -> float:
     """Images per second through the server's embedding batcher with no HTTP, search or database:
     ``clients`` threads each embedding the photo over and over, in a fresh process with the
-    server's batching settings (the settings' defaults, or ``wait_ms``). What batching can give
-    before the rest of a request takes its share of the cores."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    if wait_ms is not None:
-        env["ANIMALID_BATCH_WAIT_MS"] = str(wait_ms)
+    server's batching settings (the settings' defaults, overridden by ``batching_env``). What
+    batching can give before the rest of a request takes its share of the cores."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **batching_env}
     code = (
         "import threading, time, torch\n"
         "from service.ml.batching import BatchingConfig, EmbedBatcher\n"
@@ -210,17 +209,25 @@ def main() -> None:
         url = args.database_url or f"sqlite:///{root / 'bench.db'}"
         migrate.upgrade(url)
         populate(url, root / "models" / SPECIES, args.gallery, 10)
+        batching = {
+            name: str(value)
+            for name, value in (
+                ("ANIMALID_BATCH_WAIT_MS", args.wait_ms),
+                ("ANIMALID_BATCH_LANES", args.lanes),
+            )
+            if value is not None
+        }
         print(
             f"concurrent_identify.py {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()}, "
             f"{os.cpu_count()} CPUs (shared with other work: load average "
             f"{os.getloadavg()[0]:.2f} at start); "
             f"server {args.threads} thread(s); dog model {model_description(args.model)}; "
             f"gallery {args.gallery:,} vectors; "
-            f"photo {PHOTO.relative_to(REPO)}"
+            f"photo {PHOTO.relative_to(REPO)}; batching on: {batching or 'the defaults'}"
         )
         modes = {
             "off": {"ANIMALID_BATCH_WAIT_MS": "0", "ANIMALID_SEARCH_BATCH_WAIT_MS": "0"},
-            "on": {} if args.wait_ms is None else {"ANIMALID_BATCH_WAIT_MS": str(args.wait_ms)},
+            "on": batching,
         }
         # Both servers run side by side (an idle one costs nothing) and the modes alternate at each
         # level, so a burst of other work on the shared machine hits both alike.
@@ -254,7 +261,7 @@ def main() -> None:
             key: {m: float(np.median([r[m] for r in rows])) for m in rows[0]} for key, rows in runs.items()
         }
         one, eight = bare_forward(args.model, args.threads, 1), bare_forward(args.model, args.threads, 8)
-        alone = batcher_alone(args.model, args.threads, 8, args.wait_ms)
+        alone = batcher_alone(args.model, args.threads, 8, batching)
     print(
         f"\nbare forward pass (this process, {args.threads} threads): "
         f"batch 1 {one:.1f} img/s, batch 8 {eight:.1f} img/s; "
