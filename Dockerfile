@@ -61,9 +61,11 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY . .
 
-# Run as an unprivileged user; it owns only /data (SQLite file, models, stored images).
+# Run as an unprivileged user; it owns only /data (SQLite file, models, stored images, fine-tune jobs).
+# Every folder a compose volume is mounted on is made here: Docker gives an empty named volume the
+# owner of the image's folder, and root's where the image has none (the worker could not write jobs).
 RUN useradd --create-home --uid 10001 --user-group animalid \
-    && mkdir -p /data/models /data/images \
+    && mkdir -p /data/models /data/images /data/jobs \
     && chown -R animalid:animalid /data
 USER 10001:10001
 

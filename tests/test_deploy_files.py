@@ -448,6 +448,29 @@ def test_dockerfile_runs_the_service_unprivileged_with_a_healthcheck() -> None:
     assert args["CMD"] == '["animalid", "serve"]'
 
 
+def test_the_image_makes_every_folder_a_compose_volume_is_mounted_on_for_its_user() -> None:
+    """Docker gives an empty named volume the owner of the image's folder at the mount point, and
+    root's where the image has none: the unprivileged service could not write there."""
+    services = plain(load_compose(COMPOSE))["services"]
+    named = set(plain(load_compose(COMPOSE))["volumes"])
+    targets = {
+        volume.split(":")[1]
+        for name in ("api", "worker")
+        for volume in services[name]["volumes"]
+        if volume.split(":")[0] in named
+    }
+    assert targets and all(t.startswith("/data/") for t in targets)
+    run = next(
+        body
+        for kind, body in dockerfile_instructions(DOCKERFILE.read_text())
+        if kind == "RUN" and "useradd" in body
+    )
+    mkdir = re.search(r"mkdir -p ([^&]+)", run)
+    assert mkdir is not None
+    assert sorted(targets - set(mkdir.group(1).split())) == []
+    assert "chown -R animalid:animalid /data" in run
+
+
 def test_the_image_gets_the_runtime_code_and_not_the_development_files() -> None:
     patterns = [
         line.strip().rstrip("/")
@@ -553,9 +576,11 @@ def test_scale_override_is_the_stack_with_a_proxy_in_front_of_unpublished_replic
     api, proxy = services["api"], services["proxy"]
     # `--scale api=3` needs replicas without a fixed host port and without a container_name.
     assert "ports" not in api and "container_name" not in api and api["expose"] == ["8000"]
-    assert {k: v for k, v in api.items() if k not in ("ports", "expose")} == {
-        k: v for k, v in base["services"]["api"].items() if k != "ports"
+    assert {k: v for k, v in api.items() if k not in ("ports", "expose", "environment")} == {
+        k: v for k, v in base["services"]["api"].items() if k not in ("ports", "environment")
     }
+    # The replicas read the client's address from the proxy's header (uvicorn), nothing else changes.
+    assert api["environment"] == {**base["services"]["api"]["environment"], "FORWARDED_ALLOW_IPS": "*"}
     assert re.fullmatch(r"(nginx|caddy|traefik):[\w.-]+", proxy["image"])
     assert proxy["depends_on"] == {"api": {"condition": "service_healthy"}}
     assert "/health" in " ".join(proxy["healthcheck"]["test"])
@@ -572,7 +597,17 @@ def test_nginx_balances_over_every_replica_and_follows_them() -> None:
     assert "api:8000" in server and " resolve" in server and "max_fails=" in server
     assert "listen 8080;" in lines
     assert any(line.startswith("proxy_next_upstream ") and "error" in line for line in lines)
+    # A killed replica's address answers nothing: give up on it within a second.
+    connect = next(line for line in lines if line.startswith("proxy_connect_timeout "))
+    assert connect in ("proxy_connect_timeout 500ms;", "proxy_connect_timeout 1s;")
     assert conf.count("{") == conf.count("}")
+
+
+def test_nginx_forwards_the_address_that_reached_it_not_one_the_client_sent() -> None:
+    lines = [line.split("#")[0].strip() for line in NGINX_CONF.read_text().splitlines()]
+    forwarded = [line for line in lines if line.startswith("proxy_set_header X-Forwarded-For ")]
+    # $proxy_add_x_forwarded_for would append to the client's own header, which the replicas trust.
+    assert forwarded == ["proxy_set_header X-Forwarded-For $remote_addr;"]
 
 
 def test_deployment_doc_shows_the_scale_out_command() -> None:
