@@ -255,7 +255,9 @@ def pretrained_source(config: TrainConfig) -> str:
 def build_model(config: TrainConfig) -> EmbeddingNet:
     """The network a run starts from: the chosen backbone with its pretrained weights, or an artifact."""
     model = bare_model(config)
-    if config.pretrained != "none":
+    # A run from an artifact takes every weight from it (load_state_dict below, strict): reading the
+    # pretrained weights first would only need them installed (the image has no `[pretrained]` extra).
+    if config.pretrained != "none" and not config.init_from:
         classifier = load_pretrained(model.spec, model.backbone, config.pretrained)
         log.info("backbone %s starts from %s", config.backbone, config.pretrained)
         if config.neck == "svd_fc":

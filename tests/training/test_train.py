@@ -11,9 +11,10 @@ import torch
 from synthetic import make_folder_dataset, write_manifest
 from tiny_runs import tiny_config
 
+import training.train as train
 from training.artifact import ArtifactError, ModelCard, load_artifact
 from training.config import DatasetConfig, build_config
-from training.pipeline import held_out, stranger_dataset, trained_on
+from training.pipeline import export_run, held_out, stranger_dataset, trained_on
 from training.preprocess import PreprocessSpec
 from training.train import (
     DistInfo,
@@ -341,3 +342,21 @@ def test_few_calibration_individuals_warn_and_the_paper_section_is_for_dogs_only
         assert warning in text
         assert ("DogFaceNet paper protocols" in text) == (species == "dog"), species
     assert calibration_warnings(MIN_CALIBRATION_INDIVIDUALS) == []
+
+
+def test_a_run_from_an_artifact_reads_no_pretrained_weights(tmp_path, animals, monkeypatch):
+    """A fine-tune starts from an artifact whose recipe says `pretrained: imagenet`: the ImageNet
+    weights (the `[pretrained]` extra, which the image does not install) would be overwritten by
+    the artifact's, so they are not read at all."""
+    run = fit(tiny_config(tmp_path, {"goat": animals}, epochs=1))
+    (artifact,) = export_run(run)
+    expected = load_artifact(artifact).model.state_dict()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pretrained weights read for a run that starts from an artifact")
+
+    monkeypatch.setattr(train, "load_pretrained", refuse)
+    config = tiny_config(tmp_path / "ft", {"goat": animals}, init_from=str(artifact), pretrained="imagenet")
+    model = train.build_model(config)
+    for name, value in expected.items():
+        torch.testing.assert_close(model.state_dict()[name], value)
