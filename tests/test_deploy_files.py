@@ -451,8 +451,8 @@ def test_dockerfile_runs_the_service_unprivileged_with_a_healthcheck() -> None:
 def test_the_image_makes_every_folder_a_compose_volume_is_mounted_on_for_its_user() -> None:
     """Docker gives an empty named volume the owner of the image's folder at the mount point, and
     root's where the image has none: the unprivileged service could not write there."""
-    services = plain(load_compose(COMPOSE))["services"]
-    named = set(plain(load_compose(COMPOSE))["volumes"])
+    stack = plain(load_compose(COMPOSE))
+    services, named = stack["services"], set(stack["volumes"])
     targets = {
         volume.split(":")[1]
         for name in ("api", "worker")

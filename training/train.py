@@ -253,17 +253,11 @@ def pretrained_source(config: TrainConfig) -> str:
 
 
 def build_model(config: TrainConfig) -> EmbeddingNet:
-    """The network a run starts from: the chosen backbone with its pretrained weights, or an artifact."""
+    """The network a run starts from: an artifact, or the chosen backbone with its pretrained weights.
+
+    A run from an artifact takes every weight from it, so it reads no pretrained weights (they would
+    all be overwritten, and reading them needs the `[pretrained]` extra, which the image lacks)."""
     model = bare_model(config)
-    # A run from an artifact takes every weight from it (load_state_dict below, strict): reading the
-    # pretrained weights first would only need them installed (the image has no `[pretrained]` extra).
-    if config.pretrained != "none" and not config.init_from:
-        classifier = load_pretrained(model.spec, model.backbone, config.pretrained)
-        log.info("backbone %s starts from %s", config.backbone, config.pretrained)
-        if config.neck == "svd_fc":
-            if classifier is None:
-                raise ValueError(f"{config.pretrained} has no classifier to make the svd_fc neck from")
-            model.set_svd_fc(classifier)
     if config.init_from:
         start = load_artifact(config.init_from)
         source = start.model
@@ -276,6 +270,13 @@ def build_model(config: TrainConfig) -> EmbeddingNet:
             )
         model.load_state_dict(source.state_dict())
         log.info("initialised backbone and neck from %s", config.init_from)
+    elif config.pretrained != "none":
+        classifier = load_pretrained(model.spec, model.backbone, config.pretrained)
+        log.info("backbone %s starts from %s", config.backbone, config.pretrained)
+        if config.neck == "svd_fc":
+            if classifier is None:
+                raise ValueError(f"{config.pretrained} has no classifier to make the svd_fc neck from")
+            model.set_svd_fc(classifier)
     return model
 
 
