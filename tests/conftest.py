@@ -7,6 +7,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import torch
 from browser import browser_state
 from databases import BACKENDS, postgres_state, postgres_url, provisioned_database
 
@@ -21,6 +22,20 @@ def database_url(backend: str, tmp_path: Path) -> Iterator[str]:
     """A fresh migrated database for one test, on each backend."""
     with provisioned_database(backend, tmp_path) as url:
         yield url
+
+
+@pytest.fixture
+def ieee_fp32() -> Iterator[None]:
+    """CUDA float32 convolutions and matrix products in full precision for one test. By default
+    cuDNN's convolutions run in TF32 (10-bit mantissa), so a batch and single images, or CUDA and the
+    CPU, differ by about 1e-3 (seen on an H200, docs/benchmarks.md): more than a test that compares
+    their numbers allows, and nothing the service's code decides."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture

@@ -297,7 +297,7 @@ def test_concurrent_enrolls_and_verifies_are_batched_and_stored_like_single_ones
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_batched_forward_passes_equal_single_ones_on_each_device(
-    device: str, artifacts: dict[str, Path]
+    device: str, artifacts: dict[str, Path], ieee_fp32: None
 ) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")

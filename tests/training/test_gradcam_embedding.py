@@ -139,7 +139,7 @@ def test_rejects_a_batch(tiny_model, heat_map):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @MAPS
-def test_runs_on_the_model_device(tiny_model, heat_map):
+def test_runs_on_the_model_device(tiny_model, heat_map, ieee_fp32):
     model = EmbeddingNet(embedding_dim=32)
     model.load_state_dict(tiny_model.state_dict())
     model.eval().cuda()
