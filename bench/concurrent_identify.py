@@ -33,11 +33,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from identify_latency import ADMIN_KEY, SPECIES, free_port, populate, start_server  # noqa: E402
 
 from service.db import migrate  # noqa: E402
+from service.ml.embedder import resolve_device  # noqa: E402
+from service.runtime import GPU_BATCH_MAX_IMAGES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "service" / "demo" / "models" / SPECIES
@@ -58,8 +61,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the server (torch, FAISS)")
     parser.add_argument("--wait-ms", type=float, help="ANIMALID_BATCH_WAIT_MS when batching is on")
     parser.add_argument("--lanes", type=int, help="ANIMALID_BATCH_LANES when batching is on")
+    parser.add_argument(
+        "--batch-start", choices=["auto", "when-idle", "after-wait"],
+        help="ANIMALID_BATCH_START when batching is on",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="runs per level and mode (median kept)")
     parser.add_argument("--database-url", help="default: a SQLite file in a temporary folder")
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="ANIMALID_DEVICE of the servers; the bare passes run on the same device",
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -129,29 +140,42 @@ def batch_metrics(port: int) -> str:
     return "; ".join(parts)
 
 
+def device_description(setting: str) -> str:
+    device = resolve_device(setting)
+    if device.type == "cpu":
+        return "the CPU"
+    return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+
+
 def model_description(folder: Path) -> str:
     card = json.loads((folder / "model_card.json").read_text())
     height, width = card["input_size"]
     return f"{card['model_version']} ({card.get('backbone') or card['architecture']}, {height}x{width})"
 
 
-def bare_forward(model: Path, threads: int, batch: int, repeats: int = 20) -> float:
-    """Images per second of the bare preprocessing + forward pass at ``batch``, measured in a fresh
-    process set up like the server (same thread count, OMP_NUM_THREADS as `animalid serve` sets)."""
+def bare_forward(
+    model: Path, threads: int, batch: int, device: str, repeats: int = 20, preprocess: bool = True
+) -> float:
+    """Images per second of the bare preprocessing + forward pass at ``batch`` (or the forward pass
+    alone on a batch already on the device), measured in a fresh process set up like the server
+    (same thread count, OMP_NUM_THREADS as `animalid serve` sets)."""
+    step = "embedder.embed(images)" if preprocess else "embedder.embed_tensor(tensor)"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     code = (
         "import sys, time, torch\n"
-        "from service.ml.embedder import Embedder\n"
+        "from service.ml.embedder import Embedder, resolve_device\n"
         "from service.ml.images import ImagePolicy, decode_image\n"
         "from training.artifact import load_artifact\n"
         f"torch.set_num_threads({threads})\n"
-        f"embedder = Embedder(load_artifact({str(model)!r}, 'cpu'), torch.device('cpu'))\n"
+        f"device = resolve_device({device!r})\n"
+        f"embedder = Embedder(load_artifact({str(model)!r}, 'cpu'), device)\n"
         f"policy = ImagePolicy({40_000_000}, {40_000_000})\n"
         f"image = decode_image(open({str(PHOTO)!r}, 'rb').read(), policy).image\n"
         f"images = [image] * {batch}\n"
-        "for _ in range(3): embedder.embed(images)\n"
+        "tensor = embedder.batch(images)\n"
+        f"for _ in range(3): {step}\n"
         "t0 = time.perf_counter()\n"
-        f"for _ in range({repeats}): embedder.embed(images)\n"
+        f"for _ in range({repeats}): {step}\n"
         f"print({batch * repeats} / (time.perf_counter() - t0))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -159,7 +183,12 @@ def bare_forward(model: Path, threads: int, batch: int, repeats: int = 20) -> fl
 
 
 def batcher_alone(
-    model: Path, threads: int, clients: int, batching_env: dict[str, str], seconds: float = 10.0
+    model: Path,
+    threads: int,
+    clients: int,
+    batching_env: dict[str, str],
+    device: str,
+    seconds: float = 10.0,
 ) -> float:
     """Images per second through the server's embedding batcher with no HTTP, search or database:
     ``clients`` threads each embedding the photo over and over, in a fresh process with the
@@ -169,16 +198,16 @@ def batcher_alone(
     code = (
         "import threading, time, torch\n"
         "from service.ml.batching import BatchingConfig, EmbedBatcher\n"
-        "from service.ml.embedder import Embedder\n"
+        "from service.ml.embedder import Embedder, resolve_device\n"
         "from service.ml.images import ImagePolicy, decode_image\n"
-        "from service.runtime import batch_lanes, batch_max_images\n"
+        "from service.runtime import batch_lanes, batch_max_images, batch_start_when_idle\n"
         "from service.settings import Settings\n"
         "from training.artifact import load_artifact\n"
         f"torch.set_num_threads({threads})\n"
-        "settings, cpu = Settings(), torch.device('cpu')\n"
-        "config = BatchingConfig(settings.batch_wait_ms / 1000.0, batch_max_images(settings, cpu), "
-        "batch_lanes(settings, cpu))\n"
-        f"batcher = EmbedBatcher(Embedder(load_artifact({str(model)!r}, 'cpu'), cpu), config)\n"
+        f"settings, device = Settings(), resolve_device({device!r})\n"
+        "config = BatchingConfig(settings.batch_wait_ms / 1000.0, batch_max_images(settings, device), "
+        "batch_lanes(settings, device), batch_start_when_idle(settings, device))\n"
+        f"batcher = EmbedBatcher(Embedder(load_artifact({str(model)!r}, 'cpu'), device), config)\n"
         f"policy = ImagePolicy({40_000_000}, {40_000_000})\n"
         f"image = decode_image(open({str(PHOTO)!r}, 'rb').read(), policy).image\n"
         "done, stop = [0], threading.Event()\n"
@@ -214,6 +243,7 @@ def main() -> None:
             for name, value in (
                 ("ANIMALID_BATCH_WAIT_MS", args.wait_ms),
                 ("ANIMALID_BATCH_LANES", args.lanes),
+                ("ANIMALID_BATCH_START", args.batch_start),
             )
             if value is not None
         }
@@ -221,13 +251,15 @@ def main() -> None:
             f"concurrent_identify.py {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()}, "
             f"{os.cpu_count()} CPUs (shared with other work: load average "
             f"{os.getloadavg()[0]:.2f} at start); "
-            f"server {args.threads} thread(s); dog model {model_description(args.model)}; "
+            f"server {args.threads} thread(s) on {device_description(args.device)}; "
+            f"dog model {model_description(args.model)}; "
             f"gallery {args.gallery:,} vectors; "
             f"photo {PHOTO.relative_to(REPO)}; batching on: {batching or 'the defaults'}"
         )
+        device = {"ANIMALID_DEVICE": args.device}
         modes = {
-            "off": {"ANIMALID_BATCH_WAIT_MS": "0", "ANIMALID_SEARCH_BATCH_WAIT_MS": "0"},
-            "on": batching,
+            "off": {"ANIMALID_BATCH_WAIT_MS": "0", "ANIMALID_SEARCH_BATCH_WAIT_MS": "0", **device},
+            "on": {**batching, **device},
         }
         # Both servers run side by side (an idle one costs nothing) and the modes alternate at each
         # level, so a burst of other work on the shared machine hits both alike.
@@ -260,12 +292,22 @@ def main() -> None:
         results = {
             key: {m: float(np.median([r[m] for r in rows])) for m in rows[0]} for key, rows in runs.items()
         }
-        one, eight = bare_forward(args.model, args.threads, 1), bare_forward(args.model, args.threads, 8)
-        alone = batcher_alone(args.model, args.threads, 8, batching)
+        sizes = [1, 8] if resolve_device(args.device).type == "cpu" else [1, 8, GPU_BATCH_MAX_IMAGES]
+        bare = {size: bare_forward(args.model, args.threads, size, args.device) for size in sizes}
+        alone_pass = {
+            size: bare_forward(args.model, args.threads, size, args.device, preprocess=False)
+            for size in sizes
+        }
+        alone = batcher_alone(args.model, args.threads, 8, batching, args.device)
+    one, eight = bare[1], bare[8]
     print(
-        f"\nbare forward pass (this process, {args.threads} threads): "
-        f"batch 1 {one:.1f} img/s, batch 8 {eight:.1f} img/s; "
-        f"the server's batcher alone, 8 threads calling it, no HTTP: {alone:.1f} img/s"
+        f"\nbare forward pass (a fresh process, {args.threads} threads, {args.device}): "
+        + ", ".join(f"batch {size} {rate:.1f} img/s" for size, rate in bare.items())
+        + f"; the server's batcher alone, 8 threads calling it, no HTTP: {alone:.1f} img/s"
+    )
+    print(
+        "forward pass alone, on a batch already preprocessed on the device: "
+        + ", ".join(f"batch {size} {rate:.1f} img/s" for size, rate in alone_pass.items())
     )
     print(f"\nmedian of {args.repeats} runs per row:")
     print("\n| batching | clients | req/s | p50 ms | p95 ms | p99 ms |")
@@ -285,6 +327,14 @@ def main() -> None:
                 f"8-client throughput / bare batch-8 forward {eight_clients['throughput'] / eight:.2f} "
                 f"(target >= 0.8); / the batcher alone {eight_clients['throughput'] / alone:.2f}"
             )
+    if GPU_BATCH_MAX_IMAGES in bare and ("off", 1) in results:
+        best = max(row["throughput"] for (mode, _), row in results.items() if mode == "on")
+        full, single = bare[GPU_BATCH_MAX_IMAGES], results[("off", 1)]["throughput"]
+        print(
+            f"GPU: best batched throughput / 1-client unbatched {best / single:.2f}x"
+            f" (target >= 8); bare batch {GPU_BATCH_MAX_IMAGES} / batch 1 {full / one:.2f}x; "
+            f"forward pass alone {alone_pass[GPU_BATCH_MAX_IMAGES] / alone_pass[1]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -104,6 +104,14 @@ def batch_lanes(settings: Settings, device: torch.device) -> int:
     return max(1, (os.cpu_count() or 1) // torch.get_num_threads())
 
 
+def batch_start_when_idle(settings: Settings, device: torch.device) -> bool:
+    """Whether batches start at once while none runs: as set, else on a GPU only, where a lone
+    request's whole forward pass takes less than the wait (docs/benchmarks.md)."""
+    if settings.batch_start == "auto":
+        return device.type != "cpu"
+    return settings.batch_start == "when-idle"
+
+
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = resolve_device(settings.device)
     if settings.cpu_threads is not None:
@@ -118,7 +126,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         refine=settings.pq_refine,
         nprobe=settings.ivf_nprobe,
     )
-    lanes = batch_lanes(settings, device)
+    lanes, when_idle = batch_lanes(settings, device), batch_start_when_idle(settings, device)
     images = image_policy(settings)
     engine = make_engine(settings.database_url)
     database = DatabaseHealth()
@@ -130,10 +138,10 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             device=device,
             use_gpu_index=use_gpu_index,
             embed_batching=BatchingConfig(
-                settings.batch_wait_ms / 1000.0, batch_max_images(settings, device), lanes
+                settings.batch_wait_ms / 1000.0, batch_max_images(settings, device), lanes, when_idle
             ),
             search_batching=BatchingConfig(
-                settings.search_batch_wait_ms / 1000.0, settings.search_batch_max_queries, lanes
+                settings.search_batch_wait_ms / 1000.0, settings.search_batch_max_queries, lanes, when_idle
             ),
             observe_batch=metrics.observe_batch,
             index_plan=index_plan,

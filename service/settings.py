@@ -208,6 +208,13 @@ class Settings(BaseSettings):
         "0: one per share of the CPU cores that one pass uses (cores / ANIMALID_CPU_THREADS) on the CPU, "
         "1 on a GPU",
     )
+    batch_start: Literal["auto", "when-idle", "after-wait"] = Field(
+        default="auto",
+        description="Dynamic batching: when a batch starts. after-wait: once its first request waited "
+        "BATCH_WAIT_MS (or it is full); when-idle: at once while no batch runs, the requests that arrive "
+        "meanwhile gathering for the next, so a lone request never waits; auto: when-idle on a GPU, "
+        "after-wait on the CPU (docs/benchmarks.md)",
+    )
     search_batch_wait_ms: float = Field(
         default=1.0,
         ge=0.0,

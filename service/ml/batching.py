@@ -9,7 +9,8 @@ the results. It keeps leading until its own job is done, then passes the lead on
 one lane, batches run side by side: on a CPU whose forward pass uses one thread, one lane would
 leave the other cores idle while a batch runs (measured: 8 clients got half the throughput of
 unbatched requests on 2 cores, docs/benchmarks.md). No thread of its own runs, so there is nothing
-to start or stop, and a request alone waits at most ``max_wait_s``.
+to start or stop, and a request alone waits at most ``max_wait_s`` (not at all when batches start
+while the device is idle, ``BatchingConfig.start_when_idle``).
 
 :class:`EmbedBatcher` applies this to one embedder's forward passes (preprocessing stays in the
 caller's thread; tensors are concatenated, on whatever device the model is on), and
@@ -40,11 +41,16 @@ Out = TypeVar("Out")
 @dataclass(frozen=True)
 class BatchingConfig:
     """``max_wait_s`` 0 turns batching off: every call runs alone, at once. ``lanes``: batches that
-    may run at the same time."""
+    may run at the same time. ``start_when_idle``: while no batch runs, the queued jobs leave at
+    once instead of waiting out ``max_wait_s``; the jobs that arrive while a batch runs gather for
+    the next one. With one lane a batch never waits: a request alone is not slowed at all, and
+    under load batches are as large as what arrived during the last one (a GPU, where a request's
+    forward pass is a fraction of the wait, docs/benchmarks.md)."""
 
     max_wait_s: float = 0.0
     max_items: int = 32
     lanes: int = 1
+    start_when_idle: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -152,7 +158,8 @@ class MicroBatcher(Generic[In, Out]):
                     self._cond.wait()
                     continue
                 remaining = self._queue[0].enqueued + self.config.max_wait_s - time.perf_counter()
-                if self._queued >= self.config.max_items or remaining <= 0 or self._queue[0].due:
+                idle = self.config.start_when_idle and self._running == 0
+                if self._queued >= self.config.max_items or remaining <= 0 or self._queue[0].due or idle:
                     break
                 self._cond.wait(remaining)
             # With several lanes, a batch takes its share of the queue among the lanes not running

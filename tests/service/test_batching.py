@@ -131,6 +131,33 @@ def test_a_backlog_is_split_over_the_lanes() -> None:
     assert sorted(sizes) == [4, 4]
 
 
+def test_started_when_idle_a_lone_job_runs_at_once_and_jobs_gather_while_a_batch_runs() -> None:
+    # A wait of a minute: only starting when idle lets the first job leave. The next three arrive
+    # while it runs and leave together as soon as it is done, again without the wait.
+    first_running, release = threading.Event(), threading.Event()
+    seen: list[list[int]] = []
+
+    def hold_first(jobs: list[int]) -> list[int]:
+        seen.append(list(jobs))
+        if jobs == [0]:
+            first_running.set()
+            assert release.wait(timeout=30)
+        return jobs
+
+    config = BatchingConfig(max_wait_s=60.0, max_items=8, start_when_idle=True)
+    batcher: MicroBatcher[int, int] = MicroBatcher(hold_first, config)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(batcher.submit, 0, 1)
+        assert first_running.wait(timeout=30)
+        rest = [pool.submit(batcher.submit, i, 1) for i in (1, 2, 3)]
+        while batcher._queued < 3:  # all three queued behind the running batch
+            time.sleep(0.01)
+        release.set()
+        assert first.result(timeout=30) == 0
+        assert [f.result(timeout=30) for f in rest] == [1, 2, 3]
+    assert seen == [[0], [1, 2, 3]] and batcher.stats.sizes == [1, 3]
+
+
 def test_a_failed_batch_fails_each_of_its_jobs_and_the_next_batch_runs() -> None:
     def fail_on_seven(jobs: list[int]) -> list[int]:
         if 7 in jobs:
