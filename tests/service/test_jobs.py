@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from fastapi.testclient import TestClient
 from imagegen import jpeg
 
 from service.app import create_app
+from service.db.job_repository import JobRepository
 from service.db.models import AuditEntry
 from service.db.session import make_engine, make_sessionmaker
 from service.services.finetune import strangers_share
@@ -174,6 +177,7 @@ def test_finetune_queued_through_the_api_is_judged_promoted_and_served(
         job = client.get(f"/jobs/{job_id}", headers=READ).json()
         assert job["status"] == "succeeded", job
         assert job["progress"]["epoch"] == 2 and job["progress"]["epochs"] == 2
+        assert job["progress"]["stage"] == "succeeded"  # not the last stage it ran
         result = job["result"]
         assert result["decision"] == "promoted"
         for side in ("champion", "challenger"):
@@ -401,6 +405,32 @@ def test_job_requests_and_cancels(settings: Settings, tmp_path: Path) -> None:
     assert "job_cancel" in audit_actions(settings)
 
 
+def test_a_requeued_or_finished_job_shows_that_stage_and_keeps_its_last_epoch(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with TestClient(create_app(job_settings(settings, tmp_path)), headers=ADMIN) as client:
+        job_id = uuid.UUID(client.post("/species/dog/finetune").json()["id"])
+        engine = make_engine(settings.database_url)
+        try:
+            with make_sessionmaker(engine)() as session:
+                jobs, postgres = JobRepository(session), engine.dialect.name == "postgresql"
+                assert jobs.claim("w1", timedelta(hours=1), postgres, only=job_id) is not None
+                jobs.heartbeat(job_id, "w1", {"stage": "train", "epoch": 1, "epochs": 3})
+                jobs.release(job_id, "w1")  # the worker stopped: back to the queue
+                session.commit()
+                assert client.get(f"/jobs/{job_id}").json()["progress"] == {
+                    "stage": "queued", "epoch": 1, "epochs": 3,
+                }  # fmt: skip
+                assert jobs.claim("w2", timedelta(hours=1), postgres, only=job_id) is not None
+                jobs.heartbeat(job_id, "w2", {"stage": "evaluate", "epoch": 3, "epochs": 3})
+                assert jobs.finish(job_id, "w2", "failed", {}, "boom")
+                session.commit()
+        finally:
+            engine.dispose()
+        job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["progress"] == {"stage": "failed", "epoch": 3, "epochs": 3}
+
+
 def _worker_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -501,5 +531,6 @@ def test_a_running_job_stops_at_its_next_epoch_when_cancelled(settings: Settings
             runner.join(300)
         job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["progress"]["epoch"] < 50
+    assert job["progress"]["stage"] == "cancelled"
     assert (settings.models_dir / "dog").resolve() == before  # nothing promoted
     assert "finetune_cancelled" in audit_actions(settings)
