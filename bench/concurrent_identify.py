@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wait-ms", type=float, help="ANIMALID_BATCH_WAIT_MS when batching is on")
     parser.add_argument("--lanes", type=int, help="ANIMALID_BATCH_LANES when batching is on")
     parser.add_argument(
-        "--batch-start", choices=["auto", "when-idle", "after-wait"],
+        "--batch-start", choices=["when-idle", "after-wait"],
         help="ANIMALID_BATCH_START when batching is on",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="runs per level and mode (median kept)")
@@ -200,13 +200,13 @@ def batcher_alone(
         "from service.ml.batching import BatchingConfig, EmbedBatcher\n"
         "from service.ml.embedder import Embedder, resolve_device\n"
         "from service.ml.images import ImagePolicy, decode_image\n"
-        "from service.runtime import batch_lanes, batch_max_images, batch_start_when_idle\n"
+        "from service.runtime import batch_lanes, batch_max_images\n"
         "from service.settings import Settings\n"
         "from training.artifact import load_artifact\n"
         f"torch.set_num_threads({threads})\n"
         f"settings, device = Settings(), resolve_device({device!r})\n"
         "config = BatchingConfig(settings.batch_wait_ms / 1000.0, batch_max_images(settings, device), "
-        "batch_lanes(settings, device), batch_start_when_idle(settings, device))\n"
+        "batch_lanes(settings, device), settings.batch_start == 'when-idle')\n"
         f"batcher = EmbedBatcher(Embedder(load_artifact({str(model)!r}, 'cpu'), device), config)\n"
         f"policy = ImagePolicy({40_000_000}, {40_000_000})\n"
         f"image = decode_image(open({str(PHOTO)!r}, 'rb').read(), policy).image\n"

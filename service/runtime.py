@@ -104,14 +104,6 @@ def batch_lanes(settings: Settings, device: torch.device) -> int:
     return max(1, (os.cpu_count() or 1) // torch.get_num_threads())
 
 
-def batch_start_when_idle(settings: Settings, device: torch.device) -> bool:
-    """Whether batches start at once while none runs: as set, else on a GPU only, where a lone
-    request's whole forward pass takes less than the wait (docs/benchmarks.md)."""
-    if settings.batch_start == "auto":
-        return device.type != "cpu"
-    return settings.batch_start == "when-idle"
-
-
 def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     device = resolve_device(settings.device)
     if settings.cpu_threads is not None:
@@ -126,7 +118,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         refine=settings.pq_refine,
         nprobe=settings.ivf_nprobe,
     )
-    lanes, when_idle = batch_lanes(settings, device), batch_start_when_idle(settings, device)
+    lanes, when_idle = batch_lanes(settings, device), settings.batch_start == "when-idle"
     images = image_policy(settings)
     engine = make_engine(settings.database_url)
     database = DatabaseHealth()

@@ -222,7 +222,19 @@ def batched_settings(database_url: str, service_root: Path) -> Settings:
         search_batch_wait_ms=GATHER.max_wait_s * 1000,
         search_batch_max_queries=GATHER.max_items,
         batch_lanes=1,  # one lane: the 8 requests share one pass (lanes have tests of their own)
+        batch_start="after-wait",  # all of them gathered, none sent ahead alone while the pass is idle
     )
+
+
+@pytest.mark.parametrize("start", ["when-idle", "after-wait"])
+def test_the_batch_start_setting_reaches_both_batchers(start: str, settings: Settings) -> None:
+    assert Settings.model_fields["batch_start"].default == "when-idle"
+    with TestClient(create_app(settings.model_copy(update={"batch_start": start})), headers=ADMIN) as client:
+        registry = client.app.state.runtime.registry  # type: ignore[attr-defined]
+        when_idle = start == "when-idle"
+        assert (
+            registry.embed_batching.start_when_idle is registry.search_batching.start_when_idle is when_idle
+        )
 
 
 def test_concurrent_identify_requests_share_forward_passes_with_unbatched_results(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from service.runtime import batch_lanes, batch_max_images, batch_start_when_idle
+from service.runtime import batch_lanes, batch_max_images
 from service.settings import Settings
 
 
@@ -72,17 +72,3 @@ def test_batching_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch) ->
     chosen = Settings()
     assert (batch_max_images(chosen, cpu), batch_lanes(chosen, cpu)) == (16, 3)
     assert (batch_max_images(chosen, cuda), batch_lanes(chosen, cuda)) == (16, 3)
-
-
-@pytest.mark.parametrize(
-    ("setting", "on_cpu", "on_gpu"),
-    [(None, False, True), ("when-idle", True, True), ("after-wait", False, False)],
-)
-def test_batches_start_when_idle_on_a_gpu_unless_set(
-    monkeypatch: pytest.MonkeyPatch, setting: str | None, on_cpu: bool, on_gpu: bool
-) -> None:
-    if setting is not None:
-        monkeypatch.setenv("ANIMALID_BATCH_START", setting)
-    settings = Settings()
-    assert batch_start_when_idle(settings, torch.device("cpu")) is on_cpu
-    assert batch_start_when_idle(settings, torch.device("cuda")) is on_gpu
