@@ -193,7 +193,7 @@ class Settings(BaseSettings):
         ge=0.0,
         le=5000.0,
         description="Dynamic batching: how long concurrent requests' images are gathered into one forward "
-        "pass (0: every request runs its own); a request alone waits at most this long",
+        "pass (0: every request runs its own); with BATCH_START after-wait a request alone waits this long",
     )
     batch_max_images: int = Field(
         default=0,
