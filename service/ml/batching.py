@@ -44,8 +44,8 @@ class BatchingConfig:
     may run at the same time. ``start_when_idle``: while no batch runs, the queued jobs leave at
     once instead of waiting out ``max_wait_s``; the jobs that arrive while a batch runs gather for
     the next one. With one lane a batch never waits: a request alone is not slowed at all, and
-    under load batches are as large as what arrived during the last one (a GPU, where a request's
-    forward pass is a fraction of the wait, docs/benchmarks.md)."""
+    under load batches are as large as what arrived during the last one (the service's default:
+    on a GPU a lone request's forward pass is a fraction of the wait, docs/benchmarks.md)."""
 
     max_wait_s: float = 0.0
     max_items: int = 32
