@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class FinetuneRequest(BaseModel):
@@ -70,6 +70,15 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     heartbeat_at: datetime | None
     finished_at: datetime | None
+
+    @model_validator(mode="after")
+    def _stage_is_the_status_unless_running(self) -> JobPublic:
+        """Out of a worker's hands (queued, or ended by any path: a worker, a cancel while queued),
+        the stage is the status; the last epoch's figures stay. Stored, it would be the last stage
+        the job ran (a succeeded job said ``evaluate``)."""
+        if self.status != "running":
+            self.progress = {**self.progress, "stage": self.status}
+        return self
 
 
 class JobsPublic(BaseModel):

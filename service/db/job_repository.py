@@ -168,7 +168,7 @@ class JobRepository:
         self.session.execute(
             update(Job)
             .where(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.RUNNING)
-            .values(status=JobStatus.QUEUED, worker=None, progress=self._at_stage(job_id, JobStatus.QUEUED))
+            .values(status=JobStatus.QUEUED, worker=None)
             .execution_options(synchronize_session=False)
         )
 
@@ -180,19 +180,7 @@ class JobRepository:
             self._count(
                 update(Job)
                 .where(Job.id == job_id, Job.worker == worker, Job.status == JobStatus.RUNNING)
-                .values(
-                    status=status,
-                    result=result,
-                    error=error,
-                    finished_at=utcnow(),
-                    progress=self._at_stage(job_id, status),
-                )
+                .values(status=status, result=result, error=error, finished_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
         )
-
-    def _at_stage(self, job_id: uuid.UUID, stage: str) -> dict[str, Any]:
-        """The job's progress with its stage set to ``stage`` (the last epoch, loss and ETA kept):
-        a finished or requeued job no longer shows the stage it was in."""
-        progress = self.session.scalar(select(Job.progress).where(Job.id == job_id))
-        return {**(progress or {}), "stage": stage}

@@ -397,6 +397,7 @@ def test_job_requests_and_cancels(settings: Settings, tmp_path: Path) -> None:
         job_id = client.post("/species/dog/finetune").json()["id"]
         cancelled = client.post(f"/jobs/{job_id}/cancel")
         assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert client.get(f"/jobs/{job_id}").json()["progress"]["stage"] == "cancelled"
         assert client.post(f"/jobs/{job_id}/cancel").json()["code"] == "job_conflict"
         assert client.get("/jobs/00000000-0000-0000-0000-000000000000").json()["code"] == "job_not_found"
         assert client.get("/jobs", params={"status": "nope"}).status_code == 422
