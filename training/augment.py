@@ -4,6 +4,11 @@ Applied on top of the cached, already resized pixels (the evaluation transform's
 model trains on the pixels serving will give it plus random changes. Every random draw comes from
 ``generator``, so a resumed run and every process of a distributed one draw the same changes.
 Order: rotation and zoom, shift and brightness/contrast jitter, random erasing, horizontal flip.
+
+The draws are made on the CPU (``generator`` is a CPU generator) and the pixels are changed where
+they are: a batch copied to a GPU as uint8 is augmented there, so the CPU only gathers and copies
+it and the training loop never waits for augmentation between the GPU's steps. On the CPU the
+result is the same whichever device would have run it, draw for draw.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from training.config import TrainConfig
+from training.preprocess import on_device
 
 # Random erasing blanks a rectangle of this share of the image area (at most a quarter; torchvision's
 # RandomErasing goes to a third), of aspect ratio (h/w) between ERASE_ASPECT and its inverse (as
@@ -35,7 +41,7 @@ def augment(pixels: torch.Tensor, generator: torch.Generator, config: TrainConfi
     if config.erase_probability:
         out = random_erasing(out, generator, config.erase_probability)
     if config.hflip:
-        flip = torch.rand(n, generator=generator) < 0.5
+        flip = on_device(torch.rand(n, generator=generator) < 0.5, out.device)
         out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
     return out.round().clamp(0, 255).to(torch.uint8)
 
@@ -56,7 +62,8 @@ def rotate_and_zoom(images: torch.Tensor, angles: torch.Tensor, scales: torch.Te
             torch.stack([sin * w / h, cos, torch.zeros_like(cos)], 1),
         ],
         1,
-    ).to(images.dtype)
+    )
+    theta = on_device(theta.to(images.dtype), images.device)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -69,11 +76,23 @@ def shift_and_jitter(images: torch.Tensor, generator: torch.Generator) -> torch.
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-    contrast = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=generator)
-    brightness = (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 40.0
+    out = crop(padded, on_device(dy, images.device), on_device(dx, images.device), h, w)
+    contrast = on_device(0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=generator), images.device)
+    brightness = on_device((torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 40.0, images.device)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     return ((out - mean) * contrast + mean + brightness).clamp(0, 255)
+
+
+def crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Image ``i`` of ``images`` (N, C, H', W') cut to ``h`` x ``w`` from row ``top[i]`` and column
+    ``left[i]``: one indexing operation for the whole batch, not one slice per image."""
+    n, c = images.shape[:2]
+    device = images.device
+    rows = (top.view(n, 1) + torch.arange(h, device=device)).view(n, 1, h, 1)
+    cols = (left.view(n, 1) + torch.arange(w, device=device)).view(n, 1, 1, w)
+    image = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=device).view(1, c, 1, 1)
+    return images[image, channel, rows, cols]
 
 
 def random_erasing(images: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
@@ -90,5 +109,6 @@ def random_erasing(images: torch.Tensor, generator: torch.Generator, probability
         ew = min(w, max(1, round(math.sqrt(float(areas[i]) * h * w / aspect))))
         top = int(float(corners[i, 0]) * (h - eh + 1))
         left = int(float(corners[i, 1]) * (w - ew + 1))
-        out[i, :, top : top + eh, left : left + ew] = torch.rand(c, eh, ew, generator=generator) * 255
+        noise = torch.rand(c, eh, ew, generator=generator) * 255
+        out[i, :, top : top + eh, left : left + ew] = on_device(noise, out.device)
     return out

@@ -146,10 +146,19 @@ def to_uint8_tensor(image: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     return torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+def on_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (random draws, constants) moved to ``device``. To a GPU it goes from pinned
+    memory without blocking: a plain copy from pageable memory makes the CPU wait until the GPU has
+    finished all the work queued before it, so the CPU could not prepare the next batch meanwhile."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def normalize(pixels: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """uint8 pixels (3, H, W) or (N, 3, H, W) on any device -> normalised float32."""
-    mean = torch.tensor(spec.mean, device=pixels.device, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(spec.std, device=pixels.device, dtype=torch.float32).view(-1, 1, 1)
+    mean = on_device(torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1), pixels.device)
+    std = on_device(torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1), pixels.device)
     return (pixels.float() / 255.0 - mean) / std
 
 

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ from training.model import (
     set_frozen_eval,
     stage_names,
 )
-from training.preprocess import PreprocessSpec, normalize
+from training.preprocess import PreprocessSpec, normalize, on_device
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,19 @@ def cache_features(
     )
 
 
+def gather_rows(per_species: Sequence[torch.Tensor], batch: np.ndarray) -> torch.Tensor:
+    """The rows of a batch ((species index, sample index) pairs) from per-species tensors, in the
+    batch's order: one indexing per species, not one slice per row."""
+    species = torch.from_numpy(np.ascontiguousarray(batch[:, 0]))
+    index = torch.from_numpy(np.ascontiguousarray(batch[:, 1]))
+    first = per_species[int(species[0])]
+    out = first.new_empty((len(batch), *first.shape[1:]))
+    for s in species.unique().tolist():
+        at = species == s
+        out[at] = per_species[s][index[at]]
+    return out
+
+
 def _batch_inputs(
     data: list[SpeciesData],
     batch: np.ndarray,
@@ -342,16 +355,17 @@ def _batch_inputs(
 ) -> torch.Tensor:
     """This process's inputs of a batch: cached features with a drawn view, or augmented pixels.
 
-    Every process draws the whole batch's augmentation (same generator), then keeps its slice.
+    The uint8 pixels are copied to the device first and augmented there (on a GPU the CPU only
+    gathers and copies). Every process draws the whole batch's augmentation (same generator), then
+    keeps its slice.
     """
-    rows = batch.tolist()
     if config.cache_features:
+        rows = batch.tolist()
         by_species = [draw_views(data[s].features, [i], generator) for s, i in rows]  # type: ignore[arg-type]
-        return torch.cat(by_species)[part].to(device)
-    pixels = torch.cat([data[s].train.pixels[i : i + 1] for s, i in rows])
-    pixels = augment(pixels, generator, config)
+        return on_device(torch.cat(by_species)[part], device)
+    pixels = augment(on_device(gather_rows([d.train.pixels for d in data], batch), device), generator, config)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    return normalize(pixels[part].to(device, non_blocking=True), spec).contiguous(memory_format=memory_format)
+    return normalize(pixels[part], spec).contiguous(memory_format=memory_format)
 
 
 def training_embeddings(
@@ -524,7 +538,10 @@ def train_one_epoch(
     torch.manual_seed(config.seed * 1_000_003 + epoch + dist_info.rank)
     batches = epoch_batches(data, config, epoch)
     use_amp = config.amp and device.type == "cuda"
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    # The loss is summed on the device: reading it every step would make the CPU wait for each GPU
+    # step before it could gather and copy the next batch.
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    seen, start = 0, time.perf_counter()
     bar = tqdm(
         batches,
         desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -537,27 +554,28 @@ def train_one_epoch(
     for batch in bar:
         part = process_share(len(batch), dist_info)
         inputs = _batch_inputs(data, batch, part, generator, config, spec, device)
-        species = torch.from_numpy(batch[part, 0]).to(device)
-        labels = torch.stack([data[s].labels[i] for s, i in batch[part].tolist()]).to(device)
+        species = on_device(torch.from_numpy(batch[part, 0]), device)
+        labels = on_device(gather_rows([d.labels for d in data], batch[part]), device)
         targets = None
         if config.distill_from:
-            targets = torch.stack([data[s].teacher[i] for s, i in batch[part].tolist()]).to(device)  # type: ignore[index]
+            targets = on_device(gather_rows([d.teacher for d in data], batch[part]), device)  # type: ignore[misc]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss = module(inputs, labels, species, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += float(loss.detach()) * len(labels)
+        total_loss += loss.detach().double() * len(labels)
         seen += len(labels)
-        bar.set_postfix(
-            loss=f"{float(loss.detach()):.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
-        )
-    elapsed = time.perf_counter() - start
+        if not bar.disable:
+            bar.set_postfix(
+                loss=f"{float(loss.detach()):.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}"
+            )
+    totals = torch.stack([total_loss, torch.tensor(float(seen), dtype=torch.float64, device=device)])
     if dist_info.world > 1:  # mean loss and image count over all processes
-        totals = torch.tensor([total_loss, float(seen)], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
-        total_loss, seen = float(totals[0]), int(totals[1])
-    return {"loss": total_loss / max(seen, 1), "images_per_s": seen / elapsed, "time_s": elapsed}
+    loss_sum, seen = float(totals[0]), int(totals[1])
+    elapsed = time.perf_counter() - start
+    return {"loss": loss_sum / max(seen, 1), "images_per_s": seen / elapsed, "time_s": elapsed}
 
 
 def process_share(batch_len: int, dist_info: DistInfo) -> slice:

@@ -20,6 +20,7 @@ from training.train import (
     DistInfo,
     epoch_batches,
     fit,
+    gather_rows,
     load_checkpoint,
     prepare_data,
     process_share,
@@ -143,6 +144,14 @@ def test_joint_batches_follow_species_weights(tmp_path, animals):
     exported = export_run(run)
     assert sorted(p.name for p in exported) == ["big", "small"]
     assert load_artifact(exported[1]).card.species == "small"
+
+
+def test_a_joint_batch_gathers_each_row_from_its_own_species_in_the_batch_order():
+    dogs = torch.arange(10).view(5, 2)
+    cows = 100 + torch.arange(6).view(3, 2)
+    batch = np.array([[1, 2], [0, 4], [0, 0], [1, 0], [0, 4]])
+    rows = gather_rows([dogs, cows], batch)
+    assert rows.tolist() == [[104, 105], [8, 9], [0, 1], [100, 101], [8, 9]]
 
 
 @pytest.mark.parametrize(
