@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -245,6 +245,17 @@ def compared_rules(
     }
 
 
+def read_sizes(table: OpenSetCalibration, answers: list[dict]) -> np.ndarray:
+    """Each answer's gallery as ``table`` reads it, from the gallery's shape when the answer has it
+    (pairs of images per individual and individuals with that many), else its images."""
+    return np.array(
+        [
+            table.equivalent_size(dict(a["gallery_shape"])) if "gallery_shape" in a else a["gallery_size"]
+            for a in answers
+        ]
+    )
+
+
 def ece_if_calibrated(confidence: np.ndarray, weight: np.ndarray, draws: int = 200) -> float:
     """The mean ECE of a perfectly calibrated confidence on these queries: each one right with the
     probability its confidence says (what sampling alone adds to a measured ECE)."""
@@ -297,9 +308,8 @@ def figures(
         "target FPIR 5% (match or uncertain)": np.isin(decisions, ["match", "uncertain"]),
         f"pair threshold {pair_threshold:.3f} (before)": sim >= pair_threshold,
     }
-    sizes = np.array([a["gallery_size"] for a in answers])
     if compare is not None:
-        rules |= compared_rules(compare, sim, sizes, args)
+        rules |= compared_rules(compare, sim, read_sizes(compare, answers), args)
     out = {}
     for name, matched in rules.items():
         out[name] = {
@@ -314,6 +324,7 @@ def figures(
     confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
     out["confidence"] = calibration_figures(confidence, right, stranger, weight)
     enrolled = ~stranger
+    sizes = read_sizes(table, answers)
     no_strangers = np.array(
         [table.probability(float(x), int(n), y, 0.0) for x, n, y in zip(sim, sizes, second, strict=True)]
     )
@@ -324,7 +335,7 @@ def figures(
         compared = np.array(
             [
                 compare.probability(float(x), int(n), y, args.stranger_share)
-                for x, n, y in zip(sim, sizes, second, strict=True)
+                for x, n, y in zip(sim, read_sizes(compare, answers), second, strict=True)
             ]
         )
         out["compared card confidence"] = calibration_figures(compared, right, stranger, weight)
@@ -379,6 +390,7 @@ def brief(answer: dict) -> dict[str, object]:
         "similarity": candidates[0]["similarity"] if candidates else None,
         "second": candidates[1]["similarity"] if len(candidates) > 1 else None,
         "gallery_size": answer["gallery_size"],
+        "gallery_shape": answer["gallery_shape"],
         "decision": answer["decision"],
         "confidence": answer["confidence"],
     }
@@ -409,13 +421,16 @@ def run_seed(
             )
             enrolled: list[str] = []
             size = 0
+            shape: Counter[int] = Counter()  # images per individual -> individuals
             for target in sorted(args.sizes):
                 for name, photos in chosen.enrol.items():
                     if size >= target:
                         break
                     if name in enrolled:
                         continue
-                    size += enroll(client, species, name, photos)
+                    added = enroll(client, species, name, photos)
+                    size += added
+                    shape[added] += 1
                     enrolled.append(name)
                 asked = [
                     (name, p) for name in enrolled if name in chosen.genuine for p in chosen.genuine[name]
@@ -427,8 +442,11 @@ def run_seed(
                     args.stranger_share / (1 - args.stranger_share) * len(asked) / len(strangers)
                 )
                 answers = []
+                gallery_shape = sorted(shape.items())
                 for truth, photo in [*asked, *((None, p) for _, p in strangers)]:
-                    answers.append(identify(client, species, photo) | {"truth": truth})
+                    answers.append(
+                        identify(client, species, photo) | {"truth": truth, "gallery_shape": gallery_shape}
+                    )
                 weight = np.array([stranger_weight if a["truth"] is None else 1.0 for a in answers])
                 counts = {
                     "gallery_images": answers[-1]["gallery_size"],

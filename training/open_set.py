@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -93,6 +93,14 @@ MIN_POOLED_SCORES = 500
 """Fewer pooled distractor scores than this fit no tail: the rates are the empirical ones."""
 CONFIDENCE_DRAWS = 4
 """Galleries drawn per validation query at each gallery size for the confidence's fit."""
+EXPONENT_SHARES = (2e-3, 1e-3, 5e-4, 2e-4)
+"""Shares of the single-photo distractor scores above the thresholds the image exponent is measured
+at: the highest ones the validation data still counts (on 111 validation dogs the exponent rose from
+0.53 at a 1% share to 0.79 at 0.03%; a threshold for a 1% FPIR sits further out still)."""
+MAX_EXPONENT_IMAGES = 8
+"""Largest number of enrolled photos per individual the image exponent is measured up to."""
+MAX_EXPONENT_QUERIES = 2000
+"""Query photos (drawn at random) the image exponent is measured with, to bound its memory."""
 LOGISTIC_RIDGE = 1e-3
 """L2 penalty on the logistic slopes, in units of one query's weight: it keeps the fit finite when a
 small validation set separates perfectly, and is negligible against thousands of drawn queries."""
@@ -415,6 +423,9 @@ class OpenSetCalibration:
     # The confidence from similarity, margin and a prior share of strangers (None: a card from before
     # it, whose confidence is the curve on similarity alone).
     confidence_model: ConfidenceModel | None = None
+    # How a distractor's chance of a high score grows with its enrolled images (:func:`image_exponent`):
+    # 1 reads a gallery by its images alone (cards from before it), 0 by its individuals alone.
+    image_exponent: float = 1.0
     # Not stored in the card: the curves the report plots.
     curves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -431,6 +442,7 @@ class OpenSetCalibration:
             "simulated_up_to": self.simulated_up_to,
             "counts": dict(self.counts),
             "tail": dict(self.tail),
+            "image_exponent": round(self.image_exponent, 4),
         } | ({"confidence_model": self.confidence_model.to_dict()} if self.confidence_model else {})
 
     @classmethod
@@ -450,6 +462,7 @@ class OpenSetCalibration:
             simulated_up_to=int(data.get("simulated_up_to") or 0),
             counts={str(k): int(v) for k, v in dict(data.get("counts") or {}).items()},
             tail={str(k): float(v) for k, v in dict(data.get("tail") or {}).items()},
+            image_exponent=float(data.get("image_exponent", 1.0)),
         )
         if data.get("confidence_model") is not None:
             table.confidence_model = ConfidenceModel.from_dict(data["confidence_model"], len(sizes))
@@ -463,7 +476,17 @@ class OpenSetCalibration:
         )
         if not shapes_ok:
             raise ValueError("open_set table: rows and columns do not match its gallery sizes and FPIRs")
+        if not 0.0 <= table.image_exponent <= 1.0:
+            raise ValueError(f"open_set image_exponent {table.image_exponent} not in [0, 1]")
         return table
+
+    def equivalent_size(self, image_counts: Mapping[int, int]) -> int:
+        """The gallery as the table reads it: images of individuals with the calibration's
+        :attr:`images_per_individual` each. ``image_counts`` maps images per individual to the
+        number of individuals with that many; an individual of ``n`` images counts as ``(n / m) **
+        image_exponent`` individuals of ``m``. With an exponent of 1 this is the gallery's images."""
+        m = self.images_per_individual
+        return round(sum(k * m * (n / m) ** self.image_exponent for n, k in image_counts.items() if n > 0))
 
     def _size_weights(self, gallery_size: int) -> tuple[int, int, float]:
         """Rows bracketing ``gallery_size`` and the weight of the upper one (linear in log size)."""
@@ -520,6 +543,51 @@ class OpenSetCalibration:
         low = model.probability(lo, similarity, second, share)
         high = model.probability(hi, similarity, second, share)
         return float(np.clip((1 - w) * low + w * high, 0.0, 1.0))
+
+
+def image_exponent(emb: np.ndarray, individuals: Sequence[str], seed: int = 0) -> float:
+    """``a`` of ``p_m(t) ~ m ** a``: how a distractor individual's chance that one of its ``m``
+    enrolled photos reaches a high similarity ``t`` grows with ``m``.
+
+    ``a = 1`` when its photos are as unlike one another as photos of different animals (a gallery is
+    then described by its images alone), ``0`` when they are copies of one photo (by its individuals
+    alone). Measured on the validation individuals with at least ``M`` photos (``M`` the median count,
+    at most :data:`MAX_EXPONENT_IMAGES`): for every other photo as a query, the exact chance that a
+    random ``m`` of the individual's photos hold one scoring ``t`` or more (hypergeometric), pooled,
+    and ``log p_m`` against ``log m`` at the thresholds of :data:`EXPONENT_SHARES`. Photos of one
+    session (a video clip) are as alike in a gallery as here, so they lower ``a`` too. Returns 1 (read
+    by images, as before the exponent) when the data cannot show it: fewer than 2 photos per
+    individual, or no high score at all.
+    """
+    labels = np.asarray(individuals)
+    _, index, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    most = min(MAX_EXPONENT_IMAGES, int(np.quantile(counts, 0.5, method="lower")))
+    eligible = np.flatnonzero(counts >= most)
+    if most < 2 or len(eligible) < 2:
+        return 1.0
+    emb = np.asarray(emb, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.permutation(len(labels))[:MAX_EXPONENT_QUERIES])
+    blocks = [
+        emb[queries[index[queries] != j]] @ emb[index == j].T  # (queries of other animals, photos of j)
+        for j in eligible
+    ]
+    pooled = np.concatenate([block.ravel() for block in blocks])
+    thresholds = np.quantile(pooled, 1.0 - np.asarray(EXPONENT_SHARES))
+    sizes = np.arange(1, most + 1)
+    hits = np.zeros((most, len(thresholds)))
+    for block in blocks:
+        n = block.shape[1]
+        above = (block[:, :, None] >= thresholds).sum(axis=1)  # (queries, thresholds)
+        missed = np.ones(above.shape)
+        for m in sizes:  # P(none of a random m photos is above) = prod_i (n - above - i) / (n - i)
+            missed = missed * np.clip(n - above - (m - 1), 0, None) / (n - (m - 1))
+            hits[m - 1] += (1.0 - missed).sum(axis=0)
+    seen = np.flatnonzero((hits > 0).all(axis=0))
+    if not seen.size:
+        return 1.0
+    slopes = [np.polyfit(np.log(sizes), np.log(hits[:, t]), 1)[0] for t in seen]
+    return float(np.clip(np.mean(slopes), 0.0, 1.0))
 
 
 def query_scores(
@@ -691,5 +759,6 @@ def calibrate_open_set(
         },
         tail=scores.tail.to_dict() if scores.tail is not None else {},
         confidence_model=ConfidenceModel.fit(drawn),
+        image_exponent=image_exponent(emb, individuals, seed),
         curves=curves,
     )

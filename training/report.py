@@ -215,6 +215,15 @@ def open_set_lines(table: OpenSetCalibration, out: Path) -> list[str]:
             f"The validation data hold distinct individuals for galleries up to about "
             f"{table.simulated_up_to:,} images; rows beyond are extrapolations: {beyond}.",
         ]
+    m, a = table.images_per_individual, table.image_exponent
+    one, ten = (table.equivalent_size({n: 100}) / 100 for n in (1, 10))
+    lines += [
+        "",
+        f"Image exponent {a:.2f}: a gallery is read as images of individuals with {m:.2f} photos "
+        f"each, an individual of `n` photos counting as `(n / {m:.2f}) ** {a:.2f}` of them (1: photos "
+        "of one animal are as unlike as photos of different animals; 0: they are copies). An animal "
+        f"enrolled with one photo is read as {one:.2f} images, one with ten as {ten:.2f}.",
+    ]
     sep = table.separation
     if sep:
         lines += [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ class Gallery:
         self.dim = dim
         self._index = VectorIndex(dim, use_gpu=use_gpu)
         self._entries: dict[int, GalleryEntry] = {}
+        # images per individual, and how many individuals have each count (the open-set table reads
+        # a gallery by both: see ``OpenSetCalibration.equivalent_size``)
+        self._images_of: Counter[uuid.UUID] = Counter()
+        self._individuals_with: Counter[int] = Counter()
         self._lock = threading.RLock()
 
     @property
@@ -70,14 +75,15 @@ class Gallery:
             raise ValueError(f"{len(ids)} ids for {len(entry_list)} entries")
         with self._lock:
             self._index.add(ids, vectors)
-            self._entries.update(zip((int(i) for i in ids), entry_list, strict=True))
+            for i, entry in zip(ids, entry_list, strict=True):
+                self._set_entry(int(i), entry)
 
     def remove(self, embedding_ids: Iterable[int]) -> int:
         ids = np.fromiter((int(i) for i in embedding_ids), dtype=np.int64)
         with self._lock:
             removed = self._index.remove(ids)
             for i in ids:
-                self._entries.pop(int(i), None)
+                self._set_entry(int(i), None)
             return removed
 
     def entry(self, embedding_id: int) -> GalleryEntry | None:
@@ -90,7 +96,34 @@ class Gallery:
         with self._lock:
             for i in embedding_ids:
                 entry = self._entries[int(i)]
-                self._entries[int(i)] = GalleryEntry(image_id=entry.image_id, individual_id=individual_id)
+                self._set_entry(int(i), GalleryEntry(image_id=entry.image_id, individual_id=individual_id))
+
+    def image_counts(self) -> dict[int, int]:
+        """{images per individual: individuals with that many}, over the whole gallery."""
+        with self._lock:
+            return dict(self._individuals_with)
+
+    def _set_entry(self, embedding_id: int, entry: GalleryEntry | None) -> None:
+        """Store (or, with None, drop) what a vector is, keeping the per-individual counts."""
+        old = self._entries.pop(embedding_id, None)
+        if old is not None:
+            self._count(old.individual_id, -1)
+        if entry is not None:
+            self._entries[embedding_id] = entry
+            self._count(entry.individual_id, +1)
+
+    def _count(self, individual_id: uuid.UUID, change: int) -> None:
+        before = self._images_of[individual_id]
+        after = before + change
+        if before:
+            self._individuals_with[before] -= 1
+            if not self._individuals_with[before]:
+                del self._individuals_with[before]
+        if after:
+            self._images_of[individual_id] = after
+            self._individuals_with[after] += 1
+        else:
+            del self._images_of[individual_id]
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) in storage order, for consistency checks and tests."""

@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -200,7 +201,10 @@ def run_finetune(
     data = _gallery_data(config, start.card, species)
     held = data.held
     assert held is not None  # _gallery_data refuses a gallery with nothing to hold back
-    gallery_images = len(data.train.individuals) + len(held.individuals) + len(data.val.individuals)
+    # the gallery's shape: images per individual -> individuals with that many
+    photos = Counter([*data.train.individuals, *held.individuals, *data.val.individuals])
+    shape = Counter(photos.values())
+    gallery_images = photos.total()
     progress: dict[str, Any] = {"stage": "train", "epoch": 0, "epochs": config.epochs}
     report(progress)
     for run in runs:
@@ -209,13 +213,10 @@ def run_finetune(
     report(progress)
     challenger = _challenger(start, runs, work / "tuned")
     card = _challenger_card(challenger, start.card, champion.card, data, config, policy)
-    # Each model judged at the threshold it would serve with at this gallery's size.
-    champion_threshold = served_threshold(
-        champion.card, gallery_images, policy.target_fpir, policy.default_threshold
-    )
-    challenger_threshold = served_threshold(
-        card, gallery_images, policy.target_fpir, policy.default_threshold
-    )
+    # Each model judged at the threshold it would serve with for this gallery.
+    target, default = policy.target_fpir, policy.default_threshold
+    champion_threshold = served_threshold(champion.card, shape, target, default)
+    challenger_threshold = served_threshold(card, shape, target, default)
     champion_result = _judge(champion, config, champion_threshold)
     challenger_result = evaluate_held_back(
         challenger, start.card.preprocess, data.train, held, challenger_threshold

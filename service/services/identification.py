@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +71,7 @@ class OperatingPoint:
     review_threshold: float | None = None
     target_fpir: float | None = None
     table: OpenSetCalibration | None = None
+    table_size: int = 0  # the gallery as the table reads it (OpenSetCalibration.equivalent_size)
 
     def decide(self, similarity: float | None) -> IdentifyDecision:
         if similarity is None:
@@ -81,18 +83,36 @@ class OperatingPoint:
         return "unknown"
 
 
-def served_threshold(card: ModelCard | None, gallery_size: int, target_fpir: float, default: float) -> float:
+def served_threshold(
+    card: ModelCard | None, image_counts: Mapping[int, int], target_fpir: float, default: float
+) -> float:
     """The match threshold of a request that gives none (:func:`operating_point`'s rule): the card's
-    open-set threshold for the gallery's size and the target FPIR, else its pair threshold, else
-    ``default``. A fine-tune judges its models at this threshold too."""
+    open-set threshold for the gallery (``image_counts``: images per individual -> individuals with
+    that many) and the target FPIR, else its pair threshold, else ``default``. A fine-tune judges its
+    models at this threshold too."""
     if card is not None and card.open_set is not None:
-        return card.open_set.threshold(gallery_size, target_fpir)
+        return card.open_set.threshold(card.open_set.equivalent_size(image_counts), target_fpir)
     return effective_threshold(card, default, None)[0]
 
 
-def beyond_validation(table: OpenSetCalibration, gallery_size: int) -> str:
+def gallery_words(table: OpenSetCalibration, image_counts: Mapping[int, int]) -> str:
+    """The gallery as the reason names it: its images and individuals, and how the table reads them
+    when that differs (photos of one animal are alike, so an animal with more photos than the
+    calibration's counts for less than that many animals of its number)."""
+    images = sum(n * k for n, k in image_counts.items())
+    individuals = sum(image_counts.values())
+    words = f"a gallery of {images} images of {individuals} individuals"
+    size = table.equivalent_size(image_counts)
+    if size != images:
+        words += (
+            f", read as {size} images at the calibration's {table.images_per_individual:.1f} per individual"
+        )
+    return words
+
+
+def beyond_validation(table: OpenSetCalibration, table_size: int) -> str:
     """What the reason says of a gallery larger than the calibration's validation data could simulate."""
-    if not 0 < table.simulated_up_to < gallery_size:
+    if not 0 < table.simulated_up_to < table_size:
         return ""
     larger = (
         f"; the gallery is larger than the {table.simulated_up_to} images its validation data could simulate"
@@ -103,25 +123,32 @@ def beyond_validation(table: OpenSetCalibration, gallery_size: int) -> str:
 
 
 def operating_point(
-    card: ModelCard | None, limits: Limits, species: str, gallery_size: int, requested: float | None
+    card: ModelCard | None,
+    limits: Limits,
+    species: str,
+    image_counts: Mapping[int, int],
+    requested: float | None,
 ) -> OperatingPoint:
-    """The request's threshold; else the card's open-set threshold for this gallery size and the
-    species' target FPIR (with an uncertain band down to the review FPIR's threshold); else, for a
-    card without that table, its pair threshold; else the configured default."""
+    """The request's threshold; else the card's open-set threshold for this gallery (``image_counts``:
+    images per individual -> individuals with that many) and the species' target FPIR (with an
+    uncertain band down to the review FPIR's threshold); else, for a card without that table, its pair
+    threshold; else the configured default."""
     table = card.open_set if card is not None else None
+    size = table.equivalent_size(image_counts) if table is not None else 0
     if requested is None and table is not None:
         fpir = limits.fpir_for(species)
-        cut = served_threshold(card, gallery_size, fpir, limits.default_threshold)
-        review = table.threshold(gallery_size, limits.review_fpir) if limits.review_fpir > fpir else None
+        cut = served_threshold(card, image_counts, fpir, limits.default_threshold)
+        review = table.threshold(size, limits.review_fpir) if limits.review_fpir > fpir else None
         return OperatingPoint(
             threshold=cut,
             source="open_set",
             reason=f"threshold {cut:.3f} keeps never-enrolled animals answered match at {fpir:g} (target "
-            f"FPIR) in a gallery of {gallery_size} images: the model card's open-set table, interpolated"
-            + beyond_validation(table, gallery_size),
+            f"FPIR) in {gallery_words(table, image_counts)}: the model card's open-set table, interpolated"
+            + beyond_validation(table, size),
             review_threshold=review if review is not None and review < cut else None,
             target_fpir=fpir,
             table=table,
+            table_size=size,
         )
     cut, source = effective_threshold(card, limits.default_threshold, requested)
     reasons = {
@@ -131,7 +158,7 @@ def operating_point(
         "the gallery's size",
         "default": f"the model card has no calibrated threshold: the configured default {cut:.3f}",
     }
-    return OperatingPoint(threshold=cut, source=source, reason=reasons[source], table=table)
+    return OperatingPoint(threshold=cut, source=source, reason=reasons[source], table=table, table_size=size)
 
 
 class Stopwatch:
@@ -190,7 +217,8 @@ def identify(
     with metrics.search.labels(species).time():
         # the confidence needs the second individual too, whatever the answer lists
         found = registry.search(species, serving.gallery, query, max(top_k, 2))
-        gallery_size = len(serving.gallery)
+        image_counts = serving.gallery.image_counts()
+        gallery_size = sum(n * k for n, k in image_counts.items())
     clock.lap("search")
     labels = _labels(session, [c.individual_id for c in found])
     candidates = [
@@ -204,14 +232,15 @@ def identify(
         for c in found
         if labels is None or c.individual_id in labels  # deleted between the search and this read
     ]
-    point = operating_point(serving.embedder.card, limits, species, gallery_size, threshold)
+    point = operating_point(serving.embedder.card, limits, species, image_counts, threshold)
     top = candidates[0].similarity if candidates else None
     second = candidates[1].similarity if len(candidates) > 1 else None
     candidates = candidates[:top_k]
     decision = point.decide(top)
     confidence = None
     if point.table is not None and top is not None:
-        confidence = point.table.probability(top, gallery_size, second, limits.stranger_share_for(species))
+        share = limits.stranger_share_for(species)
+        confidence = point.table.probability(top, point.table_size, second, share)
     result = IdentifyResult(
         species=species,
         model_version=serving.model_version,

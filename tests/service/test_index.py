@@ -166,6 +166,25 @@ def test_gallery_reassign_and_remove_follow_merges_and_deletes() -> None:
     assert gallery.search_individuals(vectors[0], 1)[0].image_id in (images[2], images[3])
 
 
+def test_gallery_counts_images_per_individual_through_enrolls_merges_and_deletes() -> None:
+    rng = np.random.default_rng(6)
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    owners = [a, a, a, b, b, c]
+    gallery = Gallery(8, use_gpu=False)
+    assert gallery.image_counts() == {}
+    gallery.add(range(6), unit(rng, 6, 8), [GalleryEntry(uuid.uuid4(), o) for o in owners])
+    assert gallery.image_counts() == {3: 1, 2: 1, 1: 1}
+    gallery.reassign([5], b)  # c merged into b
+    assert gallery.image_counts() == {3: 2}
+    with pytest.raises(ValueError):
+        gallery.add([0], unit(rng, 1, 8), [GalleryEntry(uuid.uuid4(), c)])  # an id already stored
+    assert gallery.image_counts() == {3: 2}
+    gallery.remove([0, 1, 99])
+    assert gallery.image_counts() == {1: 1, 3: 1}
+    gallery.remove([2])
+    assert gallery.image_counts() == {3: 1}
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(gpu_count() == 0, reason="FAISS sees no GPU")
 def test_gpu_index_matches_the_cpu_master() -> None:

@@ -26,6 +26,7 @@ TABLE = OpenSetCalibration(
     confidence=[[0.0, 1.0], [0.0, 1.0]],
     images_per_individual=2.0,
 )
+HUNDRED = {2: 50}  # 50 individuals of 2 images each: the table's own images per individual
 LIMITS = Limits(
     images=ImagePolicy(max_pixels=10**6, max_request_pixels=10**7),
     default_threshold=0.5,
@@ -40,35 +41,49 @@ LIMITS = Limits(
 def test_operating_point_interpolates_the_table_for_the_gallery_size() -> None:
     card = replace(read_card_stub(), open_set=TABLE)
     # 100 images: halfway in log size -> .7 at FPIR .01, .5 at FPIR .1 (the review edge)
-    point = operating_point(card, LIMITS, "dog", 100, None)
+    point = operating_point(card, LIMITS, "dog", HUNDRED, None)
     assert (point.source, point.target_fpir) == ("open_set", 0.01)
     assert point.threshold == pytest.approx(0.7)
     assert point.review_threshold == pytest.approx(0.5)
-    assert "100 images" in point.reason and "open-set table" in point.reason
+    assert "100 images of 50 individuals" in point.reason and "open-set table" in point.reason
+    assert "read as" not in point.reason
     assert [point.decide(s) for s in (0.75, 0.6, 0.45, None)] == ["match", "uncertain", "unknown", "unknown"]
     assert "larger than" not in point.reason
     beyond = operating_point(
-        replace(card, open_set=replace(TABLE, simulated_up_to=50)), LIMITS, "dog", 100, None
+        replace(card, open_set=replace(TABLE, simulated_up_to=50)), LIMITS, "dog", HUNDRED, None
     )
     assert "larger than the 50 images its validation data could simulate" in beyond.reason
     assert "likely higher" in beyond.reason
     fitted = replace(TABLE, simulated_up_to=50, tail={"power": 9.0, "start_share": 0.003})
-    extrapolated = operating_point(replace(card, open_set=fitted), LIMITS, "dog", 100, None)
+    extrapolated = operating_point(replace(card, open_set=fitted), LIMITS, "dog", HUNDRED, None)
     assert "extrapolates a tail fitted" in extrapolated.reason and "likely higher" not in extrapolated.reason
     # cattle's own target FPIR is the review one: no band
-    cattle = operating_point(card, LIMITS, "cattle", 100, None)
+    cattle = operating_point(card, LIMITS, "cattle", HUNDRED, None)
     assert cattle.threshold == pytest.approx(0.5) and cattle.review_threshold is None
     # a request's threshold wins, without a band
-    asked = operating_point(card, LIMITS, "dog", 100, 0.3)
+    asked = operating_point(card, LIMITS, "dog", HUNDRED, 0.3)
     assert (asked.source, asked.threshold, asked.review_threshold) == ("request", 0.3, None)
+
+
+def test_an_animal_with_more_photos_than_the_calibration_counts_for_fewer_animals_than_its_photos() -> None:
+    card = replace(read_card_stub(), open_set=replace(TABLE, image_exponent=0.5))
+    # 25 individuals of 8 photos: each counts as (8 / 2) ** 0.5 = 2 individuals of 2 -> 100 images
+    point = operating_point(card, LIMITS, "dog", {8: 25}, None)
+    assert point.threshold == pytest.approx(0.7) and point.table_size == 100
+    assert "200 images of 25 individuals, read as 100 images at the calibration's 2.0" in point.reason
+    # read by images, as a card without the exponent is: 200 images
+    by_images = operating_point(replace(card, open_set=TABLE), LIMITS, "dog", {8: 25}, None)
+    assert by_images.table_size == 200 and by_images.threshold > point.threshold
+    # one photo each: 100 individuals count as 100 * 2 * (1 / 2) ** 0.5 = 141 images
+    assert operating_point(card, LIMITS, "dog", {1: 100}, None).table_size == 141
 
 
 def test_a_card_without_the_table_falls_back_to_its_pair_threshold_and_says_so() -> None:
     card = replace(read_card_stub(), threshold=0.61, threshold_far=0.001, open_set=None)
-    point = operating_point(card, LIMITS, "dog", 100, None)
+    point = operating_point(card, LIMITS, "dog", HUNDRED, None)
     assert (point.source, point.threshold, point.table) == ("model_card", 0.61, None)
     assert "no open-set table" in point.reason and "0.001" in point.reason
-    no_threshold = operating_point(replace(card, threshold=None), LIMITS, "dog", 100, None)
+    no_threshold = operating_point(replace(card, threshold=None), LIMITS, "dog", HUNDRED, None)
     assert (no_threshold.source, no_threshold.threshold) == ("default", 0.5)
 
 

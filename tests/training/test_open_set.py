@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from training.open_set import (
     conservative_threshold,
     distractor_cdf,
     identification_rates,
+    image_exponent,
     isotonic,
     logistic_regression,
     max_quantile,
@@ -123,6 +125,42 @@ def test_table_round_trips_and_refuses_mismatched_shapes() -> None:
     bad = TABLE.to_dict() | {"thresholds": [[0.6, 0.4]]}
     with pytest.raises(ValueError, match="rows and columns"):
         OpenSetCalibration.from_dict(bad)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_the_image_exponent_is_one_for_unrelated_photos_and_zero_for_copies_of_one() -> None:
+    rng = np.random.default_rng(0)
+    individuals = np.repeat([f"a{i}" for i in range(100)], 8)
+    # every photo unlike every other, its own animal's included: 8 photos are 8 chances
+    unrelated = image_exponent(_unit(rng.normal(size=(800, 24))), individuals)
+    # every photo of an animal the same vector: 8 photos are one chance
+    copies = image_exponent(np.repeat(_unit(rng.normal(size=(100, 24))), 8, axis=0), individuals)
+    # between: photos scattered about their animal's own direction
+    centres = np.repeat(_unit(rng.normal(size=(100, 24))), 8, axis=0)
+    between = image_exponent(_unit(centres + 0.05 * rng.normal(size=(800, 24))), individuals)
+    assert unrelated == pytest.approx(1.0, abs=0.05)
+    assert copies == pytest.approx(0.0, abs=1e-9)
+    assert 0.1 < between < 0.9
+    # one photo per animal cannot show it: read by images, as before the exponent
+    assert image_exponent(rng.normal(size=(50, 8)), [f"a{i}" for i in range(50)]) == 1.0
+
+
+def test_a_gallery_is_read_by_its_images_at_exponent_one_and_by_its_individuals_at_zero() -> None:
+    shape = {1: 30, 4: 10, 9: 2}  # 88 images of 42 individuals
+    assert replace(TABLE, image_exponent=1.0).equivalent_size(shape) == 88
+    assert replace(TABLE, image_exponent=0.0).equivalent_size(shape) == 84  # 42 x 2.0
+    # 10 x 2 x 2 ** 0.5 + 2 x 2 x 4.5 ** 0.5: between 24 individuals x 2.0 and the 58 images
+    assert replace(TABLE, image_exponent=0.5).equivalent_size({4: 10, 9: 2}) == 37
+    assert replace(TABLE, image_exponent=0.5).equivalent_size({}) == 0
+    again = OpenSetCalibration.from_dict(replace(TABLE, image_exponent=0.7).to_dict())
+    assert again.image_exponent == 0.7
+    older = {k: v for k, v in TABLE.to_dict().items() if k != "image_exponent"}  # a card from before it
+    assert OpenSetCalibration.from_dict(older).image_exponent == 1.0
+    with pytest.raises(ValueError, match="image_exponent"):
+        OpenSetCalibration.from_dict(TABLE.to_dict() | {"image_exponent": 1.5})
 
 
 def test_calibration_of_clustered_embeddings(clusters) -> None:
