@@ -22,6 +22,12 @@ threshold grows with the gallery. This module simulates galleries on validation 
 Drawing distractors per *individual* (its best image) keeps the images of one animal together,
 which is how the service ranks (best image per individual).
 
+The table is indexed by images at the calibration's ``m`` enrolled images per individual. A gallery
+whose animals have other numbers of photos is read through :func:`image_exponent` ``a``: an animal
+with ``n`` photos counts as ``(n / m) ** a`` animals of ``m`` (:meth:`OpenSetCalibration.equivalent_size`),
+since its photos are more alike than photos of as many different animals (``a`` below 1), yet each
+is another chance to resemble a stranger (``a`` above 0).
+
 A validation set holds only some 100 distractors per query, so the empirical ``F_q(t)`` is 1 above
 the query's highest one, and ``F_q(t) ** k`` stops falling once a gallery is a few times larger than
 the validation data: the thresholds would stop rising and the FPIR of large galleries would run
