@@ -15,7 +15,9 @@ are sent to identify, before and after, to count how many the service answers `m
 
 `animalid serve` and `animalid worker` run as separate processes on loopback; the fine-tune is
 queued with `POST /species/{species}/finetune` and the worker claims it. After a promotion the API
-switches models itself (ANIMALID_MODEL_WATCH_S) and re-embeds the gallery.
+switches models itself (ANIMALID_MODEL_WATCH_S) and re-embeds the gallery. With ``--url`` the
+script uses a service already running instead (the compose stack, say): its worker runs the job and
+its own settings decide the promotion margins (``--promote-anyway`` then only records the intent).
 
     python bench/finetune_gallery.py --epochs 3                 # every test dog
     python bench/finetune_gallery.py --dogs 60 --epochs 2       # a smaller gallery
@@ -80,6 +82,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--database-url", help="default: a SQLite file in the work folder")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
+    parser.add_argument(
+        "--url",
+        help="a running service to use (say the compose stack) instead of starting an API and a worker "
+        "here: it must serve --model for --species, with a worker and an empty gallery",
+    )
+    parser.add_argument("--api-key", default=ADMIN_KEY, help="its admin key (with --url)")
     parser.add_argument(
         "--promote-anyway",
         action="store_true",
@@ -179,9 +187,9 @@ def spawn(root: Path, env: dict[str, str], name: str, *command: str) -> subproce
     )  # fmt: skip
 
 
-def wait_ready(client: httpx.Client, server: subprocess.Popen[bytes], root: Path) -> None:
+def wait_ready(client: httpx.Client, server: subprocess.Popen[bytes] | None, root: Path) -> None:
     for _ in range(1200):
-        if server.poll() is not None:
+        if server is not None and server.poll() is not None:
             raise SystemExit((root / "api.log").read_text()[-3000:])
         try:
             if client.get("/ready").status_code == 200:
@@ -298,8 +306,10 @@ def main() -> None:
     env = env_for(root, url, port, args.threads)
     if args.promote_anyway:
         env.update(ANIMALID_PROMOTE_MIN_TOP1_GAIN="-1", ANIMALID_PROMOTE_MIN_FAR_DROP="-1")
-    subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=root, env=env, check=True)
-    server = spawn(root, env, "api", "serve")
+    server: subprocess.Popen[bytes] | None = None
+    if args.url is None:  # else the service at --url, with its own settings and worker
+        subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=root, env=env, check=True)
+        server = spawn(root, env, "api", "serve")
     worker: subprocess.Popen[bytes] | None = None
     out: dict[str, object] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -310,10 +320,11 @@ def main() -> None:
         "epochs": args.epochs,
         "lr": args.lr,
         "promote_anyway": args.promote_anyway,
+        "service": args.url or "started here",
     }
     try:
         with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", headers={"x-api-key": ADMIN_KEY}, timeout=600
+            base_url=args.url or f"http://127.0.0.1:{port}", headers={"x-api-key": args.api_key}, timeout=600
         ) as client:
             wait_ready(client, server, root)
             start = time.perf_counter()
@@ -333,7 +344,8 @@ def main() -> None:
                 json={"epochs": args.epochs, "lr": args.lr}
                 | ({"strangers": args.strangers} if args.strangers is not None else {}),
             ).json()
-            worker = spawn(root, env, "worker", "worker")
+            if args.url is None:
+                worker = spawn(root, env, "worker", "worker")
             busy: list[float] = []
             done = threading.Event()
 

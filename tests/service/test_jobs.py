@@ -289,10 +289,13 @@ def test_a_calibrated_serving_model_is_replaced_by_one_calibrated_on_animals_kep
     assert promoted.threshold == result["challenger"]["calibration"]["pair_threshold"] != champion.threshold
     assert promoted.metrics["calibration_individuals"] == 3
     assert any("kept out of the fine-tune" in w for w in promoted.warnings)
-    # Each model was judged at the threshold it serves with for this gallery (32 images, FPIR 1%).
+    # Each model was judged at the threshold it serves with for this gallery (8 dogs of 4 photos, 32
+    # images; FPIR 1%), each reading the gallery with its own image exponent.
     assert result["gallery_images"] == 32 and result["target_fpir"] == 0.01
-    assert result["champion"]["threshold"] == champion.open_set.threshold(32, 0.01)
-    assert result["challenger"]["threshold"] == promoted.open_set.threshold(32, 0.01)
+    for card, judged in ((champion, result["champion"]), (promoted, result["challenger"])):
+        assert card.open_set is not None
+        assert judged["threshold"] == card.open_set.threshold(card.open_set.equivalent_size({4: 8}), 0.01)
+    assert champion.open_set.equivalent_size({4: 8}) != 32  # the shipped card reads 4 photos as fewer dogs
 
 
 def test_the_strangers_share_keeps_out_enough_animals_for_a_table_or_none() -> None:
