@@ -96,9 +96,9 @@ def served_threshold(
 
 
 def gallery_words(table: OpenSetCalibration, image_counts: Mapping[int, int]) -> str:
-    """The gallery as the reason names it: its images and individuals, and how the table reads them
-    when that differs (photos of one animal are alike, so an animal with more photos than the
-    calibration's counts for less than that many animals of its number)."""
+    """The gallery as the reason names it: its images and individuals, and the size the table reads
+    it at when that differs (photos of one animal are alike: an animal with more photos than the
+    calibration's counts as fewer images than it has)."""
     images = sum(n * k for n, k in image_counts.items())
     individuals = sum(image_counts.values())
     words = f"a gallery of {images} images of {individuals} individuals"
