@@ -6,9 +6,9 @@ model trains on the pixels serving will give it plus random changes. Every rando
 Order: rotation and zoom, shift and brightness/contrast jitter, random erasing, horizontal flip.
 
 The draws are made on the CPU (``generator`` is a CPU generator) and the pixels are changed where
-they are: a batch copied to a GPU as uint8 is augmented there, so the CPU only gathers and copies
-it and the training loop never waits for augmentation between the GPU's steps. On the CPU the
-result is the same whichever device would have run it, draw for draw.
+they are: a batch copied to a GPU as uint8 is augmented there, queued behind the step before it, so
+the CPU's share is drawing, gathering and copying. The draws are the same on either device, so on
+the CPU the result is what it was before augmentation moved, draw for draw.
 """
 
 from __future__ import annotations
