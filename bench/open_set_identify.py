@@ -15,15 +15,18 @@ its card (never seen in training, nor in calibration):
   training; only enrolled, never queried), whole dogs at a time until the size is reached.
 
 The server runs with target FPIR 1% and review FPIR 5%: `match` answers are the decisions at 1%,
-`match` or `uncertain` those at 5%. Its confidence is computed for a share of stranger queries
-(``--stranger-share``, default the card's calibration mix; `ANIMALID_STRANGER_SHARE`), and in its
-calibration error the stranger queries weigh that share of all queries, whatever their number here.
-Also shown: the calibration error of enrolled dogs' queries alone with the confidence for a share of
-0 (computed from the same answers with the card's table, the service's own function), and the error
-a perfectly calibrated confidence would show on as many queries (labels drawn from the confidence).
-From the same answers too: the card's pair threshold (the decision before open-set calibration)
-and, with ``--compare-card``, what another card's open-set table (say the card before a
-recalibration) would have decided and how calibrated its confidence would have been.
+`match` or `uncertain` those at 5% (with ``--min-match-confidence``, a best candidate past the 1%
+threshold whose confidence is below it is `uncertain` too). Its confidence is computed for a share
+of stranger queries (``--stranger-share``, default the card's calibration mix;
+`ANIMALID_STRANGER_SHARE`), and in its calibration error the stranger queries weigh that share of
+all queries, whatever their number here. Also shown: the calibration error of enrolled dogs' queries
+alone with the confidence for a share of 0 (computed from the same answers with the card's table,
+the service's own function), and the error a perfectly calibrated confidence would show on as many
+queries (labels drawn from the confidence). From the same answers too: the 1% threshold with each of
+``--confidence-floors`` as the minimum match confidence (the server's rule applied to the confidence
+each answer returned), the card's pair threshold (the decision before open-set calibration) and,
+with ``--compare-card``, what another card's open-set table (say the card before a recalibration)
+would have decided and how calibrated its confidence would have been.
 
 With several ``--seeds``, each seed draws its strangers and enrolment anew on a fresh server, and the
 figures of all their answers together follow (``pooled``): a single seed's ~100 queries leave an
@@ -81,6 +84,20 @@ def parse_args() -> argparse.Namespace:
         type=float,
         help="the share of queries of animals not enrolled that the server's confidence is computed for and "
         "the calibration error weighs strangers at (default: the card's calibration mix)",
+    )
+    parser.add_argument(
+        "--min-match-confidence",
+        type=float,
+        default=0.0,
+        help="the confidence the server requires of a match (ANIMALID_MIN_MATCH_CONFIDENCE; 0: none)",
+    )
+    parser.add_argument(
+        "--confidence-floors",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.7, 0.8, 0.9],
+        help="also computed from the same answers: the target FPIR's threshold with each of these minimum "
+        "match confidences (the server's rule, from the confidence each answer returned)",
     )
     parser.add_argument(
         "--card-strangers",
@@ -177,6 +194,7 @@ def start_server(root: Path, artifact: Path, args: argparse.Namespace, port: int
         ANIMALID_CPU_THREADS=str(args.threads), ANIMALID_TARGET_FPIR=str(args.target_fpir),
         ANIMALID_REVIEW_FPIR=str(args.review_fpir), ANIMALID_MAX_TOP_K="5", PYTHONPATH=str(REPO),
         ANIMALID_STRANGER_SHARE=str(args.stranger_share),
+        ANIMALID_MIN_MATCH_CONFIDENCE=str(args.min_match_confidence),
     )  # fmt: skip
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=root, env=env, check=True)
     log = (root / "server.log").open("wb")
@@ -303,10 +321,15 @@ def figures(
     second = [a["candidates"][1]["similarity"] if len(a["candidates"]) > 1 else None for a in answers]
     right = np.array([a["truth"] is not None and t == a["truth"] for a, t in zip(answers, top, strict=True)])
     decisions = np.array([a["decision"] for a in answers])
+    confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
+    past = sim >= np.array([a["threshold"] for a in answers])
     rules = {
         "target FPIR 1% (match)": decisions == "match",
         "target FPIR 5% (match or uncertain)": np.isin(decisions, ["match", "uncertain"]),
         f"pair threshold {pair_threshold:.3f} (before)": sim >= pair_threshold,
+    } | {
+        f"target FPIR {args.target_fpir:.0%}, confidence >= {floor:g}": past & (confidence >= floor)
+        for floor in args.confidence_floors
     }
     if compare is not None:
         rules |= compared_rules(compare, sim, read_sizes(compare, answers), args)
@@ -321,7 +344,6 @@ def figures(
             ),
             "matches": int(matched.sum()),
         }
-    confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
     out["confidence"] = calibration_figures(confidence, right, stranger, weight)
     enrolled = ~stranger
     sizes = read_sizes(table, answers)
@@ -527,6 +549,7 @@ def main() -> int:
         "model_version": card.model_version,
         "compared_card": str(args.compare_card) if args.compare_card else None,
         "stranger_share": args.stranger_share,
+        "min_match_confidence": args.min_match_confidence,
         "seeds": args.seeds,
         "seconds": round(time.perf_counter() - started, 1),
     }

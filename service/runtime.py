@@ -62,6 +62,8 @@ class Runtime:
             review_fpir=self.settings.review_fpir,
             stranger_share=self.settings.stranger_share,
             stranger_share_by_species=dict(self.settings.stranger_share_by_species),
+            min_match_confidence=self.settings.min_match_confidence,
+            min_match_confidence_by_species=dict(self.settings.min_match_confidence_by_species),
         )
 
     def close(self) -> None:

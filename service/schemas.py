@@ -350,8 +350,9 @@ class IdentifyResult(BaseModel):
     species: str
     model_version: str
     decision: IdentifyDecision = Field(
-        description="match when the best candidate reaches the threshold; uncertain when it only reaches "
-        "the review threshold (a person should look); else unknown"
+        description="match when the best candidate reaches the threshold (and its confidence the minimum "
+        "a match needs, when one is configured); uncertain when it only reaches the review threshold, or "
+        "reaches the threshold with a lower confidence (a person should look); else unknown"
     )
     threshold: float
     threshold_source: ThresholdSource
@@ -373,6 +374,11 @@ class IdentifyResult(BaseModel):
     )
     review_threshold: float | None = Field(
         default=None, description="Lower edge of the uncertain band; null when there is none"
+    )
+    min_confidence: float | None = Field(
+        default=None,
+        description="The confidence a match needs (ANIMALID_MIN_MATCH_CONFIDENCE); below it a best candidate "
+        "past the threshold is uncertain; null when none applies (none configured, or a requested threshold)",
     )
     reason: str = Field(default="", description="Why this threshold: its source, in words")
     review_id: uuid.UUID | None = Field(

@@ -103,6 +103,18 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Per-species stranger share, JSON, e.g. {"cattle": 0.1}; others use stranger_share',
     )
+    min_match_confidence: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Identify: the confidence a best candidate past the threshold needs to be answered "
+        "match; below it the answer is uncertain (0: none)",
+    )
+    min_match_confidence_by_species: dict[str, float] = Field(
+        default_factory=dict,
+        description='Per-species minimum match confidence, JSON, e.g. {"cattle": 0.8}; others use '
+        "min_match_confidence",
+    )
     review_queue: bool = Field(
         default=False,
         description="Keep identify queries answered uncertain (photo and candidates) for an admin to resolve",
@@ -138,6 +150,14 @@ class Settings(BaseSettings):
         bad = {k: v for k, v in value.items() if not 0.0 < v < 1.0}
         if bad:
             raise ValueError(f"target FPIRs must lie strictly between 0 and 1, got {bad}")
+        return value
+
+    @field_validator("min_match_confidence_by_species")
+    @classmethod
+    def _confidences_are_probabilities(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"minimum match confidences must lie in [0, 1], got {bad}")
         return value
 
     @field_validator("stranger_share_by_species")

@@ -52,9 +52,15 @@ class Limits:
     review_fpir: float = 0.05
     stranger_share: float | None = None  # None: the model card's calibration mix
     stranger_share_by_species: dict[str, float] = field(default_factory=dict)
+    # 0: a best candidate past the threshold is a match whatever its confidence
+    min_match_confidence: float = 0.0
+    min_match_confidence_by_species: dict[str, float] = field(default_factory=dict)
 
     def fpir_for(self, species: str) -> float:
         return self.target_fpir_by_species.get(species, self.target_fpir)
+
+    def min_confidence_for(self, species: str) -> float:
+        return self.min_match_confidence_by_species.get(species, self.min_match_confidence)
 
     def stranger_share_for(self, species: str) -> float | None:
         return self.stranger_share_by_species.get(species, self.stranger_share)
@@ -63,7 +69,7 @@ class Limits:
 @dataclass(frozen=True)
 class OperatingPoint:
     """How an identify answer is decided: the match threshold, the lower edge of the uncertain band,
-    the confidence table, and why."""
+    the confidence a match needs, the confidence table, and why."""
 
     threshold: float
     source: ThresholdSource
@@ -72,12 +78,24 @@ class OperatingPoint:
     target_fpir: float | None = None
     table: OpenSetCalibration | None = None
     table_size: int = 0  # the gallery as the table reads it (OpenSetCalibration.equivalent_size)
+    min_confidence: float | None = None  # a best candidate past the threshold below it is uncertain
 
-    def decide(self, similarity: float | None) -> IdentifyDecision:
+    def held_back(self, similarity: float | None, confidence: float | None) -> bool:
+        """Whether a best candidate past the threshold is too likely wrong to be a match: its
+        confidence is below the configured floor (a close second individual, say)."""
+        return (
+            self.min_confidence is not None
+            and similarity is not None
+            and confidence is not None
+            and similarity >= self.threshold
+            and confidence < self.min_confidence
+        )
+
+    def decide(self, similarity: float | None, confidence: float | None = None) -> IdentifyDecision:
         if similarity is None:
             return "unknown"
         if similarity >= self.threshold:
-            return "match"
+            return "uncertain" if self.held_back(similarity, confidence) else "match"
         if self.review_threshold is not None and similarity >= self.review_threshold:
             return "uncertain"
         return "unknown"
@@ -131,14 +149,16 @@ def operating_point(
 ) -> OperatingPoint:
     """The request's threshold; else the card's open-set threshold for this gallery (``image_counts``:
     images per individual -> individuals with that many) and the species' target FPIR (with an
-    uncertain band down to the review FPIR's threshold); else, for a card without that table, its pair
-    threshold; else the configured default."""
+    uncertain band down to the review FPIR's threshold, and above the threshold for a confidence below
+    the species' minimum); else, for a card without that table, its pair threshold; else the
+    configured default."""
     table = card.open_set if card is not None else None
     size = table.equivalent_size(image_counts) if table is not None else 0
     if requested is None and table is not None:
         fpir = limits.fpir_for(species)
         cut = served_threshold(card, image_counts, fpir, limits.default_threshold)
         review = table.threshold(size, limits.review_fpir) if limits.review_fpir > fpir else None
+        floor = limits.min_confidence_for(species)
         return OperatingPoint(
             threshold=cut,
             source="open_set",
@@ -149,6 +169,7 @@ def operating_point(
             target_fpir=fpir,
             table=table,
             table_size=size,
+            min_confidence=floor if floor > 0 else None,
         )
     cut, source = effective_threshold(card, limits.default_threshold, requested)
     reasons = {
@@ -236,11 +257,17 @@ def identify(
     top = candidates[0].similarity if candidates else None
     second = candidates[1].similarity if len(candidates) > 1 else None
     candidates = candidates[:top_k]
-    decision = point.decide(top)
     confidence = None
     if point.table is not None and top is not None:
         share = limits.stranger_share_for(species)
         confidence = point.table.probability(top, point.table_size, second, share)
+    decision = point.decide(top, confidence)
+    reason = point.reason
+    if point.held_back(top, confidence):
+        reason += (
+            f"; the best candidate passes it, but its confidence {confidence:.3f} is below the "
+            f"{point.min_confidence:g} a match needs (minimum match confidence), so a person should look"
+        )
     result = IdentifyResult(
         species=species,
         model_version=serving.model_version,
@@ -254,7 +281,8 @@ def identify(
         confidence=confidence,
         target_fpir=point.target_fpir,
         review_threshold=point.review_threshold,
-        reason=point.reason,
+        min_confidence=point.min_confidence,
+        reason=reason,
         names_available=labels is not None,
     )
     # The queue lives in the database: an answer given while it is away is not kept.

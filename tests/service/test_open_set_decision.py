@@ -65,6 +65,26 @@ def test_operating_point_interpolates_the_table_for_the_gallery_size() -> None:
     assert (asked.source, asked.threshold, asked.review_threshold) == ("request", 0.3, None)
 
 
+def test_a_match_below_the_minimum_confidence_is_uncertain() -> None:
+    card = replace(read_card_stub(), open_set=TABLE)
+    floor = replace(LIMITS, min_match_confidence=0.8, min_match_confidence_by_species={"cattle": 0.0})
+    point = operating_point(card, floor, "dog", HUNDRED, None)
+    assert point.min_confidence == 0.8
+    # past the threshold (.7): the confidence decides; below it, the band as before
+    assert [point.decide(0.75, c) for c in (0.9, 0.8, 0.79)] == ["match", "match", "uncertain"]
+    assert point.held_back(0.75, 0.79) and not point.held_back(0.6, 0.1)
+    assert [point.decide(0.6, 0.99), point.decide(0.45, 0.99), point.decide(0.75)] == [
+        "uncertain",
+        "unknown",
+        "match",
+    ]
+    # no floor: by species, by default, and for a request's own threshold
+    assert operating_point(card, floor, "cattle", HUNDRED, None).min_confidence is None
+    assert operating_point(card, LIMITS, "dog", HUNDRED, None).decide(0.75, 0.1) == "match"
+    asked = operating_point(card, floor, "dog", HUNDRED, 0.3)
+    assert asked.min_confidence is None and asked.decide(0.75, 0.1) == "match"
+
+
 def test_an_animal_with_more_photos_than_the_calibration_counts_for_fewer_animals_than_its_photos() -> None:
     card = replace(read_card_stub(), open_set=replace(TABLE, image_exponent=0.5))
     # 25 individuals of 8 photos: each counts as (8 / 2) ** 0.5 = 2 individuals of 2 -> 100 images
@@ -165,6 +185,49 @@ def test_the_confidence_uses_the_second_individual_and_the_configured_share_of_s
     assert answers[0.0, "2"]["confidence"] == pytest.approx(right, abs=1e-5)
     # by default the card's share (half the queries of strangers): P(enrolled) = .5
     assert answers[None, "1"]["confidence"] == pytest.approx(0.5 * right, abs=1e-5)
+
+
+def test_a_confident_enough_match_only_is_a_match_and_the_rest_go_to_review(
+    runner: AppRunner, database_url: str, tmp_path: Path, dog_with_table: Path
+) -> None:
+    # the card's share of strangers is a half and the likelihood ratio 1: every confidence <= .5
+    model = ConfidenceModel([[0.0, 0.0, 0.0]] * 2, [[0.0, 0.0, 4.0]] * 2, stranger_share=0.5, max_margin=2.0)
+    card = read_card(dog_with_table)
+    assert card.open_set is not None
+    path = write_card(
+        replace(card, open_set=replace(card.open_set, confidence_model=model)),
+        tmp_path / "dog",
+        weights_from=dog_with_table,
+    )
+    models = make_models_dir(tmp_path, {"dog": path}, dog="dog")
+    answers = {}
+    for floors in ({}, {"dog": 0.0}):
+        settings = make_settings(
+            database_url,
+            tmp_path,
+            models,
+            review_queue=True,
+            min_match_confidence=0.6,
+            min_match_confidence_by_species=floors,
+        )
+        client = runner.start(settings)
+        if not floors:
+            enroll(client, 300, shots=range(2))
+            enroll(client, 301, shots=range(2))
+        photo = {"image": jpeg(300, 0)}
+        response = client.post("/identify", data={"species": "dog"}, files=photo, headers=READ)
+        assert response.status_code == 200, response.text
+        answers[bool(floors)] = response.json()
+        runner.stop(client)
+    held = answers[False]
+    # the very same photo passes the threshold, but its confidence is below the floor
+    assert held["candidates"][0]["similarity"] >= held["threshold"] and held["confidence"] < 0.6
+    assert (held["decision"], held["best"], held["min_confidence"]) == ("uncertain", None, 0.6)
+    assert "below the 0.6 a match needs" in held["reason"] and held["review_id"] is not None
+    # the species' own floor of 0 wins over the default
+    free = answers[True]
+    assert (free["decision"], free["min_confidence"], free["review_id"]) == ("match", None, None)
+    assert free["best"]["external_id"] == held["candidates"][0]["external_id"]
 
 
 def test_a_relabelled_card_serves_another_species_and_says_what_it_was_trained_for(
