@@ -89,7 +89,8 @@ def parse_args() -> argparse.Namespace:
         "--min-match-confidence",
         type=float,
         default=0.0,
-        help="the confidence the server requires of a match (ANIMALID_MIN_MATCH_CONFIDENCE; 0: none)",
+        help="the confidence the server requires of a match (ANIMALID_MIN_MATCH_CONFIDENCE; the service's "
+        "default is 0.5, this benchmark's 0: the threshold alone, with --confidence-floors read beside it)",
     )
     parser.add_argument(
         "--confidence-floors",

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         description='Per-species stranger share, JSON, e.g. {"cattle": 0.1}; others use stranger_share',
     )
     min_match_confidence: float = Field(
-        default=0.0,
+        default=0.5,
         ge=0.0,
         le=1.0,
         description="Identify: the confidence a best candidate past the threshold needs to be answered "

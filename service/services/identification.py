@@ -52,8 +52,8 @@ class Limits:
     review_fpir: float = 0.05
     stranger_share: float | None = None  # None: the model card's calibration mix
     stranger_share_by_species: dict[str, float] = field(default_factory=dict)
-    # 0: a best candidate past the threshold is a match whatever its confidence
-    min_match_confidence: float = 0.0
+    # a best candidate past the threshold but less likely right than this is uncertain (0: none)
+    min_match_confidence: float = 0.5
     min_match_confidence_by_species: dict[str, float] = field(default_factory=dict)
 
     def fpir_for(self, species: str) -> float:

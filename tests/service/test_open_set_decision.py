@@ -80,7 +80,10 @@ def test_a_match_below_the_minimum_confidence_is_uncertain() -> None:
     ]
     # no floor: by species, by default, and for a request's own threshold
     assert operating_point(card, floor, "cattle", HUNDRED, None).min_confidence is None
-    assert operating_point(card, LIMITS, "dog", HUNDRED, None).decide(0.75, 0.1) == "match"
+    none = replace(LIMITS, min_match_confidence=0.0)
+    assert operating_point(card, none, "dog", HUNDRED, None).decide(0.75, 0.1) == "match"
+    # by default a match must be more likely right than wrong
+    assert operating_point(card, LIMITS, "dog", HUNDRED, None).decide(0.75, 0.49) == "uncertain"
     asked = operating_point(card, floor, "dog", HUNDRED, 0.3)
     assert asked.min_confidence is None and asked.decide(0.75, 0.1) == "match"
 
