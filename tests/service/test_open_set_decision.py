@@ -155,10 +155,10 @@ def test_identify_answers_with_the_table(
     assert (asked["decision"], asked["threshold_source"]) == ("match", "request")
 
 
-def test_the_confidence_uses_the_second_individual_and_the_configured_share_of_strangers(
-    runner: AppRunner, database_url: str, tmp_path: Path, dog_with_table: Path
-) -> None:
-    # likelihood ratio enrolled : stranger 1 everywhere; log odds right = 4 * margin
+def margin_confidence_models(dog_with_table: Path, tmp_path: Path) -> Path:
+    """A models folder whose dog card's confidence is P(enrolled) * P(right): the likelihood ratio
+    enrolled : stranger 1 everywhere (P(enrolled) is the configured share's complement; the card's
+    share is a half), and the log odds of right 4 * the margin over the second individual."""
     model = ConfidenceModel([[0.0, 0.0, 0.0]] * 2, [[0.0, 0.0, 4.0]] * 2, stranger_share=0.5, max_margin=2.0)
     card = read_card(dog_with_table)
     assert card.open_set is not None
@@ -167,7 +167,13 @@ def test_the_confidence_uses_the_second_individual_and_the_configured_share_of_s
         tmp_path / "dog",
         weights_from=dog_with_table,
     )
-    models = make_models_dir(tmp_path, {"dog": path}, dog="dog")
+    return make_models_dir(tmp_path, {"dog": path}, dog="dog")
+
+
+def test_the_confidence_uses_the_second_individual_and_the_configured_share_of_strangers(
+    runner: AppRunner, database_url: str, tmp_path: Path, dog_with_table: Path
+) -> None:
+    models = margin_confidence_models(dog_with_table, tmp_path)
     answers = {}
     for share in (None, 0.0):
         client = runner.start(make_settings(database_url, tmp_path, models, stranger_share=share))
@@ -194,15 +200,7 @@ def test_a_confident_enough_match_only_is_a_match_and_the_rest_go_to_review(
     runner: AppRunner, database_url: str, tmp_path: Path, dog_with_table: Path
 ) -> None:
     # the card's share of strangers is a half and the likelihood ratio 1: every confidence <= .5
-    model = ConfidenceModel([[0.0, 0.0, 0.0]] * 2, [[0.0, 0.0, 4.0]] * 2, stranger_share=0.5, max_margin=2.0)
-    card = read_card(dog_with_table)
-    assert card.open_set is not None
-    path = write_card(
-        replace(card, open_set=replace(card.open_set, confidence_model=model)),
-        tmp_path / "dog",
-        weights_from=dog_with_table,
-    )
-    models = make_models_dir(tmp_path, {"dog": path}, dog="dog")
+    models = margin_confidence_models(dog_with_table, tmp_path)
     answers = {}
     for floors in ({}, {"dog": 0.0}):
         settings = make_settings(
