@@ -294,7 +294,15 @@ def identify_line(photo: Path, result: IdentifyResult) -> str:
     shown = result.best if result.decision == "match" else None
     if result.decision == "uncertain" and result.candidates:
         shown = result.candidates[0]  # between the review threshold and the match one: a person looks
-    answer = result.decision + (f" {name(shown)} ({shown.similarity:.3f})" if shown is not None else "")
+    answer: str = result.decision
+    if shown is not None:
+        detail = f"{shown.similarity:.3f}"
+        if result.confidence is not None:
+            detail += f", confidence {result.confidence:.2f}"
+            floor = result.min_confidence
+            if floor is not None and shown.similarity >= result.threshold and result.confidence < floor:
+                detail += f", below the {floor:g} a match needs"
+        answer += f" {name(shown)} ({detail})"
     return f"{photo}: {answer} at threshold {result.threshold:.3f}; candidates: {candidates or 'none'}"
 
 

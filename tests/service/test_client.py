@@ -179,7 +179,9 @@ def test_the_verbs_print_answers_not_request_logs(server: str, tmp_path: Path) -
     assert done.stdout.startswith(f"{tmp_path / 'photos' / 'dog-1' / '0.jpg'}: match dog-1 (")
 
 
-def answer(decision: str, similarities: list[float]) -> IdentifyResult:
+def answer(
+    decision: str, similarities: list[float], confidence: float | None = None, floor: float | None = None
+) -> IdentifyResult:
     candidates = [
         CandidatePublic(
             individual_id=uuid.UUID(int=n),
@@ -199,22 +201,33 @@ def answer(decision: str, similarities: list[float]) -> IdentifyResult:
         best=candidates[0] if decision == "match" else None,
         candidates=candidates,
         gallery_size=32,
+        confidence=confidence,
+        min_confidence=floor,
     )
 
 
 @pytest.mark.parametrize(
-    ("decision", "similarities", "said", "candidates"),
+    ("decision", "similarities", "confidence", "said", "candidates"),
     [
-        ("match", [0.791, 0.436], "match dog-1 (0.791)", "dog-1 0.791, dog-2 0.436"),
-        ("uncertain", [0.769, 0.528], "uncertain dog-1 (0.769)", "dog-1 0.769, dog-2 0.528"),
-        ("unknown", [0.723, 0.536], "unknown", "dog-1 0.723, dog-2 0.536"),
-        ("unknown", [], "unknown", "none"),
+        ("match", [0.791, 0.436], None, "match dog-1 (0.791)", "dog-1 0.791, dog-2 0.436"),
+        ("match", [0.791, 0.436], 0.934, "match dog-1 (0.791, confidence 0.93)", "dog-1 0.791, dog-2 0.436"),
+        ("uncertain", [0.769, 0.528], None, "uncertain dog-1 (0.769)", "dog-1 0.769, dog-2 0.528"),
+        (
+            "uncertain",
+            [0.801, 0.797],
+            0.412,
+            "uncertain dog-1 (0.801, confidence 0.41, below the 0.5 a match needs)",
+            "dog-1 0.801, dog-2 0.797",
+        ),
+        ("unknown", [0.723, 0.536], 0.1, "unknown", "dog-1 0.723, dog-2 0.536"),
+        ("unknown", [], None, "unknown", "none"),
     ],
-    ids=["match", "uncertain", "unknown", "no-candidates"],
+    ids=["match", "match-confidence", "uncertain", "held-back", "unknown", "no-candidates"],
 )
 def test_identify_prints_the_services_decision(
-    decision: str, similarities: list[float], said: str, candidates: str
+    decision: str, similarities: list[float], confidence: float | None, said: str, candidates: str
 ) -> None:
-    """An uncertain answer (the demo's queries 60 and 63) was printed as unknown."""
-    line = cli.identify_line(Path("q.jpg"), answer(decision, similarities))
+    """An uncertain answer (the demo's queries 60 and 63) was printed as unknown; one held back by the
+    minimum match confidence says so."""
+    line = cli.identify_line(Path("q.jpg"), answer(decision, similarities, confidence, floor=0.5))
     assert line == f"q.jpg: {said} at threshold 0.785; candidates: {candidates}"
