@@ -380,7 +380,11 @@ class IdentifyResult(BaseModel):
         description="The confidence a match needs (ANIMALID_MIN_MATCH_CONFIDENCE); below it a best candidate "
         "past the threshold is uncertain; null when none applies (none configured, or a requested threshold)",
     )
-    reason: str = Field(default="", description="Why this threshold: its source, in words")
+    reason: str = Field(
+        default="",
+        description="Why this threshold (its source, in words), and whether the minimum match confidence "
+        "held a candidate past it back",
+    )
     review_id: uuid.UUID | None = Field(
         default=None,
         description="The review-queue item kept for an uncertain answer (when ANIMALID_REVIEW_QUEUE is on)",
