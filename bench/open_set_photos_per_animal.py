@@ -14,7 +14,10 @@ gallery is read
 * with the card's image exponent (`OpenSetCalibration.equivalent_size`: an animal of ``n`` photos
   counts as ``(n / m) ** a`` animals of the calibration's ``m``), as the service reads it now,
 
-beside the threshold that would have given exactly the target on these draws.
+beside the threshold that would have given exactly the target on these draws. With ``--one-group``,
+also galleries whose animals are enrolled with every photo of one of their groups (cattle: one video
+clip), photos more alike than as many drawn at random, which the exponent (measured on random
+photos) may overstate.
 
     python bench/open_set_photos_per_animal.py --artifact runs/fused-dog-study \\
         --data ../shared/data/dogfacenet/manifest.csv
@@ -55,30 +58,51 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--embeddings", type=Path, help="an .npz of the test embeddings: read when it exists, else written"
     )
+    parser.add_argument(
+        "--one-group",
+        action="store_true",
+        help="also enrol each animal with every photo of one of its groups (a clip, a session)",
+    )
     return parser.parse_args()
 
 
-def test_embeddings(args: argparse.Namespace, card_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def test_embeddings(
+    args: argparse.Namespace, card_path: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The test photos' embeddings, individuals and groups (None from a file saved without them)."""
     if args.embeddings is not None and args.embeddings.exists():
         saved = np.load(args.embeddings)
-        return saved["emb"], saved["ind"]
+        return saved["emb"], saved["ind"], saved.get("grp")
     loaded = load_artifact(card_path, "cpu")
     test = held_out(loaded.card, args.data)
     shard = cached_shard(test, loaded.card.preprocess, card_config(loaded.card).cache_dir or None)
-    emb, ind = _embed(loaded, shard), np.array(shard.individuals)
+    emb, ind, grp = _embed(loaded, shard), np.array(shard.individuals), np.array(shard.groups)
     if args.embeddings is not None:
-        np.savez(args.embeddings, emb=emb, ind=ind)
-    return emb, ind
+        np.savez(args.embeddings, emb=emb, ind=ind, grp=grp)
+    return emb, ind, grp
 
 
-def photos_to_enrol(count: int, photos: str) -> int:
-    if photos == "1":
-        return 1
-    return count if photos == "all" else max(1, count // 2)
+def photos_to_enrol(
+    own: np.ndarray, photos: str, groups: np.ndarray | None, rng: np.random.Generator
+) -> list[int]:
+    """The photos (indices into the test photos) enrolled for one animal whose photos are ``own``:
+    one, half or all of them at random, or every photo of one of its groups at random."""
+    if photos == "one group":
+        assert groups is not None
+        chosen = rng.choice(np.unique(groups[own]))
+        return own[groups[own] == chosen].tolist()
+    take = 1 if photos == "1" else len(own) if photos == "all" else max(1, len(own) // 2)
+    return rng.choice(own, take, replace=False).tolist()
 
 
 def scenario(
-    sim: np.ndarray, index: np.ndarray, enrolled: int, photos: str, draws: int, rng: np.random.Generator
+    sim: np.ndarray,
+    index: np.ndarray,
+    groups: np.ndarray | None,
+    enrolled: int,
+    photos: str,
+    draws: int,
+    rng: np.random.Generator,
 ) -> tuple[np.ndarray, list[Counter[int]]]:
     """FPIR at every threshold of :data:`THRESHOLDS` over ``draws`` galleries, and each gallery's
     shape (images per individual -> individuals)."""
@@ -91,10 +115,9 @@ def scenario(
         columns: list[int] = []
         shape: Counter[int] = Counter()
         for j in order[:enrolled]:
-            own = np.flatnonzero(index == j)
-            take = photos_to_enrol(len(own), photos)
-            columns.extend(rng.choice(own, take, replace=False).tolist())
-            shape[take] += 1
+            taken = photos_to_enrol(np.flatnonzero(index == j), photos, groups, rng)
+            columns.extend(taken)
+            shape[len(taken)] += 1
         strangers = np.flatnonzero(np.isin(index, order[enrolled:]))
         best = sim[np.ix_(strangers, columns)].max(axis=1)
         reached += (best[:, None] >= THRESHOLDS[None, :]).sum(axis=0)
@@ -109,7 +132,9 @@ def main() -> int:
     table = loaded.card.open_set
     if table is None:
         raise SystemExit(f"{args.artifact}: the model card has no open-set table (run `animalid calibrate`)")
-    emb, ind = test_embeddings(args, args.artifact)
+    emb, ind, groups = test_embeddings(args, args.artifact)
+    if args.one_group and groups is None:
+        raise SystemExit(f"{args.embeddings}: saved without the photos' groups; remove it to embed again")
     _, index = np.unique(ind, return_inverse=True)
     emb = np.asarray(emb, dtype=np.float32)
     sim = emb @ emb.T
@@ -131,8 +156,8 @@ def main() -> int:
     print("|---|---|---|---|---|" + "---|---|" * len(args.fpirs))
     rng = np.random.default_rng(args.seed)
     for enrolled in args.enrolled:
-        for photos in ("1", "half", "all"):
-            fpir, shapes = scenario(sim, index, enrolled, photos, args.draws, rng)
+        for photos in ("1", "half", "all", *(["one group"] if args.one_group else [])):
+            fpir, shapes = scenario(sim, index, groups, enrolled, photos, args.draws, rng)
             images = round(float(np.mean([sum(n * k for n, k in s.items()) for s in shapes])))
             for name, reading in readings.items():
                 size = round(float(np.mean([reading.equivalent_size(s) for s in shapes])))
