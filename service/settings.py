@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.security import ApiKeyring
+
+# The bounds of the open-set settings, shared by each setting and its per-species map.
+Rate = Annotated[float, Field(gt=0.0, lt=1.0)]
+"""A target false-positive identification rate: strictly between 0 and 1."""
+Share = Annotated[float, Field(ge=0.0, lt=1.0)]
+"""A share of identify queries: 0 included, 1 not."""
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class Settings(BaseSettings):
@@ -73,44 +80,36 @@ class Settings(BaseSettings):
     default_threshold: float = Field(
         default=0.5, ge=-1.0, le=1.0, description="Cosine threshold when a model card has no calibrated one"
     )
-    target_fpir: float = Field(
+    target_fpir: Rate = Field(
         default=0.01,
-        gt=0.0,
-        lt=1.0,
         description="Identify: share of never-enrolled animals that may be answered match (false-positive "
         "identification rate); the threshold for it at the gallery's size comes from the model card",
     )
-    target_fpir_by_species: dict[str, float] = Field(
+    target_fpir_by_species: dict[str, Rate] = Field(
         default_factory=dict,
         description='Per-species target FPIR, JSON, e.g. {"cattle": 0.05}; others use target_fpir',
     )
-    review_fpir: float = Field(
+    review_fpir: Rate = Field(
         default=0.05,
-        gt=0.0,
-        lt=1.0,
         description="Identify: best candidates between the threshold for this FPIR and the target one are "
         "answered uncertain (no band when it is not above the target)",
     )
-    stranger_share: float | None = Field(
+    stranger_share: Share | None = Field(
         default=None,
-        ge=0.0,
-        lt=1.0,
         description="Identify: the share of queries that are photos of animals not enrolled, the prior the "
         "confidence is computed for (0: every query is of an enrolled animal); default: the model card's "
         "calibration mix",
     )
-    stranger_share_by_species: dict[str, float] = Field(
+    stranger_share_by_species: dict[str, Share] = Field(
         default_factory=dict,
         description='Per-species stranger share, JSON, e.g. {"cattle": 0.1}; others use stranger_share',
     )
-    min_match_confidence: float = Field(
+    min_match_confidence: Probability = Field(
         default=0.5,
-        ge=0.0,
-        le=1.0,
         description="Identify: the confidence a best candidate past the threshold needs to be answered "
         "match; below it the answer is uncertain (0: none)",
     )
-    min_match_confidence_by_species: dict[str, float] = Field(
+    min_match_confidence_by_species: dict[str, Probability] = Field(
         default_factory=dict,
         description='Per-species minimum match confidence, JSON, e.g. {"cattle": 0.8}; others use '
         "min_match_confidence",
@@ -143,30 +142,6 @@ class Settings(BaseSettings):
     client_api_key: SecretStr = Field(
         default=SecretStr(""), description="API key sent by `animalid enroll` and `animalid identify`"
     )
-
-    @field_validator("target_fpir_by_species")
-    @classmethod
-    def _fpirs_are_rates(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = {k: v for k, v in value.items() if not 0.0 < v < 1.0}
-        if bad:
-            raise ValueError(f"target FPIRs must lie strictly between 0 and 1, got {bad}")
-        return value
-
-    @field_validator("min_match_confidence_by_species")
-    @classmethod
-    def _confidences_are_probabilities(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = {k: v for k, v in value.items() if not 0.0 <= v <= 1.0}
-        if bad:
-            raise ValueError(f"minimum match confidences must lie in [0, 1], got {bad}")
-        return value
-
-    @field_validator("stranger_share_by_species")
-    @classmethod
-    def _shares_are_shares(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = {k: v for k, v in value.items() if not 0.0 <= v < 1.0}
-        if bad:
-            raise ValueError(f"stranger shares must lie in [0, 1), got {bad}")
-        return value
 
     # Learning the enrolled animals: fine-tune jobs and the worker that runs them.
     jobs_dir: Path = Field(

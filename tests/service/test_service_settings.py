@@ -48,7 +48,27 @@ def test_the_env_file_is_read(tmp_path: Path) -> None:
     assert settings.port == 9123 and settings.auth_disabled is True
 
 
-INVALID = [("DEVICE", "tpu"), ("MAX_UPLOAD_BYTES", "0"), ("DEFAULT_THRESHOLD", "1.5"), ("PORT", "70000")]
+INVALID = [
+    ("DEVICE", "tpu"),
+    ("MAX_UPLOAD_BYTES", "0"),
+    ("DEFAULT_THRESHOLD", "1.5"),
+    ("PORT", "70000"),
+    # the open-set settings and their per-species maps share their bounds
+    ("TARGET_FPIR", "0"),
+    ("TARGET_FPIR_BY_SPECIES", '{"cattle": 1.0}'),
+    ("STRANGER_SHARE_BY_SPECIES", '{"cattle": 1.0}'),
+    ("MIN_MATCH_CONFIDENCE", "1.2"),
+    ("MIN_MATCH_CONFIDENCE_BY_SPECIES", '{"cattle": -0.1}'),
+]
+
+
+def test_per_species_open_set_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANIMALID_MIN_MATCH_CONFIDENCE_BY_SPECIES", '{"cattle": 0.7, "dog": 0}')
+    monkeypatch.setenv("ANIMALID_STRANGER_SHARE_BY_SPECIES", '{"cattle": 0}')
+    settings = Settings()
+    assert settings.min_match_confidence == 0.5
+    assert settings.min_match_confidence_by_species == {"cattle": 0.7, "dog": 0.0}
+    assert settings.stranger_share_by_species == {"cattle": 0.0}
 
 
 @pytest.mark.parametrize("name,value", INVALID)
