@@ -52,25 +52,30 @@ class Runtime:
 
     @property
     def limits(self) -> Limits:
-        return Limits(
-            images=self.images,
-            default_threshold=self.settings.default_threshold,
-            default_top_k=self.settings.default_top_k,
-            max_top_k=self.settings.max_top_k,
-            target_fpir=self.settings.target_fpir,
-            target_fpir_by_species=dict(self.settings.target_fpir_by_species),
-            review_fpir=self.settings.review_fpir,
-            stranger_share=self.settings.stranger_share,
-            stranger_share_by_species=dict(self.settings.stranger_share_by_species),
-            min_match_confidence=self.settings.min_match_confidence,
-            min_match_confidence_by_species=dict(self.settings.min_match_confidence_by_species),
-        )
+        return limits(self.settings, self.images)
 
     def close(self) -> None:
         if self.follower is not None:
             self.follower.stop()
         self.reembedder.stop()
         self.engine.dispose()
+
+
+def limits(settings: Settings, images: ImagePolicy) -> Limits:
+    """How requests are bounded and answers decided; a fine-tune judges its models by the same."""
+    return Limits(
+        images=images,
+        default_threshold=settings.default_threshold,
+        default_top_k=settings.default_top_k,
+        max_top_k=settings.max_top_k,
+        target_fpir=settings.target_fpir,
+        target_fpir_by_species=dict(settings.target_fpir_by_species),
+        review_fpir=settings.review_fpir,
+        stranger_share=settings.stranger_share,
+        stranger_share_by_species=dict(settings.stranger_share_by_species),
+        min_match_confidence=settings.min_match_confidence,
+        min_match_confidence_by_species=dict(settings.min_match_confidence_by_species),
+    )
 
 
 def image_policy(settings: Settings) -> ImagePolicy:

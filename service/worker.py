@@ -32,6 +32,7 @@ from service.db.repository import Repository
 from service.db.session import is_sqlite, make_engine, make_sessionmaker
 from service.errors import ServiceError
 from service.image_store import ImageStore
+from service.runtime import image_policy, limits
 from service.schemas_jobs import FinetuneRequest
 from service.services.finetune import FinetuneEnv, FinetunePolicy, run_finetune
 from service.services.jobs import FINETUNE
@@ -141,12 +142,11 @@ class Worker:
             lr=s.finetune_lr,
             holdout=s.finetune_holdout,
             strangers=s.finetune_strangers,
-            target_fpir=s.target_fpir_by_species.get(job.species, s.target_fpir),
             min_top1_gain=s.promote_min_top1_gain,
             min_far_drop=s.promote_min_far_drop,
             threads=s.worker_threads,
             device=s.device,
-            default_threshold=s.default_threshold,
+            limits=limits(s, image_policy(s)),
         )
         return run_finetune(env, job.id, job.species, FinetuneRequest(**job.params), policy, report)
 

@@ -11,7 +11,9 @@ another time. That is measured here, beside the unseen-individual protocol of
 - the training photos are the gallery, the held-back photos the queries
   (:func:`evaluate_closed_set`): top-1, top-5, mAP and CMC; verification over every
   (query, gallery) pair: AUC, EER, TAR@FAR, and the FAR/TAR at the decision threshold; plus, at
-  that threshold, the share of queries answered with the right individual and with a wrong one.
+  that threshold, the share of queries answered with the right individual and with a wrong one;
+  with a :class:`ConfidenceFloor`, as a service with a minimum match confidence answers: a best
+  candidate past the threshold but below the floor is ``uncertain``, neither right nor wrong.
 
 An individual with a single session cannot be held back without splitting that session: it stays
 whole in training (it is still in the gallery as a distractor) and is counted.
@@ -33,6 +35,7 @@ from training.metrics import (
     best_match,
     cmc_curve,
     identification_ranks,
+    individual_scores,
     mean_average_precision,
     per_individual_top1,
     similarity,
@@ -40,6 +43,7 @@ from training.metrics import (
     verification_metrics,
 )
 from training.model import EmbeddingModel
+from training.open_set import OpenSetCalibration
 from training.preprocess import PreprocessSpec
 
 
@@ -84,6 +88,30 @@ def hold_back_sessions(
     )
 
 
+@dataclass(frozen=True)
+class ConfidenceFloor:
+    """A minimum match confidence: a best candidate past the threshold whose calibrated confidence
+    (``table``'s, for a gallery the table reads as ``gallery_size`` images) is below ``minimum`` is
+    answered ``uncertain``, not ``match``."""
+
+    table: OpenSetCalibration
+    gallery_size: int
+    minimum: float
+    stranger_share: float | None = None  # None: the calibration's
+
+    def confidence(self, best: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """Per query, from its best individual's similarity and the second's (-inf: none)."""
+        return np.array(
+            [
+                self.table.probability(
+                    float(b), self.gallery_size, float(s) if np.isfinite(s) else None, self.stranger_share
+                )
+                for b, s in zip(best, second, strict=True)
+            ],
+            dtype=np.float64,
+        )
+
+
 def evaluate_closed_set(
     gallery_emb: np.ndarray,
     gallery_individuals: Sequence[str] | np.ndarray,
@@ -91,12 +119,14 @@ def evaluate_closed_set(
     query_individuals: Sequence[str] | np.ndarray,
     *,
     threshold: float,
+    floor: ConfidenceFloor | None = None,
 ) -> EvaluationResult:
     """Held-back photos (queries) against the training photos (gallery) of the same individuals.
 
     The result has the fields of the unseen-individual protocol; there is one split (the sessions
     held back before training), so each identification metric has one value, and no open set (every
-    query's individual is enrolled: strangers are the unseen protocol's business).
+    query's individual is enrolled: strangers are the unseen protocol's business). With a ``floor``,
+    the right and wrong match rates leave out the answers it holds back, counted as ``uncertain_rate``.
     """
     gallery_emb = np.asarray(gallery_emb, dtype=np.float32)
     query_emb = np.asarray(query_emb, dtype=np.float32)
@@ -112,6 +142,10 @@ def evaluate_closed_set(
     ranks = identification_ranks(sim, q_labels, g_labels)
     predicted, top_score = best_match(sim, g_labels)
     answered = top_score >= threshold
+    held_back = np.zeros_like(answered)
+    if floor is not None:
+        held_back = answered & (floor.confidence(top_score, second_best(sim, g_labels)) < floor.minimum)
+        answered &= ~held_back
     right = predicted == q_labels
     scores = sim.ravel()
     is_same = (q_labels[:, None] == g_labels[None, :]).ravel()
@@ -125,7 +159,8 @@ def evaluate_closed_set(
             "map": [mean_average_precision(sim, q_labels, g_labels)],
             "right_match_rate": [float(np.mean(answered & right))],
             "wrong_match_rate": [float(np.mean(answered & ~right))],
-        },
+        }
+        | ({"uncertain_rate": [float(np.mean(held_back))]} if floor is not None else {}),
         cmc=cmc_curve(ranks, CMC_MAX_RANK)[None, :],
         verification=verification,
         roc_far=far,
@@ -149,8 +184,21 @@ def evaluate_closed_set(
     )
 
 
+def second_best(sim: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """Per query, the score of its second-best gallery individual (-inf with one individual)."""
+    _, scores = individual_scores(sim, gallery_labels)
+    if scores.shape[1] < 2:
+        return np.full(len(scores), -np.inf)
+    return np.partition(scores, -2, axis=1)[:, -2]
+
+
 def evaluate_held_back(
-    model: EmbeddingModel, spec: PreprocessSpec, gallery: Shard, held: Shard, threshold: float
+    model: EmbeddingModel,
+    spec: PreprocessSpec,
+    gallery: Shard,
+    held: Shard,
+    threshold: float,
+    floor: ConfidenceFloor | None = None,
 ) -> EvaluationResult:
     """:func:`evaluate_closed_set` of ``model`` with ``gallery`` (training photos) and ``held`` photos."""
     device = next(model.parameters()).device
@@ -160,6 +208,7 @@ def evaluate_held_back(
         embed_pixels(model, held.pixels, spec, device),
         held.individuals,
         threshold=threshold,
+        floor=floor,
     )
 
 

@@ -10,13 +10,14 @@
 3. **Calibrate** the challenger on the animals kept out, which it never saw: its pair threshold and
    open-set table (:func:`training.calibration.recalibrated`).
    **Judge** the serving model (champion) and the new one (challenger) on the *same* held-back
-   sessions, with the training photos as gallery, each at the threshold it would serve with for
-   the gallery's size (:func:`service.services.identification.served_threshold`).
+   sessions, with the training photos as gallery, each as the service would answer with it for the
+   gallery's size (:func:`service.services.identification.operating_point`): its threshold, and the
+   minimum match confidence that turns a doubtful match into ``uncertain``.
 4. **Promote** only when the challenger wins by the configured margins on top-1 and on the
-   false-match rate at those thresholds, and has an open-set table if the champion has one: a new
-   artifact (card with metrics, calibration and lineage) replaces ``<models_dir>/<species>/`` (the
-   old one moves to ``<models_dir>/.retired/``), and the service switches to it with its
-   re-embedding (:mod:`service.services.model_watch` notices the new version, or
+   false-match rate (of image pairs) at those thresholds, and has an open-set table if the champion
+   has one: a new artifact (card with metrics, calibration and lineage) replaces
+   ``<models_dir>/<species>/`` (the old one moves to ``<models_dir>/.retired/``), and the service
+   switches to it with its re-embedding (:mod:`service.services.model_watch` notices the new version, or
    ``POST /species/{name}/reload``).
 
 A fused start (:mod:`training.fusion`) trains each of its trained networks on its own recipe, from
@@ -47,7 +48,7 @@ from service.errors import InvalidRequest
 from service.image_store import ImageStore
 from service.schemas_jobs import FinetuneRequest
 from service.services.gallery_export import MANIFEST, export_gallery
-from service.services.identification import served_threshold
+from service.services.identification import Limits, OperatingPoint, operating_point
 from training.artifact import ArtifactError, LoadedModel, ModelCard, export_artifact, load_artifact, read_card
 from training.calibration import recalibrated
 from training.closed_set import evaluate_held_back
@@ -78,8 +79,7 @@ class FinetunePolicy:
     min_far_drop: float
     threads: int
     device: str
-    default_threshold: float
-    target_fpir: float  # the species' operating point with an open-set table
+    limits: Limits  # how the service decides: each model is judged as it would answer
 
 
 @dataclass(frozen=True)
@@ -213,13 +213,19 @@ def run_finetune(
     report(progress)
     challenger = _challenger(start, runs, work / "tuned")
     card = _challenger_card(challenger, start.card, champion.card, data, config, policy)
-    # Each model judged at the threshold it would serve with for this gallery.
-    target, default = policy.target_fpir, policy.default_threshold
-    champion_threshold = served_threshold(champion.card, shape, target, default)
-    challenger_threshold = served_threshold(card, shape, target, default)
-    champion_result = _judge(champion, config, champion_threshold)
+    # Each model judged as the service would answer with it for this gallery.
+    limits = policy.limits
+    champion_point = operating_point(champion.card, limits, species, shape, None)
+    challenger_point = operating_point(card, limits, species, shape, None)
+    share = limits.stranger_share_for(species)
+    champion_result = _judge(champion, config, champion_point, share)
     challenger_result = evaluate_held_back(
-        challenger, start.card.preprocess, data.train, held, challenger_threshold
+        challenger,
+        start.card.preprocess,
+        data.train,
+        held,
+        challenger_point.threshold,
+        challenger_point.floor(share),
     ).summary()
     top1_gain = challenger_result["top1"] - champion_result["top1"]
     far_drop = champion_result["test_far"] - challenger_result["test_far"]
@@ -249,14 +255,16 @@ def run_finetune(
     }
     result: dict[str, Any] = {
         "gallery_images": gallery_images,
-        "target_fpir": policy.target_fpir if card.open_set or champion.card.open_set else None,
+        "target_fpir": limits.fpir_for(species) if card.open_set or champion.card.open_set else None,
         "champion": {
             "model_version": champion.card.model_version,
-            "threshold": champion_threshold,
+            "threshold": champion_point.threshold,
+            "min_confidence": champion_point.min_confidence,
             "closed_set": champion_result,
         },
         "challenger": {
-            "threshold": challenger_threshold,
+            "threshold": challenger_point.threshold,
+            "min_confidence": challenger_point.min_confidence,
             "calibration": {
                 "individuals": len(set(data.val.individuals)),
                 "images": len(data.val.individuals),
@@ -346,7 +354,7 @@ def _challenger_card(
         species=champion.species,
         embedding_dim=start.embedding_dim,
         preprocess=start.preprocess,
-        threshold=champion.threshold if champion.threshold is not None else policy.default_threshold,
+        threshold=champion.threshold if champion.threshold is not None else policy.limits.default_threshold,
         threshold_far=champion.threshold_far,
         training_config=config.to_dict()
         | (fusion_record(fusion) if fusion else {})
@@ -422,12 +430,19 @@ def _fine_tuned(model: Net, config: TrainConfig) -> Net:
     return model.eval()
 
 
-def _judge(champion: LoadedModel, config: TrainConfig, threshold: float) -> dict[str, Any]:
+def _judge(
+    champion: LoadedModel, config: TrainConfig, point: OperatingPoint, stranger_share: float | None
+) -> dict[str, Any]:
     """The champion on the held-back sessions, its photos prepared its own way."""
     (data,) = prepare_data(config, champion.card.preprocess)
     assert data.held is not None
     return evaluate_held_back(
-        champion.model, champion.card.preprocess, data.train, data.held, threshold
+        champion.model,
+        champion.card.preprocess,
+        data.train,
+        data.held,
+        point.threshold,
+        point.floor(stranger_share),
     ).summary()
 
 

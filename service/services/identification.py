@@ -27,6 +27,7 @@ from service.schemas import (
 )
 from service.services import review
 from training.artifact import ModelCard
+from training.closed_set import ConfidenceFloor
 from training.open_set import OpenSetCalibration
 
 
@@ -91,6 +92,13 @@ class OperatingPoint:
             and confidence < self.min_confidence
         )
 
+    def floor(self, stranger_share: float | None) -> ConfidenceFloor | None:
+        """The minimum match confidence as a judge applies it to many queries at once (a fine-tune's
+        closed-set evaluation), or None when this point has none."""
+        if self.min_confidence is None or self.table is None:
+            return None
+        return ConfidenceFloor(self.table, self.table_size, self.min_confidence, stranger_share)
+
     def decide(self, similarity: float | None, confidence: float | None = None) -> IdentifyDecision:
         if similarity is None:
             return "unknown"
@@ -106,8 +114,7 @@ def served_threshold(
 ) -> float:
     """The match threshold of a request that gives none (:func:`operating_point`'s rule): the card's
     open-set threshold for the gallery (``image_counts``: images per individual -> individuals with
-    that many) and the target FPIR, else its pair threshold, else ``default``. A fine-tune judges its
-    models at this threshold too."""
+    that many) and the target FPIR, else its pair threshold, else ``default``."""
     if card is not None and card.open_set is not None:
         return card.open_set.threshold(card.open_set.equivalent_size(image_counts), target_fpir)
     return effective_threshold(card, default, None)[0]

@@ -9,8 +9,9 @@ import torch
 from synthetic import make_folder_dataset
 from tiny_runs import tiny_config
 
-from training.closed_set import evaluate_closed_set, hold_back_sessions
+from training.closed_set import ConfidenceFloor, evaluate_closed_set, hold_back_sessions
 from training.data import read_manifest
+from training.open_set import ConfidenceModel, OpenSetCalibration
 from training.pipeline import export_run
 from training.preprocess import PreprocessSpec
 from training.train import fit, prepare_data
@@ -76,6 +77,39 @@ def test_closed_set_metrics_against_a_hand_worked_example():
     # Genuine pairs: (q0,a)=0.96, (q1,b)=0.96, (q2,a)=0.6: two of three.
     assert summary["test_tar"] == pytest.approx(2 / 3, abs=1e-4)
     assert result.counts["gallery_images"] == 2 and result.counts["images"] == 3
+
+
+def test_a_confidence_floor_holds_back_the_close_calls_as_uncertain():
+    # The example above; the confidence is P(right) = sigmoid(10 * margin over the second individual).
+    gallery = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    queries = np.array([[0.96, 0.28], [0.28, 0.96], [0.6, 0.8]], dtype=np.float32)
+    model = ConfidenceModel([[0.0, 0.0, 0.0]], [[0.0, 0.0, 10.0]], stranger_share=0.5, max_margin=1.0)
+    table = OpenSetCalibration(
+        gallery_sizes=[2],
+        target_fpirs=[0.01],
+        thresholds=[[0.7]],
+        tpir=[[1.0]],
+        confidence_similarity=[0.0, 1.0],
+        confidence=[[0.0, 1.0]],
+        images_per_individual=1.0,
+        confidence_model=model,
+    )
+    rates = {}
+    for minimum in (0.5, 0.9):
+        floor = ConfidenceFloor(table, 2, minimum, stranger_share=0.0)
+        result = evaluate_closed_set(
+            gallery, ["a", "b"], queries, ["a", "b", "a"], threshold=0.7, floor=floor
+        )
+        rates[minimum] = result.summary()
+    # Margins .68, .68 and .2: confidences .999, .999 and .881.
+    assert rates[0.5]["wrong_match_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert rates[0.5]["uncertain_rate"] == 0.0
+    # At .9 the wrong answer (.8 to b, .6 to a) is held back; the right ones stay matches.
+    assert rates[0.9]["right_match_rate"] == pytest.approx(2 / 3, abs=1e-4)
+    assert rates[0.9]["wrong_match_rate"] == 0.0
+    assert rates[0.9]["uncertain_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    # Pairs and ranks do not depend on the floor.
+    assert rates[0.9]["test_far"] == rates[0.5]["test_far"] and rates[0.9]["top1"] == rates[0.5]["top1"]
 
 
 def test_queries_of_an_animal_missing_from_the_gallery_are_refused():
