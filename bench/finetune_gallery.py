@@ -25,8 +25,9 @@ its own settings decide the promotion margins (``--promote-anyway`` then only re
         --model runs/study/cattle-from-dogs-128x64/artifacts/cattle --epochs 3
 
 Printed: one JSON line per phase, then a summary line. Top-1: the best candidate is the right
-animal. Wrong-match rate: the service answers `match` with another animal (at the card's
-threshold). Strangers answered match: the share of stranger photos answered `match` with anyone.
+animal. Right- and wrong-match rate: the service answers `match` with that animal, or with another
+one; uncertain rate: it answers `uncertain` (a match held back by the minimum match confidence, or
+in the review band). Strangers answered match: the share of stranger photos answered `match` with anyone.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def identify(client: httpx.Client, species: str, image: bytes) -> dict[str, Any]
     return body
 
 
-Answer = tuple[str, bool, bool]  # individual, right best candidate, wrong match
+Answer = tuple[str, bool, str]  # individual, right best candidate, decision
 
 
 def identify_all(
@@ -235,7 +236,7 @@ def identify_all(
             version = body["model_version"]
             best = body.get("best") or (body.get("candidates") or [None])[0]
             is_right = best is not None and best["external_id"] == name
-            answers.append((name, is_right, body["decision"] == "match" and not is_right))
+            answers.append((name, is_right, body["decision"]))
     result: dict[str, Any] = rates(answers) | {"model_version": version}
     if parts and len({parts[name] for name in plan}) > 1:
         result["by_part"] = {
@@ -247,10 +248,20 @@ def identify_all(
 
 
 def rates(answers: list[Answer]) -> dict[str, Any]:
+    """Top-1 (the best candidate is right, whatever the decision), and the shares of queries answered
+    `match` and right, `match` and wrong, and `uncertain`."""
     total = len(answers)
-    right = sum(a[1] for a in answers)
-    wrong = sum(a[2] for a in answers)
-    return {"queries": total, "top1": round(right / total, 4), "wrong_match_rate": round(wrong / total, 4)}
+
+    def share(count: int) -> float:
+        return round(count / total, 4)
+
+    return {
+        "queries": total,
+        "top1": share(sum(right for _, right, _ in answers)),
+        "right_match_rate": share(sum(right and decision == "match" for _, right, decision in answers)),
+        "wrong_match_rate": share(sum(not right and decision == "match" for _, right, decision in answers)),
+        "uncertain_rate": share(sum(decision == "uncertain" for _, _, decision in answers)),
+    }
 
 
 def identify_strangers(client: httpx.Client, species: str, photos: list[Path]) -> dict[str, Any]:

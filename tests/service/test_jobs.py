@@ -297,7 +297,7 @@ def test_a_calibrated_serving_model_is_replaced_by_one_calibrated_on_animals_kep
         assert judged["threshold"] == card.open_set.threshold(card.open_set.equivalent_size({4: 8}), 0.01)
         # ... and with the minimum match confidence it serves with: its doubtful matches are uncertain
         assert judged["min_confidence"] == 0.5
-        assert "uncertain_rate" in judged["closed_set"]
+        assert "held_back_rate" in judged["closed_set"]
     assert champion.open_set.equivalent_size({4: 8}) != 32  # the shipped card reads 4 photos as fewer dogs
 
 
