@@ -524,6 +524,17 @@ SPECIES_EXAMPLE = {
     "threshold": 0.42,
     "threshold_source": "model_card",
     "threshold_far": 0.01,
+    "identify": {
+        "threshold": 0.731,
+        "threshold_source": "open_set",
+        "target_fpir": 0.01,
+        "review_threshold": 0.664,
+        "min_confidence": 0.5,
+        "gallery_images": 1250,
+        "expected_tpir": 0.47,
+        "reason": "threshold 0.731 keeps never-enrolled animals answered match at 0.01 (target FPIR) in a "
+        "gallery of 1250 images of 310 individuals: the model card's open-set table, interpolated",
+    },
     "metrics": {"top1": 0.91},
     "device": "cpu",
     "index_on_gpu": False,
@@ -531,6 +542,26 @@ SPECIES_EXAMPLE = {
     "individuals": 310,
     "images": 1250,
 }
+
+
+class IdentifyPoint(BaseModel):
+    """How ``/identify`` decides for a species now, for a request that gives no threshold."""
+
+    threshold: float = Field(description="The match threshold for the gallery as it is now")
+    threshold_source: ThresholdSource
+    target_fpir: float | None = Field(
+        description="Share of never-enrolled animals the threshold lets through as match (open-set table)"
+    )
+    review_threshold: float | None = Field(description="Lower edge of the uncertain band; null when none")
+    min_confidence: float | None = Field(
+        description="The confidence a match needs (ANIMALID_MIN_MATCH_CONFIDENCE); null when none applies"
+    )
+    gallery_images: int = Field(description="Enrolled images the threshold is set for")
+    expected_tpir: float | None = Field(
+        description="The model card's estimate, from its validation animals, of the share of an enrolled "
+        "animal's photos answered match and right at this threshold (before the minimum confidence)"
+    )
+    reason: str = Field(description="Why this threshold, in words, as /identify gives it")
 
 
 class SpeciesPublic(BaseModel):
@@ -549,9 +580,15 @@ class SpeciesPublic(BaseModel):
     )
     input_size: list[int] | None
     preprocessing_version: str | None
-    threshold: float | None
+    threshold: float | None = Field(
+        description="The model card's pair threshold (image against image, at threshold_far); /identify "
+        "decides with `identify`, set for the gallery's size"
+    )
     threshold_source: ThresholdSource | None
     threshold_far: float | None
+    identify: IdentifyPoint | None = Field(
+        default=None, description="How /identify decides now; null until the species serves a model"
+    )
     metrics: dict[str, Any] = Field(
         description="Evaluation metrics from the model card; a release model (trained on its test animals "
         "too) has no test figures of its own, and `study_split` holds those of the same recipe trained "

@@ -14,10 +14,17 @@ from service.db.repository import Repository
 from service.errors import SpeciesNotFound
 from service.ml.embedder import Embedder
 from service.ml.registry import Pending, Registry, Serving, SpeciesSlot, SpeciesStatus
-from service.schemas import CheckName, ReloadResult, SpeciesPublic, SpeciesReadiness, StatusResult
+from service.schemas import (
+    CheckName,
+    IdentifyPoint,
+    ReloadResult,
+    SpeciesPublic,
+    SpeciesReadiness,
+    StatusResult,
+)
 from service.security import Principal
 from service.services.galleries import build_gallery, discover_artifacts, load_embedder
-from service.services.identification import effective_threshold
+from service.services.identification import Limits, effective_threshold, operating_point
 from service.services.reembedding import Reembedder
 from training.artifact import ArtifactError
 
@@ -176,7 +183,27 @@ def reload_species(life: Lifecycle, name: str, actor: Principal) -> ReloadResult
     return result
 
 
-def describe(session: Session, registry: Registry, default_threshold: float) -> list[SpeciesPublic]:
+def identify_point(serving: Serving, limits: Limits, species: str) -> IdentifyPoint:
+    """What ``/identify`` decides with for ``species`` now (:func:`operating_point`)."""
+    card = serving.embedder.card
+    image_counts = serving.gallery.image_counts()
+    point = operating_point(card, limits, species, image_counts, None)
+    expected = None
+    if point.table is not None and point.target_fpir is not None:
+        expected = point.table.expected_tpir(point.table_size, point.target_fpir)
+    return IdentifyPoint(
+        threshold=point.threshold,
+        threshold_source=point.source,
+        target_fpir=point.target_fpir,
+        review_threshold=point.review_threshold,
+        min_confidence=point.min_confidence,
+        gallery_images=sum(n * k for n, k in image_counts.items()),
+        expected_tpir=expected,
+        reason=point.reason,
+    )
+
+
+def describe(session: Session, registry: Registry, limits: Limits) -> list[SpeciesPublic]:
     repo = Repository(session)
     known = {species.name: species for species in repo.all_species()}
     result = []
@@ -185,7 +212,9 @@ def describe(session: Session, registry: Registry, default_threshold: float) -> 
         serving = slot.serving
         embedder = serving.embedder if serving else (slot.pending.embedder if slot.pending else None)
         card = embedder.card if embedder else None
-        threshold, source = effective_threshold(card, default_threshold, None) if card else (None, None)
+        threshold, source = (
+            effective_threshold(card, limits.default_threshold, None) if card else (None, None)
+        )
         species = known.get(name)
         pending = slot.pending
         result.append(
@@ -203,6 +232,7 @@ def describe(session: Session, registry: Registry, default_threshold: float) -> 
                 threshold=threshold,
                 threshold_source=source,
                 threshold_far=card.threshold_far if card else None,
+                identify=identify_point(serving, limits, name) if serving else None,
                 metrics=dict(card.metrics) if card else {},
                 trained_for=card.relabelled_from if card else None,
                 device=str(embedder.device) if embedder else None,
@@ -215,9 +245,9 @@ def describe(session: Session, registry: Registry, default_threshold: float) -> 
     return result
 
 
-def describe_one(session: Session, registry: Registry, default_threshold: float, name: str) -> SpeciesPublic:
+def describe_one(session: Session, registry: Registry, limits: Limits, name: str) -> SpeciesPublic:
     registry.slot(name)
-    return next(item for item in describe(session, registry, default_threshold) if item.name == name)
+    return next(item for item in describe(session, registry, limits) if item.name == name)
 
 
 def _checks(database: bool, models: bool, indexes: bool) -> dict[CheckName, Literal["up", "down"]]:

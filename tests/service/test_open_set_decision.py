@@ -148,6 +148,18 @@ def test_identify_answers_with_the_table(
     assert same["threshold"] == pytest.approx(0.9999) and same["review_threshold"] == pytest.approx(-1.0)
     assert same["confidence"] == pytest.approx((same["candidates"][0]["similarity"] + 1) / 2, abs=1e-6)
     assert "4 images" in same["reason"]
+    # The species tells how /identify decides now, beside the card's pair threshold.
+    described = client.get("/species/dog", headers=READ).json()
+    point = described["identify"]
+    assert {key: point[key] for key in ("threshold", "threshold_source", "target_fpir", "reason")} == {
+        key: same[key] for key in ("threshold", "threshold_source", "target_fpir", "reason")
+    }
+    assert point["review_threshold"] == same["review_threshold"] and point["gallery_images"] == 4
+    assert point["min_confidence"] == same["min_confidence"] == 0.5
+    table = read_card(dog_with_table).open_set
+    assert table is not None
+    assert point["expected_tpir"] == pytest.approx(table.expected_tpir(table.equivalent_size({2: 2}), 0.01))
+    assert described["threshold"] == read_card(dog_with_table).threshold != point["threshold"]
     other = ask(jpeg(300, 7))
     assert (other["decision"], other["best"]) == ("uncertain", None)
     assert other["confidence"] == pytest.approx((other["candidates"][0]["similarity"] + 1) / 2, abs=1e-6)

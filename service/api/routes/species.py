@@ -25,14 +25,15 @@ SpeciesPath = Annotated[
     summary="List species and their models",
     description=(
         "Every species with an artifact in the models folder or rows in the database: status (`ready`, "
-        "`reindexing`, `building`, `disabled` with a reason), model version, threshold and where it "
-        "comes from, "
-        "the model card's metrics, device and index size. Needs the read scope."
+        "`reindexing`, `building`, `disabled` with a reason), model version, the card's pair threshold, "
+        "how `/identify` decides now (`identify`: the threshold for the gallery's size, target FPIR, "
+        "review band, minimum match confidence), the model card's metrics, device and index size. "
+        "Needs the read scope."
     ),
     responses=error_responses(401, 403),
 )
 def list_species(principal: ReadPrincipal, session: SessionDep, runtime: RuntimeDep) -> SpeciesList:
-    return SpeciesList(data=species.describe(session, runtime.registry, runtime.settings.default_threshold))
+    return SpeciesList(data=species.describe(session, runtime.registry, runtime.limits))
 
 
 @router.get(
@@ -44,7 +45,7 @@ def list_species(principal: ReadPrincipal, session: SessionDep, runtime: Runtime
 def get_species(
     principal: ReadPrincipal, session: SessionDep, runtime: RuntimeDep, name: SpeciesPath
 ) -> SpeciesPublic:
-    return species.describe_one(session, runtime.registry, runtime.settings.default_threshold, name)
+    return species.describe_one(session, runtime.registry, runtime.limits, name)
 
 
 @router.post(
