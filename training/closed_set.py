@@ -126,7 +126,8 @@ def evaluate_closed_set(
     The result has the fields of the unseen-individual protocol; there is one split (the sessions
     held back before training), so each identification metric has one value, and no open set (every
     query's individual is enrolled: strangers are the unseen protocol's business). With a ``floor``,
-    the right and wrong match rates leave out the answers it holds back, counted as ``held_back_rate``.
+    the right and wrong match rates leave out the answers it holds back, counted as ``held_back_rate``
+    (and those of them whose best candidate was wrong as ``held_back_wrong_rate``).
     """
     gallery_emb = np.asarray(gallery_emb, dtype=np.float32)
     query_emb = np.asarray(query_emb, dtype=np.float32)
@@ -160,7 +161,14 @@ def evaluate_closed_set(
             "right_match_rate": [float(np.mean(answered & right))],
             "wrong_match_rate": [float(np.mean(answered & ~right))],
         }
-        | ({"held_back_rate": [float(np.mean(held_back))]} if floor is not None else {}),
+        | (
+            {
+                "held_back_rate": [float(np.mean(held_back))],
+                "held_back_wrong_rate": [float(np.mean(held_back & ~right))],
+            }
+            if floor is not None
+            else {}
+        ),
         cmc=cmc_curve(ranks, CMC_MAX_RANK)[None, :],
         verification=verification,
         roc_far=far,

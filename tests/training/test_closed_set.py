@@ -103,11 +103,12 @@ def test_a_confidence_floor_holds_back_the_close_calls_as_uncertain():
         rates[minimum] = result.summary()
     # Margins .68, .68 and .2: confidences .999, .999 and .881.
     assert rates[0.5]["wrong_match_rate"] == pytest.approx(1 / 3, abs=1e-4)
-    assert rates[0.5]["held_back_rate"] == 0.0
+    assert rates[0.5]["held_back_rate"] == 0.0 and rates[0.5]["held_back_wrong_rate"] == 0.0
     # At .9 the wrong answer (.8 to b, .6 to a) is held back; the right ones stay matches.
     assert rates[0.9]["right_match_rate"] == pytest.approx(2 / 3, abs=1e-4)
     assert rates[0.9]["wrong_match_rate"] == 0.0
     assert rates[0.9]["held_back_rate"] == pytest.approx(1 / 3, abs=1e-4)
+    assert rates[0.9]["held_back_wrong_rate"] == pytest.approx(1 / 3, abs=1e-4)
     # Pairs and ranks do not depend on the floor.
     assert rates[0.9]["test_far"] == rates[0.5]["test_far"] and rates[0.9]["top1"] == rates[0.5]["top1"]
 
