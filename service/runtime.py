@@ -52,7 +52,7 @@ class Runtime:
 
     @property
     def limits(self) -> Limits:
-        return limits(self.settings, self.images)
+        return limits_from(self.settings, self.images)
 
     def close(self) -> None:
         if self.follower is not None:
@@ -61,7 +61,7 @@ class Runtime:
         self.engine.dispose()
 
 
-def limits(settings: Settings, images: ImagePolicy) -> Limits:
+def limits_from(settings: Settings, images: ImagePolicy) -> Limits:
     """How requests are bounded and answers decided; a fine-tune judges its models by the same."""
     return Limits(
         images=images,

@@ -17,6 +17,7 @@ Rate = Annotated[float, Field(gt=0.0, lt=1.0)]
 Share = Annotated[float, Field(ge=0.0, lt=1.0)]
 """A share of identify queries: 0 included, 1 not."""
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+"""A probability: 0 and 1 included."""
 
 
 class Settings(BaseSettings):

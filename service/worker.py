@@ -32,7 +32,7 @@ from service.db.repository import Repository
 from service.db.session import is_sqlite, make_engine, make_sessionmaker
 from service.errors import ServiceError
 from service.image_store import ImageStore
-from service.runtime import image_policy, limits
+from service.runtime import image_policy, limits_from
 from service.schemas_jobs import FinetuneRequest
 from service.services.finetune import FinetuneEnv, FinetunePolicy, run_finetune
 from service.services.jobs import FINETUNE
@@ -146,7 +146,7 @@ class Worker:
             min_far_drop=s.promote_min_far_drop,
             threads=s.worker_threads,
             device=s.device,
-            limits=limits(s, image_policy(s)),
+            limits=limits_from(s, image_policy(s)),
         )
         return run_finetune(env, job.id, job.species, FinetuneRequest(**job.params), policy, report)
 

@@ -120,11 +120,16 @@ def served_threshold(
     return effective_threshold(card, default, None)[0]
 
 
+def gallery_images(image_counts: Mapping[int, int]) -> int:
+    """The images of a gallery of ``image_counts`` (images per individual -> individuals with that many)."""
+    return sum(n * k for n, k in image_counts.items())
+
+
 def gallery_words(table: OpenSetCalibration, image_counts: Mapping[int, int]) -> str:
     """The gallery as the reason names it: its images and individuals, and the size the table reads
     it at when that differs (photos of one animal are alike: an animal with more photos than the
     calibration's counts as fewer images than it has)."""
-    images = sum(n * k for n, k in image_counts.items())
+    images = gallery_images(image_counts)
     individuals = sum(image_counts.values())
     words = f"a gallery of {images} images of {individuals} individuals"
     size = table.equivalent_size(image_counts)
@@ -246,7 +251,7 @@ def identify(
         # the confidence needs the second individual too, whatever the answer lists
         found = registry.search(species, serving.gallery, query, max(top_k, 2))
         image_counts = serving.gallery.image_counts()
-        gallery_size = sum(n * k for n, k in image_counts.items())
+        gallery_size = gallery_images(image_counts)
     clock.lap("search")
     labels = _labels(session, [c.individual_id for c in found])
     candidates = [

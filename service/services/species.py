@@ -24,7 +24,7 @@ from service.schemas import (
 )
 from service.security import Principal
 from service.services.galleries import build_gallery, discover_artifacts, load_embedder
-from service.services.identification import Limits, effective_threshold, operating_point
+from service.services.identification import Limits, effective_threshold, gallery_images, operating_point
 from service.services.reembedding import Reembedder
 from training.artifact import ArtifactError
 
@@ -197,7 +197,7 @@ def identify_point(serving: Serving, limits: Limits, species: str) -> IdentifyPo
         target_fpir=point.target_fpir,
         review_threshold=point.review_threshold,
         min_confidence=point.min_confidence,
-        gallery_images=sum(n * k for n, k in image_counts.items()),
+        gallery_images=gallery_images(image_counts),
         expected_tpir=expected,
         reason=point.reason,
     )
