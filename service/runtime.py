@@ -137,7 +137,11 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             device=device,
             use_gpu_index=use_gpu_index,
             embed_batching=BatchingConfig(
-                settings.batch_wait_ms / 1000.0, batch_max_images(settings, device), lanes, when_idle
+                settings.batch_wait_ms / 1000.0,
+                batch_max_images(settings, device),
+                lanes,
+                when_idle,
+                settings.batch_min_speedup,
             ),
             search_batching=BatchingConfig(
                 settings.search_batch_wait_ms / 1000.0, settings.search_batch_max_queries, lanes, when_idle

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -51,10 +51,21 @@ class BatchingConfig:
     max_items: int = 32
     lanes: int = 1
     start_when_idle: bool = False
+    # Forward passes only: a model whose batch of max_items runs at fewer than this many times the
+    # images per second of a batch of one (Embedder.batch_speedup, measured at start-up) is not
+    # batched; 0: every model is.
+    min_speedup: float = 0.0
 
     @property
     def enabled(self) -> bool:
         return self.max_wait_s > 0 and self.max_items > 1
+
+    def for_model(self, speedup: float | None) -> BatchingConfig:
+        """This configuration for a model whose batch runs ``speedup`` times the images per second
+        of a batch of one (None: not measured): batching off when that is below ``min_speedup``."""
+        if speedup is None or speedup >= self.min_speedup:
+            return self
+        return replace(self, max_wait_s=0.0)
 
 
 @dataclass
@@ -205,6 +216,7 @@ class EmbedBatcher:
         self, embedder: Embedder, config: BatchingConfig, on_batch: Callable[[int], None] | None = None
     ) -> None:
         self.embedder = embedder
+        self.config = config
         self._batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(self._forward, config, on_batch)
 
     @property

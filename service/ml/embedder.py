@@ -6,17 +6,30 @@ card, so serving sees exactly the pixels the offline evaluation saw.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from service.errors import ConfigurationError
 from training.artifact import LoadedModel, ModelCard
 from training.gradcam import input_attribution_map
 from training.model import EmbeddingModel
 from training.preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+TRACE_TOLERANCE = 2e-3
+"""Largest difference of any embedding coordinate between the traced and the eager pass (unit
+vectors): more, and the model is served by its eager pass. Above the 1e-3 by which TF32 convolutions
+on a GPU make two passes differ (tests/conftest.py), far below what a trace that took a wrong branch
+gives."""
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -40,6 +53,10 @@ class Embedder:
         # EfficientNet-Lite demo model on the 2-core CPU (docs/benchmarks.md, dynamic batching).
         model = loaded.model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model: EmbeddingModel = model.eval()
+        self._embed: Callable[[torch.Tensor], torch.Tensor] = self.model.embed
+        self.traced = False
+        # Images per second of a batch over a batch of one (warmup(batch); None: not measured).
+        self.batch_speedup: float | None = None
 
     @property
     def card(self) -> ModelCard:
@@ -60,7 +77,7 @@ class Embedder:
 
     def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            out = self.model.embed(batch.contiguous(memory_format=torch.channels_last))
+            out = self._embed(batch.contiguous(memory_format=torch.channels_last))
         return out.float().cpu().numpy().astype(np.float32, copy=False)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -69,9 +86,31 @@ class Embedder:
             return np.empty((0, self.dim), dtype=np.float32)
         return self.embed_tensor(self.batch(images))
 
-    def warmup(self) -> None:
+    def warmup(self, batch: int = 1) -> None:
+        """Trace the forward pass (:func:`traced_embed`; the eager one serves when that fails) and
+        run it once; with ``batch`` above 1, also measure :attr:`batch_speedup` at that size."""
         height, width = self.card.preprocess.input_size
-        self.embed_tensor(torch.zeros((1, 3, height, width), device=self.device))
+        example = torch.rand((2, 3, height, width), device=self.device)
+        traced = traced_embed(self.model, example.contiguous(memory_format=torch.channels_last))
+        if traced is None:
+            log.warning("%s: serving the eager forward pass (it could not be traced)", self.model_version)
+        else:
+            self._embed, self.traced = traced, True
+        self.embed_tensor(example[:1])
+        if batch > 1:
+            self.batch_speedup = self._images_per_second(batch) / self._images_per_second(1)
+
+    def _images_per_second(self, size: int, passes: int = 2) -> float:
+        """At batch ``size``: the fastest of ``passes`` timed passes, after an untimed one."""
+        height, width = self.card.preprocess.input_size
+        batch = torch.rand((size, 3, height, width), device=self.device)
+        self.embed_tensor(batch)
+        fastest = math.inf
+        for _ in range(passes):
+            start = time.perf_counter()
+            self.embed_tensor(batch)  # ends on the CPU: a GPU's work is done
+            fastest = min(fastest, time.perf_counter() - start)
+        return size / max(fastest, 1e-9)
 
     def heat_map(self, image: Image.Image, reference: np.ndarray) -> np.ndarray:
         """Heat map (H, W) in [0, 1] at the model's input size of what in ``image`` raises its
@@ -84,3 +123,46 @@ class Embedder:
         tensor = preprocess(image, self.card.preprocess).to(self.device)
         ref = torch.tensor(np.asarray(reference, dtype=np.float32), device=self.device)
         return np.asarray(input_attribution_map(self.model, tensor, ref), dtype=np.float32)
+
+
+class _Embed(nn.Module):
+    """``model.embed`` as a module's forward, for tracing."""
+
+    def __init__(self, model: EmbeddingModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(images)
+
+
+def traced_embed(
+    model: EmbeddingModel, example: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``model.embed`` as one frozen TorchScript graph, or None when it cannot be traced or its
+    embeddings differ from the eager pass's (by more than :data:`TRACE_TOLERANCE`, at the example's
+    batch size and at one).
+
+    Why: the graph runs without Python's global interpreter lock. The eager pass takes the lock back
+    after every layer, and while request threads hold it (HTTP, decoding, search) it waits out the
+    interpreter's switch interval each time: on the 2-core CPU a ResNet18 batch of 8 took 40 ms
+    alone and 427-474 ms beside one busy Python thread, against 46-49 ms traced
+    (docs/benchmarks.md, dynamic batching). The eager model still serves the heat maps, which
+    need gradients.
+    """
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # torch 2.14 marks tracing deprecated in favour of torch.compile, which compiles with a
+            # C++ toolchain at start-up; tracing needs none and is still supported. The tracer's
+            # warnings are of shapes it takes as constants: the input size is (preprocessing fixes it).
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            graph = torch.jit.freeze(torch.jit.trace(_Embed(model).eval(), example))
+        with torch.inference_mode():
+            for batch in (example, example[:1]):
+                if float((graph(batch) - model.embed(batch)).abs().max()) > TRACE_TOLERANCE:
+                    return None
+    except Exception:  # noqa: BLE001 - any model the tracer cannot follow is served eagerly
+        log.debug("tracing failed", exc_info=True)
+        return None
+    return graph

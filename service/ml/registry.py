@@ -7,6 +7,7 @@ holds the old triple finishes on it, the next one gets the new one.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from service.ml.ann import IndexPlan
 from service.ml.batching import BatchingConfig, EmbedBatcher, SearchBatcher
 from service.ml.embedder import Embedder
 from service.ml.gallery import Candidate, Gallery
+
+log = logging.getLogger(__name__)
 
 
 class SpeciesStatus(StrEnum):
@@ -131,9 +134,27 @@ class Registry:
         with self._batchers_lock:
             batcher = self._embed_batchers.get(species)
             if batcher is None or batcher.embedder is not embedder:
-                batcher = EmbedBatcher(embedder, self.embed_batching, self._observer(species, "embed"))
+                config = self.embed_batching.for_model(embedder.batch_speedup)
+                if self.embed_batching.enabled and not config.enabled:
+                    log.info(
+                        "species %s: %s runs a batch of %d at %.2fx the images per second of one (below "
+                        "%g): its requests are not batched",
+                        species,
+                        embedder.model_version,
+                        config.max_items,
+                        embedder.batch_speedup,
+                        config.min_speedup,
+                    )
+                batcher = EmbedBatcher(embedder, config, self._observer(species, "embed"))
                 self._embed_batchers[species] = batcher
             return batcher
+
+    @property
+    def speedup_batch(self) -> int:
+        """The batch size at which a model's :attr:`Embedder.batch_speedup` is measured when it is
+        loaded: the forward batches' largest while batching depends on it, else 1 (not measured)."""
+        config = self.embed_batching
+        return config.max_items if config.enabled and config.min_speedup > 0 else 1
 
     def search_batcher(self, species: str, gallery: Gallery) -> SearchBatcher:
         with self._batchers_lock:

@@ -25,8 +25,9 @@ def discover_artifacts(models_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(models_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
 
 
-def load_embedder(species: str, path: Path, device: torch.device, warmup: bool) -> Embedder:
-    """Load and warm up one artifact; :class:`ArtifactError` says why it cannot serve."""
+def load_embedder(species: str, path: Path, device: torch.device, warmup: bool, batch: int = 1) -> Embedder:
+    """Load and warm up one artifact (measuring its speed-up at ``batch`` above 1, see
+    :meth:`Embedder.warmup`); :class:`ArtifactError` says why it cannot serve."""
     loaded = load_artifact(path, device)
     if loaded.card.species != species:
         raise ArtifactError(
@@ -36,7 +37,7 @@ def load_embedder(species: str, path: Path, device: torch.device, warmup: bool) 
         )
     embedder = Embedder(loaded, device)
     if warmup:
-        embedder.warmup()
+        embedder.warmup(batch)
     return embedder
 
 

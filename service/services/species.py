@@ -66,7 +66,9 @@ def load_all(life: Lifecycle) -> None:
 def _load_slot(life: Lifecycle, slot: SpeciesSlot) -> str:
     assert slot.artifact_path is not None
     try:
-        embedder = load_embedder(slot.name, slot.artifact_path, life.registry.device, life.warmup)
+        embedder = load_embedder(
+            slot.name, slot.artifact_path, life.registry.device, life.warmup, life.registry.speedup_batch
+        )
     except (ArtifactError, OSError) as exc:
         log.error("species %s disabled: %s", slot.name, exc)
         if slot.serving is None:
@@ -156,7 +158,9 @@ def reload_species(life: Lifecycle, name: str, actor: Principal) -> ReloadResult
         message = f"no artifact at {path}; nothing changed"
     else:
         try:
-            embedder = load_embedder(name, path, life.registry.device, life.warmup)
+            embedder = load_embedder(
+                name, path, life.registry.device, life.warmup, life.registry.speedup_batch
+            )
         except (ArtifactError, OSError) as exc:
             log.error("species %s: reload failed: %s", name, exc)
             if serving is None:

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from service.ml.batching import BatchingConfig, EmbedBatcher, MicroBatcher, Sear
 from service.ml.embedder import Embedder
 from service.ml.gallery import Candidate, Gallery
 from service.ml.images import ImagePolicy, decode_image
+from service.ml.registry import Registry
 from service.runtime import Runtime
 from service.settings import Settings
 from training.artifact import load_artifact
@@ -223,7 +225,40 @@ def batched_settings(database_url: str, service_root: Path) -> Settings:
         search_batch_max_queries=GATHER.max_items,
         batch_lanes=1,  # one lane: the 8 requests share one pass (lanes have tests of their own)
         batch_start="after-wait",  # all of them gathered, none sent ahead alone while the pass is idle
+        batch_min_speedup=0.0,  # every model batched, whatever its measured speed-up
     )
+
+
+def test_a_model_slower_per_image_in_a_batch_is_not_batched(artifacts: dict[str, Path]) -> None:
+    registry = Registry(
+        device=torch.device("cpu"), use_gpu_index=False, embed_batching=replace(GATHER, min_speedup=1.2)
+    )
+    images = [decode_image(jpeg(800 + i, i % 3), LOOSE).image for i in range(6)]
+    for speedup, sizes in ((0.6, [1] * 6), (1.2, [6]), (None, [6])):  # None: not measured
+        embedder = Embedder(load_artifact(artifacts["dog"], "cpu"), torch.device("cpu"))
+        embedder.batch_speedup = speedup
+        together = concurrently(6, lambda i, e=embedder: registry.embed("dog", e, [images[i]])[0])
+        assert registry.embed_batcher("dog", embedder).stats.sizes == sizes
+        np.testing.assert_allclose(np.stack(together), embedder.embed(images), atol=1e-4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("min_speedup", [1.2, 0.0])
+def test_loading_a_model_measures_its_speedup_when_batching_depends_on_it(
+    min_speedup: float, settings: Settings
+) -> None:
+    assert Settings.model_fields["batch_min_speedup"].default == 1.2
+    with TestClient(
+        create_app(settings.model_copy(update={"batch_min_speedup": min_speedup})), headers=ADMIN
+    ) as client:
+        registry = client.app.state.runtime.registry  # type: ignore[attr-defined]
+        embedder = registry.serving("dog").embedder
+        assert registry.embed_batching.max_items == 8  # the CPU's batch
+        if min_speedup:
+            assert embedder.batch_speedup is not None and embedder.batch_speedup > 0
+        else:
+            assert embedder.batch_speedup is None
+        batcher = registry.embed_batcher("dog", embedder)
+        assert batcher.config == registry.embed_batching.for_model(embedder.batch_speedup)
 
 
 @pytest.mark.parametrize("start", ["when-idle", "after-wait"])
