@@ -65,6 +65,9 @@ def parse_args() -> argparse.Namespace:
         "--batch-start", choices=["when-idle", "after-wait"],
         help="ANIMALID_BATCH_START when batching is on",
     )  # fmt: skip
+    parser.add_argument(
+        "--min-speedup", type=float, help="ANIMALID_BATCH_MIN_SPEEDUP when batching is on (0: any model)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs per level and mode (median kept)")
     parser.add_argument("--database-url", help="default: a SQLite file in a temporary folder")
     parser.add_argument(
@@ -74,9 +77,18 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_level(port: int | list[int], photo: bytes, clients: int, total: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_level(
+    port: int | list[int], photo: bytes, clients: int, total: int, server_pid: int | None = None
+) -> dict[str, float]:
     """``total`` identify requests from ``clients`` threads, each with its own connection; with
-    several ports, the clients are spread over them in turn."""
+    several ports, the clients are spread over them in turn. With ``server_pid``, also the server's
+    CPU time per request, this process's (the clients'), and the cores both kept busy on average."""
     ports = port if isinstance(port, list) else [port]
     latencies: list[float] = []
     lock = threading.Lock()
@@ -109,18 +121,31 @@ def run_level(port: int | list[int], photo: bytes, clients: int, total: int) -> 
         thread.start()
     start_line.wait()
     t0 = time.perf_counter()
+    server_cpu = cpu_seconds(server_pid) if server_pid else 0.0
+    client_cpu = time.process_time()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - t0
+    client_cpu = time.process_time() - client_cpu
+    server_cpu = cpu_seconds(server_pid) - server_cpu if server_pid else 0.0
     if errors:
         raise SystemExit(f"{len(errors)} failed requests, e.g. {errors[0]}")
     values = np.asarray(latencies)
+    cpu = (
+        {
+            "server_cpu_ms": server_cpu / len(values) * 1000.0,
+            "client_cpu_ms": client_cpu / len(values) * 1000.0,
+            "cores": (server_cpu + client_cpu) / wall,
+        }
+        if server_pid
+        else {}
+    )
     return {
         "throughput": len(values) / wall,
         "p50": float(np.percentile(values, 50)),
         "p95": float(np.percentile(values, 95)),
         "p99": float(np.percentile(values, 99)),
-    }
+    } | cpu
 
 
 def batch_metrics(port: int) -> str:
@@ -158,7 +183,7 @@ def bare_forward(
 ) -> float:
     """Images per second of the bare preprocessing + forward pass at ``batch`` (or the forward pass
     alone on a batch already on the device), measured in a fresh process set up like the server
-    (same thread count, OMP_NUM_THREADS as `animalid serve` sets)."""
+    (same thread count, OMP_NUM_THREADS as `animalid serve` sets, the traced pass)."""
     step = "embedder.embed(images)" if preprocess else "embedder.embed_tensor(tensor)"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     code = (
@@ -169,6 +194,7 @@ def bare_forward(
         f"torch.set_num_threads({threads})\n"
         f"device = resolve_device({device!r})\n"
         f"embedder = Embedder(load_artifact({str(model)!r}, 'cpu'), device)\n"
+        "embedder.warmup()\n"  # the traced pass, as the server's
         f"policy = ImagePolicy({40_000_000}, {40_000_000})\n"
         f"image = decode_image(open({str(PHOTO)!r}, 'rb').read(), policy).image\n"
         f"images = [image] * {batch}\n"
@@ -206,8 +232,10 @@ def batcher_alone(
         f"torch.set_num_threads({threads})\n"
         f"settings, device = Settings(), resolve_device({device!r})\n"
         "config = BatchingConfig(settings.batch_wait_ms / 1000.0, batch_max_images(settings, device), "
-        "batch_lanes(settings, device), settings.batch_start == 'when-idle')\n"
-        f"batcher = EmbedBatcher(Embedder(load_artifact({str(model)!r}, 'cpu'), device), config)\n"
+        "batch_lanes(settings, device), settings.batch_start == 'when-idle', settings.batch_min_speedup)\n"
+        f"embedder = Embedder(load_artifact({str(model)!r}, 'cpu'), device)\n"
+        "embedder.warmup(config.max_items if config.min_speedup > 0 else 1)\n"  # as the server loads it
+        "batcher = EmbedBatcher(embedder, config.for_model(embedder.batch_speedup))\n"
         f"policy = ImagePolicy({40_000_000}, {40_000_000})\n"
         f"image = decode_image(open({str(PHOTO)!r}, 'rb').read(), policy).image\n"
         "done, stop = [0], threading.Event()\n"
@@ -244,6 +272,7 @@ def main() -> None:
                 ("ANIMALID_BATCH_WAIT_MS", args.wait_ms),
                 ("ANIMALID_BATCH_LANES", args.lanes),
                 ("ANIMALID_BATCH_START", args.batch_start),
+                ("ANIMALID_BATCH_MIN_SPEEDUP", args.min_speedup),
             )
             if value is not None
         }
@@ -271,16 +300,19 @@ def main() -> None:
         try:
             for mode in modes:
                 run_level(ports[mode], photo, 1, 20)  # warm-up
+                run_level(ports[mode], photo, max(args.clients), 4 * max(args.clients))  # and its threads
             for clients in args.clients:
                 total = max(args.min_requests, clients * args.requests_per_client)
                 for rep in range(args.repeats):
                     for mode in modes:
-                        row = run_level(ports[mode], photo, clients, total)
+                        row = run_level(ports[mode], photo, clients, total, servers[mode].pid)
                         runs.setdefault((mode, clients), []).append(row)
                         print(
                             f"  batching {mode:>3}, {clients:>2} clients, run {rep + 1}: "
                             f"{row['throughput']:6.1f} req/s  p50 {row['p50']:7.1f}  p95 {row['p95']:7.1f}  "
-                            f"p99 {row['p99']:7.1f} ms",
+                            f"p99 {row['p99']:7.1f} ms; CPU per request: server "
+                            f"{row['server_cpu_ms']:.1f} ms, clients {row['client_cpu_ms']:.1f} ms; "
+                            f"{row['cores']:.2f} cores busy",
                             flush=True,
                         )
             for mode in modes:
@@ -310,12 +342,16 @@ def main() -> None:
         + ", ".join(f"batch {size} {rate:.1f} img/s" for size, rate in alone_pass.items())
     )
     print(f"\nmedian of {args.repeats} runs per row:")
-    print("\n| batching | clients | req/s | p50 ms | p95 ms | p99 ms |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| batching | clients | req/s | p50 ms | p95 ms | p99 ms | server CPU ms per request "
+        "| clients' CPU ms per request | cores busy |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for (mode, clients), row in results.items():
         print(
             f"| {mode} | {clients} | {row['throughput']:.1f} | "
-            f"{row['p50']:.0f} | {row['p95']:.0f} | {row['p99']:.0f} |"
+            f"{row['p50']:.0f} | {row['p95']:.0f} | {row['p99']:.0f} | {row['server_cpu_ms']:.1f} | "
+            f"{row['client_cpu_ms']:.1f} | {row['cores']:.2f} |"
         )
     for mode in modes:
         if (mode, 1) in results and (mode, 8) in results:
