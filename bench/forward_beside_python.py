@@ -6,8 +6,9 @@ layer; while another thread holds it, the pass waits for the interpreter to hand
 interval, 5 ms by default). The service therefore serves a traced graph (`Embedder.warmup`, which
 runs without the lock). This script times one batch through each, in one process, alone and
 beside ``--busy`` threads that loop in pure Python, at the interpreter's default switch interval,
-and what tracing adds to the process's resident memory (the frozen graph's own copy of the weights;
-measured after returning freed memory to the system, Linux with glibc).
+what tracing adds to the process's resident memory, and what each further trace of the model
+(a model switch traces the new model) leaves behind for the process's life in TorchScript's own
+state (measured after returning freed memory to the system, Linux with glibc).
 
     PYTHONPATH=. python bench/forward_beside_python.py
     PYTHONPATH=. python bench/forward_beside_python.py --model service/demo/models/dog --batch 8
@@ -46,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="busy Python threads")
     parser.add_argument("--repeats", type=int, default=10, help="passes timed per row")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, as the server's default")
+    parser.add_argument("--retraces", type=int, default=5, help="further traces whose memory is kept")
     return parser.parse_args()
 
 
@@ -110,7 +112,16 @@ def main() -> None:
         slow = timed(eager.embed_tensor, batch, busy, args.repeats)
         fast = timed(traced.embed_tensor, batch, busy, args.repeats)
         print(f"| {busy} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x |", flush=True)
-    print(f"\ntracing added {added:.0f} MB of resident memory")
+    before = resident_mb()
+    for _ in range(args.retraces):
+        again = Embedder(load_artifact(args.model, "cpu"), torch.device("cpu"))
+        again.warmup()
+        del again
+    kept = (resident_mb() - before) / args.retraces
+    print(
+        f"\ntracing added {added:.0f} MB of resident memory; each of {args.retraces} further loads and "
+        f"traces of the model, dropped again, left {kept:.1f} MB"
+    )
 
 
 if __name__ == "__main__":

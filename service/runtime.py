@@ -169,6 +169,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
             reembedder=reembedder,
             models_dir=settings.models_dir,
             warmup=settings.warmup,
+            trace_forward=settings.trace_forward,
             default_threshold=settings.default_threshold,
         )
         follower = None

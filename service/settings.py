@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     default_top_k: int = Field(default=5, ge=1, description="Candidates returned when top_k is not given")
     max_top_k: int = Field(default=100, ge=1, description="Largest top_k an identify may ask for")
     warmup: bool = Field(default=True, description="Run one forward pass per model at start-up")
+    trace_forward: bool = Field(
+        default=True,
+        description="At start-up (with WARMUP) and at every model switch, trace each model's forward pass "
+        "to a TorchScript graph that runs without Python's lock, so that concurrent requests share the "
+        "cores (docs/benchmarks.md). Each trace keeps about 6 MB (ResNet18) to 50 MB (the fused demo "
+        "model) for the life of the process",
+    )
     cpu_threads: int | None = Field(
         default=None,
         gt=0,

@@ -86,16 +86,17 @@ class Embedder:
             return np.empty((0, self.dim), dtype=np.float32)
         return self.embed_tensor(self.batch(images))
 
-    def warmup(self, batch: int = 1) -> None:
-        """Trace the forward pass (:func:`traced_embed`; the eager one serves when that fails) and
-        run it once; with ``batch`` above 1, also measure :attr:`batch_speedup` at that size."""
+    def warmup(self, batch: int = 1, trace: bool = True) -> None:
+        """Trace the forward pass when ``trace`` (:func:`traced_embed`; the eager one serves when that
+        fails) and run it once; with ``batch`` above 1, also measure :attr:`batch_speedup` at that size."""
         height, width = self.card.preprocess.input_size
         example = torch.rand((2, 3, height, width), device=self.device)
-        traced = traced_embed(self.model, example.contiguous(memory_format=torch.channels_last))
-        if traced is None:
-            log.warning("%s: serving the eager forward pass (it could not be traced)", self.model_version)
-        else:
-            self._embed, self.traced = traced, True
+        if trace:
+            traced = traced_embed(self.model, example.contiguous(memory_format=torch.channels_last))
+            if traced is None:
+                log.warning("%s: serving the eager forward pass (it could not be traced)", self.model_version)
+            else:
+                self._embed, self.traced = traced, True
         self.embed_tensor(example[:1])
         if batch > 1:
             self.batch_speedup = self._images_per_second(batch) / self._images_per_second(1)
@@ -139,7 +140,7 @@ class _Embed(nn.Module):
 def traced_embed(
     model: EmbeddingModel, example: torch.Tensor
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``model.embed`` as one frozen TorchScript graph, or None when it cannot be traced or its
+    """``model.embed`` as one TorchScript graph, or None when it cannot be traced or its
     embeddings differ from the eager pass's (by more than :data:`TRACE_TOLERANCE`, at the example's
     batch size and at one).
 
@@ -157,8 +158,10 @@ def traced_embed(
             # warnings are of shapes it takes as constants: the input size is (preprocessing fixes it).
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # check_trace would trace twice to compare; the check below compares with the eager pass
-            graph = torch.jit.freeze(torch.jit.trace(_Embed(model).eval(), example, check_trace=False))
+            # check_trace would trace twice to compare; the check below compares with the eager pass.
+            # Not frozen: torch.jit.freeze folds the weights into the graph as constants that the
+            # process then keeps for good (50 MB a ResNet18, at every start and model switch).
+            graph = torch.jit.trace(_Embed(model).eval(), example, check_trace=False)
         with torch.inference_mode():
             for batch in (example, example[:1]):
                 if float((graph(batch) - model.embed(batch)).abs().max()) > TRACE_TOLERANCE:

@@ -25,9 +25,11 @@ def discover_artifacts(models_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(models_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
 
 
-def load_embedder(species: str, path: Path, device: torch.device, warmup: bool, batch: int = 1) -> Embedder:
-    """Load and warm up one artifact (measuring its speed-up at ``batch`` above 1, see
-    :meth:`Embedder.warmup`); :class:`ArtifactError` says why it cannot serve."""
+def load_embedder(
+    species: str, path: Path, device: torch.device, warmup: bool, batch: int = 1, trace: bool = True
+) -> Embedder:
+    """Load and warm up one artifact (tracing its forward pass when ``trace``, measuring its speed-up
+    at ``batch`` above 1, see :meth:`Embedder.warmup`); :class:`ArtifactError` says why it cannot serve."""
     loaded = load_artifact(path, device)
     if loaded.card.species != species:
         raise ArtifactError(
@@ -37,7 +39,7 @@ def load_embedder(species: str, path: Path, device: torch.device, warmup: bool, 
         )
     embedder = Embedder(loaded, device)
     if warmup:
-        embedder.warmup(batch)
+        embedder.warmup(batch, trace)
     return embedder
 
 

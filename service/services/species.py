@@ -44,6 +44,7 @@ class Lifecycle:
     reembedder: Reembedder
     models_dir: Path
     warmup: bool
+    trace_forward: bool
     default_threshold: float
 
 
@@ -67,7 +68,12 @@ def _load_slot(life: Lifecycle, slot: SpeciesSlot) -> str:
     assert slot.artifact_path is not None
     try:
         embedder = load_embedder(
-            slot.name, slot.artifact_path, life.registry.device, life.warmup, life.registry.speedup_batch
+            slot.name,
+            slot.artifact_path,
+            life.registry.device,
+            life.warmup,
+            life.registry.speedup_batch,
+            life.trace_forward,
         )
     except (ArtifactError, OSError) as exc:
         log.error("species %s disabled: %s", slot.name, exc)
@@ -159,7 +165,7 @@ def reload_species(life: Lifecycle, name: str, actor: Principal) -> ReloadResult
     else:
         try:
             embedder = load_embedder(
-                name, path, life.registry.device, life.warmup, life.registry.speedup_batch
+                name, path, life.registry.device, life.warmup, life.registry.speedup_batch, life.trace_forward
             )
         except (ArtifactError, OSError) as exc:
             log.error("species %s: reload failed: %s", name, exc)

@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from apps import ADMIN, TestClient
 from imagegen import jpeg
 from torch import nn
 
+from service.app import create_app
 from service.ml.embedder import Embedder, traced_embed
 from service.ml.images import ImagePolicy, decode_image
+from service.settings import Settings
 from training.artifact import load_artifact
 from training.model import EmbeddingModel
 
@@ -84,3 +87,19 @@ def test_a_model_the_tracer_cannot_follow_is_not_traced(kind: str, traced: bool)
     if graph is not None:
         batch = torch.rand(5, 3, 8, 8)
         torch.testing.assert_close(graph(batch), model.embed(batch))
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_the_service_serves_the_traced_pass_unless_told_not_to(trace: bool, settings: Settings) -> None:
+    assert Settings.model_fields["trace_forward"].default is True
+    with TestClient(
+        create_app(settings.model_copy(update={"trace_forward": trace})), headers=ADMIN
+    ) as client:
+        embedder = client.app.state.runtime.registry.serving("dog").embedder  # type: ignore[attr-defined]
+        assert embedder.traced is trace
+        enrolled = client.post(
+            "/enroll", data={"species": "dog", "external_id": "rex"}, files={"images": ("a.jpg", jpeg(1, 0))}
+        )
+        assert enrolled.status_code == 201, enrolled.text
+        found = client.post("/identify", data={"species": "dog"}, files={"image": ("a.jpg", jpeg(1, 0))})
+        assert found.json()["candidates"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
