@@ -217,7 +217,7 @@ class Settings(BaseSettings):
         description="Dynamic batching: a model is batched only if, measured when it loads, a batch of "
         "BATCH_MAX_IMAGES runs at least this many times the images per second of a single image (0: every "
         "model is batched). On the 2-core CPU ResNet18 ran 2.0-2.3x, the fused EfficientNet-Lite demo model "
-        "0.6-0.8x, which unbatched served 8 clients 30% more requests at a third of the p99 "
+        "0.6-0.8x, which unbatched served 8 clients 30% more requests at half the p99 "
         "(docs/benchmarks.md)",
     )
     batch_start: Literal["when-idle", "after-wait"] = Field(

@@ -146,8 +146,8 @@ def traced_embed(
 
     Why: the graph runs without Python's global interpreter lock. The eager pass takes the lock back
     after every layer, and while request threads hold it (HTTP, decoding, search) it waits out the
-    interpreter's switch interval each time: on the 2-core CPU a ResNet18 batch of 8 took 40 ms
-    alone and 441 ms beside one busy Python thread, against 48 ms traced
+    interpreter's switch interval each time: on the 2-core CPU a ResNet18 batch of 8 took 39 ms
+    alone and 418 ms beside one busy Python thread, against 48 ms traced
     (docs/benchmarks.md, dynamic batching). The eager model still serves the heat maps, which
     need gradients.
     """
