@@ -216,8 +216,11 @@ class EmbedBatcher:
         self, embedder: Embedder, config: BatchingConfig, on_batch: Callable[[int], None] | None = None
     ) -> None:
         self.embedder = embedder
-        self.config = config
         self._batcher: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(self._forward, config, on_batch)
+
+    @property
+    def config(self) -> BatchingConfig:
+        return self._batcher.config
 
     @property
     def stats(self) -> BatchStats:

@@ -64,17 +64,18 @@ def load_all(life: Lifecycle) -> None:
                 )
 
 
+def _load_embedder(life: Lifecycle, species: str, path: Path) -> Embedder:
+    """One artifact, loaded and warmed up as the lifecycle's settings say."""
+    registry = life.registry
+    return load_embedder(
+        species, path, registry.device, life.warmup, registry.speedup_batch, life.trace_forward
+    )
+
+
 def _load_slot(life: Lifecycle, slot: SpeciesSlot) -> str:
     assert slot.artifact_path is not None
     try:
-        embedder = load_embedder(
-            slot.name,
-            slot.artifact_path,
-            life.registry.device,
-            life.warmup,
-            life.registry.speedup_batch,
-            life.trace_forward,
-        )
+        embedder = _load_embedder(life, slot.name, slot.artifact_path)
     except (ArtifactError, OSError) as exc:
         log.error("species %s disabled: %s", slot.name, exc)
         if slot.serving is None:
@@ -164,9 +165,7 @@ def reload_species(life: Lifecycle, name: str, actor: Principal) -> ReloadResult
         message = f"no artifact at {path}; nothing changed"
     else:
         try:
-            embedder = load_embedder(
-                name, path, life.registry.device, life.warmup, life.registry.speedup_batch, life.trace_forward
-            )
+            embedder = _load_embedder(life, name, path)
         except (ArtifactError, OSError) as exc:
             log.error("species %s: reload failed: %s", name, exc)
             if serving is None:
