@@ -103,6 +103,9 @@ def create_app(settings: Settings | None = None, on_startup: StartupHook | None 
         finally:
             await anyio.to_thread.run_sync(watcher.stop)
             await anyio.to_thread.run_sync(runtime.close)
+            # A stopped app lets go of its models, indexes and pools: FastAPI keeps every app it built
+            # alive for good (its callable caches hold the docs routes, closures over the app).
+            del app.state.runtime
 
     # /docs (Swagger UI) and /redoc load their scripts and styles from this server (the files ship in
     # the fastapi-offline package), never from a CDN: self-hosted machines often have no internet.

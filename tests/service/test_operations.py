@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from pydantic import BaseModel
 from service import schemas
 from service.app import create_app
 from service.errors import ConfigurationError
+from service.settings import Settings
 
 
 def test_species_lists_models_thresholds_and_card_metrics(
@@ -115,6 +118,21 @@ def test_a_broken_artifact_disables_only_its_species(
         assert str(tmp_path) not in refused.text and reason not in refused.json()["message"]
         served = client.post("/identify", data={"species": "dog"}, files={"image": jpeg(1)})
         assert served.status_code == 200
+
+
+def test_a_stopped_app_lets_go_of_its_models_and_indexes(settings: Settings) -> None:
+    """FastAPI keeps every app it builds for good (its caches hold the docs routes, closures over
+    the app), so a stopped app must not keep its runtime: a process that starts apps again and again
+    (the test suite) would keep a model and an index of each."""
+    app = create_app(settings)
+    with TestClient(app, headers=ADMIN) as client:
+        assert client.post("/identify", data={"species": "dog"}, files={"image": jpeg(1)}).status_code == 200
+        runtime = weakref.ref(app.state.runtime)
+        embedder = weakref.ref(app.state.runtime.registry.serving("dog").embedder)
+    gc.collect()
+    assert not hasattr(app.state, "runtime")
+    assert runtime() is None
+    assert embedder() is None
 
 
 def test_no_usable_model_at_all_is_not_ready(database_url: str, tmp_path: Path) -> None:
