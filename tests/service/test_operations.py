@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+import time
 import weakref
 from pathlib import Path
 
@@ -129,8 +130,12 @@ def test_a_stopped_app_lets_go_of_its_models_and_indexes(settings: Settings) -> 
         assert client.post("/identify", data={"species": "dog"}, files={"image": jpeg(1)}).status_code == 200
         runtime = weakref.ref(app.state.runtime)
         embedder = weakref.ref(app.state.runtime.registry.serving("dog").embedder)
-    gc.collect()
     assert not hasattr(app.state, "runtime")
+    # The threads that served the request may still be exiting, their last frames not yet freed.
+    deadline = time.monotonic() + 10
+    while (runtime() is not None or embedder() is not None) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
     assert runtime() is None
     assert embedder() is None
 
