@@ -115,9 +115,9 @@ def make_settings(database_url: str, root: Path, models_dir: Path, **overrides: 
         "cpu_threads": 1,  # the test box has 2 shared cores; more threads only thrash
         "model_watch_s": 0,  # tests reload explicitly; a test of the watcher turns it on
         # Each trace keeps a few MB in the process for good (TorchScript's own state, docs/benchmarks.md)
-        # and the suite starts hundreds of apps in one process, which reached 19 GB with them tracing;
-        # the traced pass has tests of its own (test_traced_forward.py), and the servers the suite
-        # starts as processes trace as deployed.
+        # and the suite starts hundreds of apps in one process: with them tracing it peaks at 8.8 GB
+        # against 6.9 GB. The traced pass has tests of its own (test_traced_forward.py), and the
+        # servers the suite starts as processes trace as deployed.
         "trace_forward": False,
         # Tests send many wrong keys from one address on purpose; the limit has tests of its own.
         "auth_failure_limit": 10_000,
