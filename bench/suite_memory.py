@@ -4,14 +4,18 @@ The suite runs in one process that starts hundreds of apps, so memory an app kee
 adds up across the run. This plugin reads the process's resident memory (VmRSS) and its peak so far
 (VmHWM) from /proc after each test, and prints at the end the peak and the tests after which the
 resident memory grew most. ``SUITE_MEMORY_OUT`` names a file for every reading (tab-separated: MB
-resident, MB peak, test id).
+resident, MB peak, test id). With ``SUITE_MEMORY_TRIM=1`` glibc's ``malloc_trim(0)`` returns the
+heap's free pages to the system after each test, before the reading: what is left is what the
+process holds, not what the allocator keeps for later.
 
     PYTHONPATH=bench python -m pytest -p suite_memory
     SUITE_MEMORY_OUT=runs/suite_memory.tsv PYTHONPATH=bench python -m pytest -p suite_memory tests/service
+    SUITE_MEMORY_TRIM=1 PYTHONPATH=bench python -m pytest -p suite_memory tests/service
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -31,11 +35,14 @@ def memory_mb() -> tuple[int, int]:
 
 
 class SuiteMemory:
-    def __init__(self, out: Path | None) -> None:
+    def __init__(self, out: Path | None, trim: bool) -> None:
         self.readings: list[tuple[int, int, str]] = []
         self.out = out.open("w") if out is not None else None
+        self.trim = ctypes.CDLL("libc.so.6").malloc_trim if trim else None
 
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        if self.trim is not None:
+            self.trim(0)
         resident, peak = memory_mb()
         self.readings.append((resident, peak, nodeid))
         if self.out is not None:
@@ -67,4 +74,5 @@ class SuiteMemory:
 
 def pytest_configure(config: pytest.Config) -> None:
     out = os.environ.get("SUITE_MEMORY_OUT")
-    config.pluginmanager.register(SuiteMemory(Path(out) if out else None), "suite_memory_readings")
+    trim = os.environ.get("SUITE_MEMORY_TRIM") == "1"
+    config.pluginmanager.register(SuiteMemory(Path(out) if out else None, trim), "suite_memory_readings")
