@@ -22,9 +22,11 @@ of stranger queries (``--stranger-share``, default the card's calibration mix;
 all queries, whatever their number here. Also shown: the calibration error of enrolled dogs' queries
 alone with the confidence for a share of 0 (computed from the same answers with the card's table,
 the service's own function), and the error a perfectly calibrated confidence would show on as many
-queries (labels drawn from the confidence). From the same answers too: the 1% threshold with each of
+queries (labels drawn from the confidence). From the same answers too: each of
 ``--confidence-floors`` as the minimum match confidence (the server's rule applied to the confidence
-each answer returned), the card's pair threshold (the decision before open-set calibration) and,
+each answer returned), with the threshold the server uses with that floor (lowered toward the card's
+thresholds for it, never below the review edge) and with the 1% threshold alone's, the card's pair
+threshold (the decision before open-set calibration) and,
 with ``--compare-card``, what another card's open-set table (say the card before a recalibration)
 would have decided and how calibrated its confidence would have been.
 
@@ -56,6 +58,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from service.services.identification import lowered_for_floor
 from training.artifact import ModelCard, read_card
 from training.data import Sample, enrol_query_split, load_dataset
 from training.open_set import OpenSetCalibration
@@ -97,8 +100,10 @@ def parse_args() -> argparse.Namespace:
         type=float,
         nargs="*",
         default=[0.5, 0.7, 0.8, 0.9],
-        help="also computed from the same answers: the target FPIR's threshold with each of these minimum "
-        "match confidences (the server's rule, from the confidence each answer returned)",
+        help="also computed from the same answers: each of these minimum match confidences with the "
+        "threshold the server would use with it (lowered toward the card's thresholds for that floor) and "
+        "with the threshold alone's (the server's rule, from the confidence each answer returned; "
+        "meaningful when the server ran without a floor)",
     )
     parser.add_argument(
         "--card-strangers",
@@ -323,15 +328,39 @@ def figures(
     right = np.array([a["truth"] is not None and t == a["truth"] for a, t in zip(answers, top, strict=True)])
     decisions = np.array([a["decision"] for a in answers])
     confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
-    past = sim >= np.array([a["threshold"] for a in answers])
-    rules = {
-        "target FPIR 1% (match)": decisions == "match",
-        "target FPIR 5% (match or uncertain)": np.isin(decisions, ["match", "uncertain"]),
-        f"pair threshold {pair_threshold:.3f} (before)": sim >= pair_threshold,
-    } | {
-        f"target FPIR {args.target_fpir:.0%}, confidence >= {floor:g}": past & (confidence >= floor)
-        for floor in args.confidence_floors
-    }
+    threshold = np.array([a["threshold"] for a in answers])
+    sizes = read_sizes(table, answers)
+
+    def served_with(floor: float) -> np.ndarray:
+        """The service's threshold for a minimum match confidence (lowered toward the card's
+        thresholds for that floor, down to the review edge), from the threshold alone it served."""
+        return np.array(
+            [
+                lowered_for_floor(table, int(n), args.target_fpir, t, a["review_threshold"], floor, share)[0]
+                for n, t, a in zip(sizes, threshold, answers, strict=True)
+            ]
+        )
+
+    share = args.stranger_share
+    rules = (
+        {
+            "target FPIR 1% (match)": decisions == "match",
+            "target FPIR 5% (match or uncertain)": np.isin(decisions, ["match", "uncertain"]),
+            f"pair threshold {pair_threshold:.3f} (before)": sim >= pair_threshold,
+        }
+        | {
+            f"target FPIR {args.target_fpir:.0%}, confidence >= {floor:g}": (sim >= served_with(floor))
+            & (confidence >= floor)
+            for floor in args.confidence_floors
+        }
+        | {
+            f"target FPIR {args.target_fpir:.0%}, confidence >= {floor:g}, threshold alone's": (
+                sim >= threshold
+            )
+            & (confidence >= floor)
+            for floor in args.confidence_floors
+        }
+    )
     if compare is not None:
         rules |= compared_rules(compare, sim, read_sizes(compare, answers), args)
     out = {}
@@ -347,7 +376,6 @@ def figures(
         }
     out["confidence"] = calibration_figures(confidence, right, stranger, weight)
     enrolled = ~stranger
-    sizes = read_sizes(table, answers)
     no_strangers = np.array(
         [table.probability(float(x), int(n), y, 0.0) for x, n, y in zip(sim, sizes, second, strict=True)]
     )

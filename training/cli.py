@@ -226,7 +226,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         args.artifact, args.out, datasets, args.source, args.as_species, args.device
     )
     summary = {
-        f"threshold_fpir_{f:g}_at_{n}": round(table.threshold(n, f), 4)
+        f"threshold_fpir_{f:g}_at_{n}{suffix}": round(table.threshold(n, f, floor), 4)
+        for floor, suffix in ((None, ""), (0.5, "_min_confidence_0.5"))
         for n in (100, 1000)
         for f in (0.01, 0.05)
     }

@@ -57,6 +57,16 @@ with ``pi = 0`` the confidence is that of a gallery asked only about its own ani
 confidence (an isotonic regression of "right" on ``s`` alone, at the calibration's mix) is still
 stored for cards read by older services. Everything is stored as plain numbers in the model card,
 so the service interpolates tables and needs no fitted estimator object.
+
+A service may also require a minimum confidence of a ``match`` (a best candidate past the threshold
+but less likely right is ``uncertain``). That floor holds back some strangers too, so the threshold
+alone would give a lower FPIR than its target, and withhold right matches for nothing. The table
+therefore also holds thresholds for a grid of floors (:data:`MATCH_CONFIDENCE_FLOORS`), at the
+calibration's share of strangers: a stranger whose best distractor scores ``x`` is answered
+``match`` when the second individual's is at most ``x - m*(x)``, with ``m*(x)`` the smallest
+margin at which the confidence reaches the floor, so its chance of a ``match`` is
+``sum over x >= t of P(best in dx) * (F(x - m*(x)) / F(x)) ** (k - 1)``
+(:func:`floored_match_chance`).
 """
 
 from __future__ import annotations
@@ -107,6 +117,11 @@ MAX_EXPONENT_IMAGES = 8
 """Largest number of enrolled photos per individual the image exponent is measured up to."""
 MAX_EXPONENT_QUERIES = 2000
 """Query photos (drawn at random) the image exponent is measured with, to bound its memory."""
+MATCH_CONFIDENCE_FLOORS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""Minimum match confidences the table holds thresholds for; a floor between two reads the lower
+one's (a higher threshold: the target FPIR is kept, a little strictly)."""
+MARGIN_STEPS = 200
+"""Margins over the second individual (0 to the confidence model's largest) a floor is solved on."""
 LOGISTIC_RIDGE = 1e-3
 """L2 penalty on the logistic slopes, in units of one query's weight: it keeps the fit finite when a
 small validation set separates perfectly, and is negligible against thousands of drawn queries."""
@@ -229,6 +244,31 @@ def stranger_match_chance(
     return np.array(rows) if rows else np.zeros((0, thresholds.size))
 
 
+def floored_match_chance(
+    scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float, margins: np.ndarray
+) -> np.ndarray:
+    """(strangers, thresholds): each stranger query's chance of a ``match`` answer when a match also
+    needs its best score ``x`` to lead the second individual's by ``margins`` (at each of
+    ``thresholds`` taken as ``x``; inf: no margin is enough). The best of ``k`` distractors falls in
+    ``[t_i, t_i+1)`` with chance ``F(t_i+1) ** k - F(t_i) ** k``, and the ``k - 1`` others all score
+    at most ``x - m`` with chance ``(F(x - m) / F(x)) ** (k - 1)``. With every margin 0 this is
+    :func:`stranger_match_chance`."""
+    k = max(float(gallery_individuals), 1.0)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    reachable = np.isfinite(margins)
+    shifted_at = thresholds - np.where(reachable, margins, 0.0)
+    rows = []
+    for g, d in zip(scores.genuine, scores.distractors, strict=True):
+        if not math.isnan(g):
+            continue
+        cdf = distractor_cdf(d, thresholds, scores.tail)
+        best_in_bin = np.diff(np.append(cdf**k, 1.0))
+        others_below = np.clip(distractor_cdf(d, shifted_at, scores.tail) / np.maximum(cdf, 1e-300), 0.0, 1.0)
+        accepted = np.where(margins <= 0.0, 1.0, np.where(reachable, others_below ** (k - 1.0), 0.0))
+        rows.append(np.cumsum((best_in_bin * accepted)[::-1])[::-1])
+    return np.array(rows) if rows else np.zeros((0, thresholds.size))
+
+
 def identification_rates(
     scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -255,14 +295,17 @@ def bootstrap_weights(individuals: np.ndarray, resamples: int, rng: np.random.Ge
     return counts[:, index].astype(np.float64)
 
 
-def conservative_threshold(
-    thresholds: np.ndarray, chance: np.ndarray, weights: np.ndarray, target: float, level: float
-) -> float:
-    """The ``level`` quantile, over bootstrap resamples of the strangers (``weights``), of the
-    threshold that meets ``target``: a small validation set's luck is not taken as the truth."""
+def conservative_thresholds(
+    thresholds: np.ndarray, chance: np.ndarray, weights: np.ndarray, targets: Sequence[float], level: float
+) -> list[float]:
+    """For each of ``targets``, the ``level`` quantile over bootstrap resamples of the strangers
+    (``weights``) of the threshold that meets it: a small validation set's luck is not taken as the
+    truth."""
     fpir = (weights @ chance) / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
-    cuts = [threshold_for_fpir(thresholds, row, target) for row in fpir]
-    return float(np.quantile(cuts, level, method="higher"))
+    return [
+        float(np.quantile([threshold_for_fpir(thresholds, row, t) for row in fpir], level, method="higher"))
+        for t in targets
+    ]
 
 
 def threshold_for_fpir(thresholds: np.ndarray, fpir: np.ndarray, target: float) -> float:
@@ -366,14 +409,32 @@ class ConfidenceModel:
 
     def probability(self, row: int, similarity: float, second: float | None, stranger_share: float) -> float:
         """At gallery-size row ``row``; ``second`` None: no second individual in the gallery."""
-        x = confidence_features(
-            np.array([similarity]), np.array([-np.inf if second is None else second]), self.max_margin
-        )[0]
-        right = float(sigmoid(x @ np.asarray(self.right_logit[row])))
+        seconds = np.array([-np.inf if second is None else second])
+        return float(self.probabilities(row, np.array([similarity]), seconds, stranger_share)[0])
+
+    def probabilities(
+        self, row: int, best: np.ndarray, second: np.ndarray, stranger_share: float
+    ) -> np.ndarray:
+        """:meth:`probability` of many (best, second) pairs; a second of -inf: none."""
+        x = confidence_features(best, second, self.max_margin)
+        right = sigmoid(x @ np.asarray(self.right_logit[row]))
         if stranger_share <= 0.0:
             return right
         prior = math.log((1.0 - stranger_share) / stranger_share)
-        return float(sigmoid(x @ np.asarray(self.enrolled_logit[row]) + prior)) * right
+        return sigmoid(x @ np.asarray(self.enrolled_logit[row]) + prior) * right
+
+    def floor_margins(
+        self, row: int, similarities: np.ndarray, floor: float, stranger_share: float
+    ) -> np.ndarray:
+        """For each best similarity, the smallest margin over the second individual at which the
+        confidence reaches ``floor`` (inf where even the largest margin does not). Margins above it
+        are taken to reach it too (the confidence grows with the margin), which errs toward counting
+        more strangers as matches: a stricter threshold."""
+        margins = np.linspace(0.0, self.max_margin, MARGIN_STEPS + 1)
+        best = np.repeat(np.asarray(similarities, np.float64), margins.size)
+        second = best - np.tile(margins, len(similarities))
+        enough = (self.probabilities(row, best, second, stranger_share) >= floor).reshape(-1, margins.size)
+        return np.where(enough.any(axis=1), margins[enough.argmax(axis=1)], np.inf)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -432,24 +493,43 @@ class OpenSetCalibration:
     # How a distractor's chance of a high score grows with its enrolled images (:func:`image_exponent`):
     # 1 reads a gallery by its images alone (cards from before it), 0 by its individuals alone.
     image_exponent: float = 1.0
+    # Thresholds [gallery size][target fpir] for a match that also needs a confidence of at least each
+    # floor, at the confidence model's share of strangers (empty: a card from before them).
+    floor_thresholds: dict[float, list[list[float]]] = field(default_factory=dict)
     # Not stored in the card: the curves the report plots.
     curves: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "gallery_sizes": list(self.gallery_sizes),
-            "target_fpirs": list(self.target_fpirs),
-            "thresholds": [[round(v, 4) for v in row] for row in self.thresholds],
-            "tpir": [[round(v, 4) for v in row] for row in self.tpir],
-            "confidence_similarity": list(self.confidence_similarity),
-            "confidence": [[round(v, 4) for v in row] for row in self.confidence],
-            "images_per_individual": round(self.images_per_individual, 3),
-            "separation": {k: round(v, 4) for k, v in self.separation.items()},
-            "simulated_up_to": self.simulated_up_to,
-            "counts": dict(self.counts),
-            "tail": dict(self.tail),
-            "image_exponent": round(self.image_exponent, 4),
-        } | ({"confidence_model": self.confidence_model.to_dict()} if self.confidence_model else {})
+        return (
+            {
+                "gallery_sizes": list(self.gallery_sizes),
+                "target_fpirs": list(self.target_fpirs),
+                "thresholds": [[round(v, 4) for v in row] for row in self.thresholds],
+                "tpir": [[round(v, 4) for v in row] for row in self.tpir],
+                "confidence_similarity": list(self.confidence_similarity),
+                "confidence": [[round(v, 4) for v in row] for row in self.confidence],
+                "images_per_individual": round(self.images_per_individual, 3),
+                "separation": {k: round(v, 4) for k, v in self.separation.items()},
+                "simulated_up_to": self.simulated_up_to,
+                "counts": dict(self.counts),
+                "tail": dict(self.tail),
+                "image_exponent": round(self.image_exponent, 4),
+            }
+            | ({"confidence_model": self.confidence_model.to_dict()} if self.confidence_model else {})
+            | (
+                {
+                    "match_confidence_floors": {
+                        "floors": sorted(self.floor_thresholds),
+                        "thresholds": [
+                            [[round(v, 4) for v in row] for row in self.floor_thresholds[f]]
+                            for f in sorted(self.floor_thresholds)
+                        ],
+                    }
+                }
+                if self.floor_thresholds
+                else {}
+            )
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OpenSetCalibration:
@@ -472,18 +552,32 @@ class OpenSetCalibration:
         )
         if data.get("confidence_model") is not None:
             table.confidence_model = ConfidenceModel.from_dict(data["confidence_model"], len(sizes))
+        floors = data.get("match_confidence_floors")
+        if floors is not None:
+            if table.confidence_model is None:
+                raise ValueError("open_set match_confidence_floors: the table has no confidence model")
+            if len(floors["floors"]) != len(floors["thresholds"]):
+                raise ValueError("open_set match_confidence_floors: one threshold table per floor")
+            table.floor_thresholds = {
+                float(f): [[float(v) for v in row] for row in rows]
+                for f, rows in zip(floors["floors"], floors["thresholds"], strict=True)
+            }
         shapes_ok = (
             len(sizes) > 0
             and sizes == sorted(sizes)
             and fpirs == sorted(fpirs)
             and len(table.thresholds) == len(sizes) == len(table.tpir) == len(table.confidence)
             and all(len(r) == len(fpirs) for r in table.thresholds + table.tpir)
+            and all(len(rows) == len(sizes) for rows in table.floor_thresholds.values())
+            and all(len(r) == len(fpirs) for rows in table.floor_thresholds.values() for r in rows)
             and all(len(r) == len(grid) for r in table.confidence)
         )
         if not shapes_ok:
             raise ValueError("open_set table: rows and columns do not match its gallery sizes and FPIRs")
         if not 0.0 <= table.image_exponent <= 1.0:
             raise ValueError(f"open_set image_exponent {table.image_exponent} not in [0, 1]")
+        if not all(0.0 < f < 1.0 for f in table.floor_thresholds):
+            raise ValueError("open_set match_confidence_floors: every floor in (0, 1)")
         return table
 
     def equivalent_size(self, image_counts: Mapping[int, int]) -> int:
@@ -511,10 +605,31 @@ class OpenSetCalibration:
         lo, hi, w = self._size_weights(gallery_size)
         return (1 - w) * np.asarray(table[lo]) + w * np.asarray(table[hi])
 
-    def threshold(self, gallery_size: int, target_fpir: float) -> float:
+    def floor_for(self, min_confidence: float | None, stranger_share: float | None = None) -> float:
+        """The stored floor whose thresholds a match needing ``min_confidence`` is decided with: the
+        highest not above it; 0 (the thresholds alone) when none is, and when the confidence is
+        asked for a smaller share of strangers than the calibration's (``stranger_share``; None: the
+        calibration's), since it is then higher and holds back fewer strangers than those
+        thresholds count on."""
+        if not min_confidence or self.confidence_model is None:
+            return 0.0
+        if stranger_share is not None and stranger_share < self.confidence_model.stranger_share - 1e-4:
+            return 0.0
+        return max((f for f in self.floor_thresholds if f <= min_confidence + 1e-9), default=0.0)
+
+    def threshold(
+        self,
+        gallery_size: int,
+        target_fpir: float,
+        min_confidence: float | None = None,
+        stranger_share: float | None = None,
+    ) -> float:
         """Threshold for ``target_fpir`` at ``gallery_size`` images: linear in log gallery size
-        and in log FPIR between the stored points, clamped to the table's range."""
-        row = self._row(self.thresholds, gallery_size)
+        and in log FPIR between the stored points, clamped to the table's range. With
+        ``min_confidence``, the threshold at which strangers past it *and* that confident are the
+        target's share (:meth:`floor_for` says which stored floor is read)."""
+        floor = self.floor_for(min_confidence, stranger_share)
+        row = self._row(self.floor_thresholds[floor] if floor else self.thresholds, gallery_size)
         return float(np.interp(math.log(target_fpir), np.log(self.target_fpirs), row))
 
     def expected_tpir(self, gallery_size: int, target_fpir: float) -> float:
@@ -710,11 +825,13 @@ def calibrate_open_set(
     target_fpirs: Sequence[float] = TARGET_FPIRS,
     level: float = BOOTSTRAP_LEVEL,
     resamples: int = BOOTSTRAP_RESAMPLES,
+    floors: Sequence[float] = MATCH_CONFIDENCE_FLOORS,
 ) -> OpenSetCalibration:
     """The open-set table of validation embeddings (see the module docstring).
 
     Each threshold is the ``level`` quantile over ``resamples`` bootstrap resamples of the stranger
-    individuals (``level`` 0.5: about the plain estimate; higher: more conservative).
+    individuals (``level`` 0.5: about the plain estimate; higher: more conservative). ``floors``:
+    the minimum match confidences the table also holds thresholds for.
     """
     scores = query_scores(emb, individuals, groups, seed, repeats, stranger_fraction)
     rng = np.random.default_rng(seed)
@@ -729,7 +846,7 @@ def calibrate_open_set(
         fpir, tpir = identification_rates(scores, THRESHOLD_GRID, k)
         curves[int(size)] = (THRESHOLD_GRID, fpir, 1.0 - tpir)
         chance = stranger_match_chance(scores, THRESHOLD_GRID, k)
-        row_t = [conservative_threshold(THRESHOLD_GRID, chance, weights, f, level) for f in target_fpirs]
+        row_t = conservative_thresholds(THRESHOLD_GRID, chance, weights, target_fpirs, level)
         thresholds.append(row_t)
         tpir_rows.append([float(np.interp(t, THRESHOLD_GRID, tpir)) for t in row_t])
         drawn.append(sampled_top2(scores, k, rng))
@@ -737,6 +854,25 @@ def calibrate_open_set(
         finite = np.isfinite(top)
         xs, ys = isotonic(top[finite], right[finite].astype(np.float64))
         confidence.append(np.interp(CONFIDENCE_GRID, xs, ys).tolist())
+    model = ConfidenceModel.fit(drawn)
+    floor_thresholds = {
+        floor: [
+            conservative_thresholds(
+                THRESHOLD_GRID,
+                floored_match_chance(
+                    scores,
+                    THRESHOLD_GRID,
+                    size / scores.images_per_individual,
+                    model.floor_margins(row, THRESHOLD_GRID, floor, model.stranger_share),
+                ),
+                weights,
+                target_fpirs,
+                level,
+            )
+            for row, size in enumerate(gallery_sizes)
+        ]
+        for floor in floors
+    }
     stranger = scores.is_stranger
     known_right = ~stranger & scores.top1_correct
     margin = scores.top2[:, 0] - scores.top2[:, 1]
@@ -764,7 +900,8 @@ def calibrate_open_set(
             "enrolled_queries": int((~stranger).sum()),
         },
         tail=scores.tail.to_dict() if scores.tail is not None else {},
-        confidence_model=ConfidenceModel.fit(drawn),
+        confidence_model=model,
         image_exponent=image_exponent(emb, individuals, seed),
+        floor_thresholds=floor_thresholds,
         curves=curves,
     )

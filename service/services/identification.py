@@ -112,12 +112,39 @@ class OperatingPoint:
 def served_threshold(
     card: ModelCard | None, image_counts: Mapping[int, int], target_fpir: float, default: float
 ) -> float:
-    """The match threshold of a request that gives none (:func:`operating_point`'s rule): the card's
-    open-set threshold for the gallery (``image_counts``: images per individual -> individuals with
-    that many) and the target FPIR, else its pair threshold, else ``default``."""
+    """The card's open-set threshold for the gallery (``image_counts``: images per individual ->
+    individuals with that many) and the target FPIR, the threshold alone deciding; else its pair
+    threshold, else ``default``. :func:`operating_point` may lower it for a minimum match confidence."""
     if card is not None and card.open_set is not None:
         return card.open_set.threshold(card.open_set.equivalent_size(image_counts), target_fpir)
     return effective_threshold(card, default, None)[0]
+
+
+def lowered_for_floor(
+    table: OpenSetCalibration,
+    size: int,
+    fpir: float,
+    plain: float,
+    review: float | None,
+    floor: float,
+    stranger_share: float | None,
+) -> tuple[float, str]:
+    """The match threshold when a match also needs a confidence of ``floor``, and what the reason
+    adds. The floor holds back some strangers past the threshold too, so the card's thresholds for
+    that floor are lower at the same target FPIR; the threshold is lowered to them only down to the
+    review threshold, so that no answer that was ``unknown`` becomes ``uncertain``: only confident
+    answers of the uncertain band become matches. Unchanged without a band, without thresholds for
+    floors in the card, or for a share of strangers below the calibration's."""
+    stored = table.floor_for(floor, stranger_share)
+    if review is None or not stored:
+        return plain, ""
+    cut = min(plain, max(table.threshold(size, fpir, floor, stranger_share), review))
+    if cut >= plain:
+        return plain, ""
+    return cut, (
+        f"; lowered from {plain:.3f}, since the minimum match confidence ({stored:g} in the card's table) "
+        "holds back some never-enrolled animals too"
+    )
 
 
 def gallery_images(image_counts: Mapping[int, int]) -> int:
@@ -168,14 +195,19 @@ def operating_point(
     size = table.equivalent_size(image_counts) if table is not None else 0
     if requested is None and table is not None:
         fpir = limits.fpir_for(species)
-        cut = served_threshold(card, image_counts, fpir, limits.default_threshold)
+        plain = served_threshold(card, image_counts, fpir, limits.default_threshold)
         review = table.threshold(size, limits.review_fpir) if limits.review_fpir > fpir else None
+        review = review if review is not None and review < plain else None
         floor = limits.min_confidence_for(species)
+        cut, lowered = lowered_for_floor(
+            table, size, fpir, plain, review, floor, limits.stranger_share_for(species)
+        )
         return OperatingPoint(
             threshold=cut,
             source="open_set",
             reason=f"threshold {cut:.3f} keeps never-enrolled animals answered match at {fpir:g} (target "
             f"FPIR) in {gallery_words(table, image_counts)}: the model card's open-set table, interpolated"
+            + lowered
             + beyond_validation(table, size),
             review_threshold=review if review is not None and review < cut else None,
             target_fpir=fpir,

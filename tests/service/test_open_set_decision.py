@@ -88,6 +88,57 @@ def test_a_match_below_the_minimum_confidence_is_uncertain() -> None:
     assert asked.min_confidence is None and asked.decide(0.75, 0.1) == "match"
 
 
+# The same table with a confidence model and thresholds for a minimum match confidence of .5: at 100
+# images .625 at FPIR .01 (plain .7), and .55 / .45 for a floor of .7 (below the review edge .5 at FPIR .1).
+FLOORED = replace(
+    TABLE,
+    confidence_model=ConfidenceModel([[0.0, 0.0, 0.0]] * 2, [[0.0, 0.0, 0.0]] * 2, 0.3, 0.2),
+    floor_thresholds={0.5: [[0.55, 0.4], [0.7, 0.6]], 0.7: [[0.4, 0.3], [0.5, 0.4]]},
+)
+
+
+def test_a_minimum_confidence_lowers_the_threshold_to_the_cards_for_that_floor_down_to_the_review_edge() -> (
+    None
+):
+    card = replace(read_card_stub(), open_set=FLOORED)
+    point = operating_point(card, LIMITS, "dog", HUNDRED, None)  # the default floor, .5
+    assert point.threshold == pytest.approx(0.625) and point.review_threshold == pytest.approx(0.5)
+    assert "lowered from 0.700" in point.reason and "(0.5 in the card's table)" in point.reason
+    # past the lowered threshold a confident answer is a match, an unsure one uncertain; below the
+    # review edge still unknown
+    assert [point.decide(0.65, 0.6), point.decide(0.65, 0.4), point.decide(0.45, 0.9)] == [
+        "match",
+        "uncertain",
+        "unknown",
+    ]
+    # a floor between two stored ones reads the lower one's
+    assert operating_point(
+        card, replace(LIMITS, min_match_confidence=0.6), "dog", HUNDRED, None
+    ).threshold == (pytest.approx(0.625))
+    # never below the review edge: no answer that was unknown becomes uncertain
+    deep = operating_point(card, replace(LIMITS, min_match_confidence=0.7), "dog", HUNDRED, None)
+    assert deep.threshold == pytest.approx(0.5) and deep.review_threshold is None
+    # unchanged: no floor, no band (cattle's target is the review FPIR), a share of strangers below
+    # the calibration's, a card without thresholds for floors, a request's own threshold
+    plain = [
+        operating_point(card, replace(LIMITS, min_match_confidence=0.0), "dog", HUNDRED, None),
+        operating_point(
+            card, replace(LIMITS, min_match_confidence_by_species={"cattle": 0.5}), "cattle", HUNDRED, None
+        ),
+        operating_point(card, replace(LIMITS, stranger_share=0.0), "dog", HUNDRED, None),
+        operating_point(
+            replace(card, open_set=replace(FLOORED, floor_thresholds={})), LIMITS, "dog", HUNDRED, None
+        ),
+    ]
+    assert [p.threshold for p in plain] == pytest.approx([0.7, 0.5, 0.7, 0.7])
+    assert not any("lowered" in p.reason for p in plain)
+    # a larger share of strangers than the calibration's holds back more: the floor's table still applies
+    assert operating_point(card, replace(LIMITS, stranger_share=0.5), "dog", HUNDRED, None).threshold == (
+        pytest.approx(0.625)
+    )
+    assert operating_point(card, LIMITS, "dog", HUNDRED, 0.3).threshold == 0.3
+
+
 def test_an_animal_with_more_photos_than_the_calibration_counts_for_fewer_animals_than_its_photos() -> None:
     card = replace(read_card_stub(), open_set=replace(TABLE, image_exponent=0.5))
     # 25 individuals of 8 photos: each counts as (8 / 2) ** 0.5 = 2 individuals of 2 -> 100 images

@@ -41,6 +41,9 @@ def test_export_stores_the_open_set_table_and_reports_it(goat_artifact):
     report = (goat_artifact / "report" / "report.md").read_text()
     assert "## Open-set calibration (1:N search)" in report
     assert (goat_artifact / "report" / "open_set_fpir_fnir.png").is_file()
+    # the thresholds a minimum match confidence of .5 needs are stored and reported
+    assert 0.5 in card.open_set.floor_thresholds
+    assert "With a minimum match confidence of 0.5" in report
 
 
 def test_recalibrating_on_its_own_validation_individuals_copies_the_weights(goat_artifact, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ from scipy.special import betainc, betaincinv
 
 from training.open_set import (
     CONFIDENCE_GRID,
+    MATCH_CONFIDENCE_FLOORS,
     THRESHOLD_GRID,
     ConfidenceModel,
     DistractorTail,
@@ -18,8 +20,9 @@ from training.open_set import (
     QueryScores,
     bootstrap_weights,
     calibrate_open_set,
-    conservative_threshold,
+    conservative_thresholds,
     distractor_cdf,
+    floored_match_chance,
     identification_rates,
     image_exponent,
     isotonic,
@@ -27,6 +30,7 @@ from training.open_set import (
     max_quantile,
     sampled_top2,
     sigmoid,
+    stranger_match_chance,
     threshold_for_fpir,
 )
 
@@ -177,6 +181,15 @@ def test_calibration_of_clustered_embeddings(clusters) -> None:
     conf = np.array(table.confidence)
     assert (np.diff(conf, axis=1) >= -1e-9).all() and conf.min() >= 0 and conf.max() <= 1
     assert set(table.curves) == {10, 100, 1000}
+    # a minimum match confidence holds strangers back: its thresholds are no higher, and a higher
+    # floor's no higher still; they survive the card
+    floors = sorted(table.floor_thresholds)
+    assert floors == list(MATCH_CONFIDENCE_FLOORS)
+    stacked = np.array([thresholds] + [table.floor_thresholds[f] for f in floors])
+    assert (np.diff(stacked, axis=0) <= 1e-12).all()
+    again = OpenSetCalibration.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert again.threshold(300, 0.01, 0.5) == pytest.approx(table.threshold(300, 0.01, 0.5), abs=1e-4)
+    assert again.threshold(300, 0.01, 0.5) <= again.threshold(300, 0.01)
 
 
 def test_conservative_threshold_is_a_quantile_over_resampled_strangers() -> None:
@@ -185,8 +198,10 @@ def test_conservative_threshold_is_a_quantile_over_resampled_strangers() -> None
     thresholds = np.array([0.1, 0.2, 0.3])
     chance = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
     weights = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
-    assert conservative_threshold(thresholds, chance, weights, 0.25, 0.0) == 0.2
-    assert conservative_threshold(thresholds, chance, weights, 0.25, 0.5) == 0.3
+    assert conservative_thresholds(thresholds, chance, weights, [0.25], 0.0) == [0.2]
+    assert conservative_thresholds(thresholds, chance, weights, [0.25], 0.5) == [0.3]
+    # several targets at once; a target of 1 is met at the lowest threshold by every resample
+    assert conservative_thresholds(thresholds, chance, weights, [0.25, 1.0], 0.5) == [0.3, 0.1]
     # every resample draws as many individuals as there are, whole individuals at a time
     drawn = bootstrap_weights(np.array(["a", "a", "b", "c"]), 50, np.random.default_rng(0))
     assert drawn.shape == (50, 4)
@@ -397,3 +412,40 @@ def test_confidence_model_is_calibrated_on_fresh_galleries_at_the_fitted_and_ano
         [model.probability(0, b, s, share) for b, s in zip(best[asked], second[asked], strict=True)]
     )
     assert expected_calibration_error(confidence, right[asked].astype(np.float64)) <= 0.03
+
+
+def test_with_no_margin_needed_the_floored_chance_is_the_plain_one_and_with_none_enough_zero() -> None:
+    scores, _ = beta_scores(seed=0, queries=200)
+    plain = stranger_match_chance(scores, THRESHOLD_GRID, 1000)
+    zero = floored_match_chance(scores, THRESHOLD_GRID, 1000, np.zeros(THRESHOLD_GRID.size))
+    np.testing.assert_allclose(zero, plain, atol=1e-12)
+    never = floored_match_chance(scores, THRESHOLD_GRID, 1000, np.full(THRESHOLD_GRID.size, np.inf))
+    assert not never.any()
+
+
+@pytest.mark.parametrize(("individuals", "floor"), [(100, 0.7), (1000, 0.5)])
+def test_thresholds_for_a_minimum_confidence_keep_the_target_on_fresh_galleries(individuals, floor) -> None:
+    # The confidence fitted on galleries drawn from 100 scores per query; strangers' galleries then
+    # drawn from the true Beta distributions. A match needs both the threshold and the floor. With
+    # the plain threshold the floor takes the FPIR to 0.71-0.74 times a 5% target (seed 1); with the
+    # floor's own threshold, lower, it is 0.84-0.94 times the target.
+    target = 0.05
+    scores, ab = beta_scores(seed=0, enrolled_share=0.6)
+    model = ConfidenceModel.fit([sampled_top2(scores, individuals, np.random.default_rng(0))])
+    share = model.stranger_share
+    plain = threshold_for_fpir(
+        THRESHOLD_GRID, stranger_match_chance(scores, THRESHOLD_GRID, individuals).mean(axis=0), target
+    )
+    margins = model.floor_margins(0, THRESHOLD_GRID, floor, share)
+    chance = floored_match_chance(scores, THRESHOLD_GRID, individuals, margins).mean(axis=0)
+    lowered = threshold_for_fpir(THRESHOLD_GRID, chance, target)
+    strangers = scores.is_stranger
+    best, second, _ = true_top2(
+        ab[strangers], scores.genuine[strangers], individuals, np.random.default_rng(1), 200
+    )
+    confident = model.probabilities(0, best, second, share) >= floor
+    with_plain = float(np.mean((best >= plain) & confident))
+    with_lowered = float(np.mean((best >= lowered) & confident))
+    assert lowered < plain
+    assert target / 1.25 <= with_lowered <= target * 1.25
+    assert abs(with_lowered - target) < abs(with_plain - target)
