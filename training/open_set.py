@@ -218,30 +218,40 @@ def gap_to_one(t: np.ndarray) -> np.ndarray:
     return np.maximum(1.0 - np.asarray(t, dtype=np.float64), 1e-6)
 
 
-def distractor_cdf(sorted_scores: np.ndarray, t: np.ndarray, tail: DistractorTail | None) -> np.ndarray:
+def distractor_cdf(
+    sorted_scores: np.ndarray, t: np.ndarray, tail: DistractorTail | None, shape: np.ndarray | None = None
+) -> np.ndarray:
     """``F_q(t)``: the query's empirical share of distractor scores below ``t``, and above the tail's
     level ``1 - (own share above the level) * S(t) / S(level)``, so it keeps rising past the query's
-    highest score (see the module docstring)."""
+    highest score (see the module docstring). ``shape``: ``S(t) / S(level)`` when already computed
+    for these ``t`` (it is every query's)."""
     empirical = below(sorted_scores, t)
     if tail is None or sorted_scores.size == 0:
         return empirical
     own = 1.0 - float(below(sorted_scores, np.array([tail.level]))[0])
-    beyond = 1.0 - own * tail.survival(t) / tail.survival(np.array(tail.level))
-    return np.where(np.asarray(t) >= tail.level, beyond, empirical)
+    if shape is None:
+        shape = tail.survival(t) / tail.survival(np.array(tail.level))
+    return np.where(np.asarray(t) >= tail.level, 1.0 - own * shape, empirical)
+
+
+def stranger_cdfs(scores: QueryScores, t: np.ndarray) -> np.ndarray:
+    """(strangers, points): ``F_q`` of every stranger query at ``t``."""
+    t = np.asarray(t, dtype=np.float64)
+    tail = scores.tail
+    shape = None if tail is None else tail.survival(t) / tail.survival(np.array(tail.level))
+    rows = [
+        distractor_cdf(d, t, tail, shape)
+        for g, d in zip(scores.genuine, scores.distractors, strict=True)
+        if math.isnan(g)
+    ]
+    return np.array(rows) if rows else np.zeros((0, t.size))
 
 
 def stranger_match_chance(
     scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float
 ) -> np.ndarray:
     """(strangers, thresholds): each stranger query's chance of a ``match`` answer."""
-    k = max(float(gallery_individuals), 1.0)
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    rows = [
-        1.0 - distractor_cdf(d, thresholds, scores.tail) ** k
-        for g, d in zip(scores.genuine, scores.distractors, strict=True)
-        if math.isnan(g)
-    ]
-    return np.array(rows) if rows else np.zeros((0, thresholds.size))
+    return 1.0 - stranger_cdfs(scores, thresholds) ** max(float(gallery_individuals), 1.0)
 
 
 def floored_match_chance(
@@ -256,17 +266,12 @@ def floored_match_chance(
     k = max(float(gallery_individuals), 1.0)
     thresholds = np.asarray(thresholds, dtype=np.float64)
     reachable = np.isfinite(margins)
-    shifted_at = thresholds - np.where(reachable, margins, 0.0)
-    rows = []
-    for g, d in zip(scores.genuine, scores.distractors, strict=True):
-        if not math.isnan(g):
-            continue
-        cdf = distractor_cdf(d, thresholds, scores.tail)
-        best_in_bin = np.diff(np.append(cdf**k, 1.0))
-        others_below = np.clip(distractor_cdf(d, shifted_at, scores.tail) / np.maximum(cdf, 1e-300), 0.0, 1.0)
-        accepted = np.where(margins <= 0.0, 1.0, np.where(reachable, others_below ** (k - 1.0), 0.0))
-        rows.append(np.cumsum((best_in_bin * accepted)[::-1])[::-1])
-    return np.array(rows) if rows else np.zeros((0, thresholds.size))
+    cdf = stranger_cdfs(scores, thresholds)
+    shifted = stranger_cdfs(scores, thresholds - np.where(reachable, margins, 0.0))
+    best_in_bin = np.diff(np.concatenate([cdf**k, np.ones((len(cdf), 1))], axis=1), axis=1)
+    others_below = np.clip(shifted / np.maximum(cdf, 1e-300), 0.0, 1.0) ** (k - 1.0)
+    accepted = np.where(margins <= 0.0, 1.0, np.where(reachable, others_below, 0.0))
+    return np.cumsum((best_in_bin * accepted)[:, ::-1], axis=1)[:, ::-1]
 
 
 def identification_rates(
