@@ -381,6 +381,32 @@ def test_table_with_a_confidence_model_interpolates_it_and_older_cards_keep_thei
         )
 
 
+def test_thresholds_for_floors_are_read_from_the_highest_stored_floor_not_above_the_asked_one() -> None:
+    floors = {0.5: [[0.5, 0.3], [0.7, 0.5]], 0.7: [[0.4, 0.2], [0.6, 0.4]]}
+    table = OpenSetCalibration.from_dict(
+        OpenSetCalibration.to_dict(replace(TABLE, confidence_model=MODEL, floor_thresholds=floors))
+    )
+    assert table.floor_thresholds == floors
+    # 100 images, FPIR .01: plain .7, floor .5 -> .6, floor .7 -> .5; .6 reads .5's, .3 none
+    assert [table.threshold(100, 0.01, f) for f in (None, 0.0, 0.3, 0.5, 0.6, 0.7, 0.95)] == pytest.approx(
+        [0.7, 0.7, 0.7, 0.6, 0.6, 0.5, 0.5]
+    )
+    # a share of strangers below the calibration's (.5) reads the plain thresholds; above, the floor's
+    assert table.threshold(100, 0.01, 0.5, stranger_share=0.2) == pytest.approx(0.7)
+    assert table.threshold(100, 0.01, 0.5, stranger_share=0.8) == pytest.approx(0.6)
+    stored = table.to_dict()
+    with pytest.raises(ValueError, match="no confidence model"):
+        OpenSetCalibration.from_dict({k: v for k, v in stored.items() if k != "confidence_model"})
+    with pytest.raises(ValueError, match="rows and columns"):
+        OpenSetCalibration.from_dict(
+            stored | {"match_confidence_floors": {"floors": [0.5], "thresholds": [[[0.5, 0.3]]]}}
+        )
+    with pytest.raises(ValueError, match="one threshold table per floor"):
+        OpenSetCalibration.from_dict(
+            stored | {"match_confidence_floors": {"floors": [0.5, 0.7], "thresholds": [floors[0.5]]}}
+        )
+
+
 def true_top2(ab: np.ndarray, genuine: np.ndarray, individuals: int, rng: np.random.Generator, draws: int):
     """Best and second similarity and whether the best is right, for ``draws`` galleries per query
     drawn from the true Beta distributions of :func:`beta_scores`."""
