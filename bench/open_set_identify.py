@@ -330,6 +330,7 @@ def figures(
     confidence = np.array([a["confidence"] for a in answers], dtype=np.float64)
     threshold = np.array([a["threshold"] for a in answers])
     sizes = read_sizes(table, answers)
+    share = args.stranger_share
 
     def served_with(floor: float) -> np.ndarray:
         """The service's threshold for a minimum match confidence (lowered toward the card's
@@ -341,7 +342,6 @@ def figures(
             ]
         )
 
-    share = args.stranger_share
     rules = (
         {
             "target FPIR 1% (match)": decisions == "match",

@@ -255,18 +255,23 @@ def stranger_match_chance(
 
 
 def floored_match_chance(
-    scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float, margins: np.ndarray
+    scores: QueryScores,
+    thresholds: np.ndarray,
+    gallery_individuals: float,
+    margins: np.ndarray,
+    cdf: np.ndarray | None = None,
 ) -> np.ndarray:
     """(strangers, thresholds): each stranger query's chance of a ``match`` answer when a match also
     needs its best score ``x`` to lead the second individual's by ``margins`` (at each of
     ``thresholds`` taken as ``x``; inf: no margin is enough). The best of ``k`` distractors falls in
     ``[t_i, t_i+1)`` with chance ``F(t_i+1) ** k - F(t_i) ** k``, and the ``k - 1`` others all score
     at most ``x - m`` with chance ``(F(x - m) / F(x)) ** (k - 1)``. With every margin 0 this is
-    :func:`stranger_match_chance`."""
+    :func:`stranger_match_chance`. ``cdf``: :func:`stranger_cdfs` at ``thresholds`` when already
+    computed (it depends on neither the gallery nor the margins)."""
     k = max(float(gallery_individuals), 1.0)
     thresholds = np.asarray(thresholds, dtype=np.float64)
     reachable = np.isfinite(margins)
-    cdf = stranger_cdfs(scores, thresholds)
+    cdf = stranger_cdfs(scores, thresholds) if cdf is None else cdf
     shifted = stranger_cdfs(scores, thresholds - np.where(reachable, margins, 0.0))
     best_in_bin = np.diff(np.concatenate([cdf**k, np.ones((len(cdf), 1))], axis=1), axis=1)
     others_below = np.clip(shifted / np.maximum(cdf, 1e-300), 0.0, 1.0) ** (k - 1.0)
@@ -860,6 +865,7 @@ def calibrate_open_set(
         xs, ys = isotonic(top[finite], right[finite].astype(np.float64))
         confidence.append(np.interp(CONFIDENCE_GRID, xs, ys).tolist())
     model = ConfidenceModel.fit(drawn)
+    at_grid = stranger_cdfs(scores, THRESHOLD_GRID)
     floor_thresholds = {
         floor: [
             conservative_thresholds(
@@ -869,6 +875,7 @@ def calibrate_open_set(
                     THRESHOLD_GRID,
                     size / scores.images_per_individual,
                     model.floor_margins(row, THRESHOLD_GRID, floor, model.stranger_share),
+                    at_grid,
                 ),
                 weights,
                 target_fpirs,
