@@ -248,10 +248,12 @@ def stranger_cdfs(scores: QueryScores, t: np.ndarray) -> np.ndarray:
 
 
 def stranger_match_chance(
-    scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float
+    scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float, cdf: np.ndarray | None = None
 ) -> np.ndarray:
-    """(strangers, thresholds): each stranger query's chance of a ``match`` answer."""
-    return 1.0 - stranger_cdfs(scores, thresholds) ** max(float(gallery_individuals), 1.0)
+    """(strangers, thresholds): each stranger query's chance of a ``match`` answer. ``cdf``:
+    :func:`stranger_cdfs` at ``thresholds`` when already computed."""
+    cdf = stranger_cdfs(scores, thresholds) if cdf is None else cdf
+    return 1.0 - cdf ** max(float(gallery_individuals), 1.0)
 
 
 def floored_match_chance(
@@ -280,9 +282,10 @@ def floored_match_chance(
 
 
 def identification_rates(
-    scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float
+    scores: QueryScores, thresholds: np.ndarray, gallery_individuals: float, chance: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(FPIR, TPIR) at each threshold for galleries of ``gallery_individuals`` individuals."""
+    """(FPIR, TPIR) at each threshold for galleries of ``gallery_individuals`` individuals.
+    ``chance``: :func:`stranger_match_chance` at ``thresholds`` for that gallery when already computed."""
     k = max(float(gallery_individuals), 1.0)
     thresholds = np.asarray(thresholds, dtype=np.float64)
     tpir = np.zeros(thresholds.shape)
@@ -291,7 +294,7 @@ def identification_rates(
         if not math.isnan(g):
             # the own individual is in the gallery; k - 1 distractors must all score below it
             tpir += (g >= thresholds) * float(distractor_cdf(d, np.array([g]), scores.tail)[0] ** (k - 1.0))
-    chance = stranger_match_chance(scores, thresholds, k)
+    chance = stranger_match_chance(scores, thresholds, k) if chance is None else chance
     fpir = chance.mean(axis=0) if len(chance) else np.zeros(thresholds.shape)
     return fpir, tpir / max(n_known, 1)
 
@@ -851,11 +854,12 @@ def calibrate_open_set(
     confidence: list[list[float]] = []
     drawn = []
     curves = {}
+    at_grid = stranger_cdfs(scores, THRESHOLD_GRID)
     for size in gallery_sizes:
         k = size / scores.images_per_individual
-        fpir, tpir = identification_rates(scores, THRESHOLD_GRID, k)
+        chance = stranger_match_chance(scores, THRESHOLD_GRID, k, at_grid)
+        fpir, tpir = identification_rates(scores, THRESHOLD_GRID, k, chance)
         curves[int(size)] = (THRESHOLD_GRID, fpir, 1.0 - tpir)
-        chance = stranger_match_chance(scores, THRESHOLD_GRID, k)
         row_t = conservative_thresholds(THRESHOLD_GRID, chance, weights, target_fpirs, level)
         thresholds.append(row_t)
         tpir_rows.append([float(np.interp(t, THRESHOLD_GRID, tpir)) for t in row_t])
@@ -865,7 +869,6 @@ def calibrate_open_set(
         xs, ys = isotonic(top[finite], right[finite].astype(np.float64))
         confidence.append(np.interp(CONFIDENCE_GRID, xs, ys).tolist())
     model = ConfidenceModel.fit(drawn)
-    at_grid = stranger_cdfs(scores, THRESHOLD_GRID)
     floor_thresholds = {
         floor: [
             conservative_thresholds(
