@@ -220,6 +220,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from training.calibration import calibrate_artifact
+    from training.open_set import REPORTED_FLOOR
 
     datasets = [DatasetConfig.parse(d) for d in args.dataset] if args.dataset else None
     out, table = calibrate_artifact(
@@ -227,7 +228,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     summary = {
         f"threshold_fpir_{f:g}_at_{n}{suffix}": round(table.threshold(n, f, floor), 4)
-        for floor, suffix in ((None, ""), (0.5, "_min_confidence_0.5"))
+        for floor, suffix in ((None, ""), (REPORTED_FLOOR, f"_min_confidence_{REPORTED_FLOOR:g}"))
         for n in (100, 1000)
         for f in (0.01, 0.05)
     }

@@ -120,6 +120,10 @@ MAX_EXPONENT_QUERIES = 2000
 MATCH_CONFIDENCE_FLOORS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Minimum match confidences the table holds thresholds for; a floor between two reads the lower
 one's (a higher threshold: the target FPIR is kept, a little strictly)."""
+REPORTED_FLOOR = 0.5
+"""The floor whose thresholds the report and ``animalid calibrate`` print: the service's default
+minimum match confidence (a test keeps the two equal; the service's settings do not import this
+package, which would load torch for every command)."""
 MARGIN_STEPS = 200
 """Margins over the second individual (0 to the confidence model's largest) a floor is solved on."""
 LOGISTIC_RIDGE = 1e-3

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from training.evaluate import EvaluationResult, summarise
+from training.open_set import REPORTED_FLOOR
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -215,18 +216,18 @@ def open_set_lines(table: OpenSetCalibration, out: Path) -> list[str]:
             f"The validation data hold distinct individuals for galleries up to about "
             f"{table.simulated_up_to:,} images; rows beyond are extrapolations: {beyond}.",
         ]
-    if 0.5 in table.floor_thresholds:
+    if REPORTED_FLOOR in table.floor_thresholds:
         lines += [
             "",
-            "With a minimum match confidence of 0.5 (the service's default), which holds back some "
-            "never-enrolled animals too, the same FPIRs are kept at these lower thresholds (the "
-            "service lowers its threshold to them, never below its review threshold):",
+            f"With a minimum match confidence of {REPORTED_FLOOR:g} (the service's default), which "
+            "holds back some never-enrolled animals too, the same FPIRs are kept at these lower "
+            "thresholds (the service lowers its threshold to them, never below its review threshold):",
             "",
             "| gallery images | " + " | ".join(f"FPIR {f:g}" for f in table.target_fpirs) + " |",
             "|---|" + "---|" * len(table.target_fpirs),
             *(
                 f"| {size:,} | " + " | ".join(f"{t:.3f}" for t in row) + " |"
-                for size, row in zip(table.gallery_sizes, table.floor_thresholds[0.5], strict=True)
+                for size, row in zip(table.gallery_sizes, table.floor_thresholds[REPORTED_FLOOR], strict=True)
             ),
         ]
     m, a = table.images_per_individual, table.image_exponent

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from service.runtime import batch_lanes, batch_max_images
 from service.settings import Settings
+from training.open_set import MATCH_CONFIDENCE_FLOORS, REPORTED_FLOOR
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +70,12 @@ def test_per_species_open_set_settings_are_read(monkeypatch: pytest.MonkeyPatch)
     assert settings.min_match_confidence == 0.5
     assert settings.min_match_confidence_by_species == {"cattle": 0.7, "dog": 0.0}
     assert settings.stranger_share_by_species == {"cattle": 0.0}
+
+
+def test_the_default_minimum_confidence_is_the_floor_the_training_report_prints() -> None:
+    # the card holds thresholds for it, and the report and `animalid calibrate` show them
+    assert Settings().min_match_confidence == REPORTED_FLOOR
+    assert REPORTED_FLOOR in MATCH_CONFIDENCE_FLOORS
 
 
 @pytest.mark.parametrize("name,value", INVALID)
