@@ -200,6 +200,10 @@ class DistractorTail:
         power = self.start_share * (gap_to_one(t) / gap_to_one(np.array(self.start))) ** self.power
         return np.where(t > self.start, power, empirical)
 
+    def beyond_level(self, t: np.ndarray) -> np.ndarray:
+        """``S(t) / S(level)``: how the share above the level thins out at each ``t``."""
+        return self.survival(t) / self.survival(np.array(self.level))
+
     def quantile(self, share: float) -> float:
         """A score whose survival is ``share`` (the inverse of :meth:`survival`)."""
         if share < self.start_share:
@@ -227,14 +231,14 @@ def distractor_cdf(
 ) -> np.ndarray:
     """``F_q(t)``: the query's empirical share of distractor scores below ``t``, and above the tail's
     level ``1 - (own share above the level) * S(t) / S(level)``, so it keeps rising past the query's
-    highest score (see the module docstring). ``shape``: ``S(t) / S(level)`` when already computed
-    for these ``t`` (it is every query's)."""
+    highest score (see the module docstring). ``shape``: the tail's :meth:`DistractorTail.beyond_level`
+    at these ``t`` when already computed (it is every query's)."""
     empirical = below(sorted_scores, t)
     if tail is None or sorted_scores.size == 0:
         return empirical
     own = 1.0 - float(below(sorted_scores, np.array([tail.level]))[0])
     if shape is None:
-        shape = tail.survival(t) / tail.survival(np.array(tail.level))
+        shape = tail.beyond_level(t)
     return np.where(np.asarray(t) >= tail.level, 1.0 - own * shape, empirical)
 
 
@@ -242,7 +246,7 @@ def stranger_cdfs(scores: QueryScores, t: np.ndarray) -> np.ndarray:
     """(strangers, points): ``F_q`` of every stranger query at ``t``."""
     t = np.asarray(t, dtype=np.float64)
     tail = scores.tail
-    shape = None if tail is None else tail.survival(t) / tail.survival(np.array(tail.level))
+    shape = None if tail is None else tail.beyond_level(t)
     rows = [
         distractor_cdf(d, t, tail, shape)
         for g, d in zip(scores.genuine, scores.distractors, strict=True)
