@@ -16,22 +16,18 @@ from collections import Counter
 import numpy as np
 
 from training.artifact import load_artifact
-from training.data import Shard, cached_shard, load_dataset
+from training.data import Shard, cached_shard
 from training.evaluate import embed_pixels
-from training.pipeline import card_config, split_part
+from training.pipeline import card_config, load_strangers, split_part
 
 
 def main(artifact: str, thresholds: list[float]) -> None:
     loaded = load_artifact(artifact, "cpu")
     card, config = loaded.card, card_config(loaded.card)
-    if config.strangers is None:
+    strangers = load_strangers(config, card.preprocess)
+    if strangers is None:
         sys.exit("the card's training configuration names no strangers")
-    s = config.strangers
-    data = load_dataset(
-        s.source, species=s.species, group_pattern=s.group_pattern, exclude_individuals=s.exclude_individuals
-    )
-    strangers = cached_shard(data, card.preprocess, None)
-    test = cached_shard(split_part(card, "test"), card.preprocess, None)
+    test = cached_shard(split_part(card, "test"), card.preprocess, config.cache_dir or None)
 
     def embed(shard: Shard) -> np.ndarray:
         return embed_pixels(loaded.model, shard.pixels, card.preprocess, "cpu")
