@@ -153,6 +153,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         store.open()
         orphans.sweep(sessions, store, settings.orphan_grace_seconds, metrics)
         reembedder = Reembedder(
+            engine,
             sessions,
             store,
             metrics,

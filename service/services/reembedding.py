@@ -5,6 +5,10 @@ restart resumes where it stopped. Meanwhile the old (model, index) pair keeps se
 keep landing in it. Under the species write lock the job then embeds whatever was enrolled in the
 meantime, builds the new index from the database, activates the new version (which drops the old
 version's vectors) in one transaction, and swaps the serving pair in one assignment.
+
+With several processes on one Postgres database, a version is re-embedded by one of them at a time
+(:class:`~service.db.claims.ReembedClaim`): the others wait, and swap to the version when the one
+that re-embeds it activates it (``service.services.replication``), or take over if it dies.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import threading
 import uuid
 from dataclasses import dataclass
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.claims import ReembedClaim
 from service.db.repository import Repository
 from service.errors import ImageRejected
 from service.image_store import ImageStore, ImageStoreError
@@ -29,6 +35,7 @@ from service.services.galleries import build_gallery
 log = logging.getLogger(__name__)
 
 MAX_CONFLICTS = 5
+CLAIM_POLL_S = 0.5  # how often a process waiting for another's re-embedding asks for the claim again
 
 
 @dataclass(frozen=True)
@@ -41,8 +48,14 @@ class ReembedConfig:
 
 class Reembedder:
     def __init__(
-        self, sessions: sessionmaker[Session], store: ImageStore, metrics: Metrics, config: ReembedConfig
+        self,
+        engine: Engine,
+        sessions: sessionmaker[Session],
+        store: ImageStore,
+        metrics: Metrics,
+        config: ReembedConfig,
     ) -> None:
+        self._engine = engine
         self._sessions = sessions
         self._store = store
         self._metrics = metrics
@@ -78,6 +91,38 @@ class Reembedder:
             thread.join(timeout)
 
     def _run(self, slot: SpeciesSlot, pending: Pending) -> None:
+        claim = ReembedClaim(self._engine, pending.model_version_id)
+        try:
+            if self._wait_for_claim(slot, pending, claim):
+                self._reembed(slot, pending)
+        finally:
+            claim.release()
+
+    def _wait_for_claim(self, slot: SpeciesSlot, pending: Pending, claim: ReembedClaim) -> bool:
+        """Take the claim on ``pending``'s version, waiting while another process holds it. False when
+        asked to stop, or when the job ended meanwhile (the other process activated the version and
+        this one followed it, or a newer reload superseded the job)."""
+        waiting = False
+        while True:
+            try:
+                if claim.try_take():
+                    return True
+            except Exception as exc:
+                log.exception("species %s: cannot claim the re-embedding", slot.name)
+                pending.error = f"{type(exc).__name__}: {exc}"
+                self._give_up(slot, pending)
+                return False
+            if not waiting:
+                log.info(
+                    "species %s: another process is re-embedding %s; waiting for it",
+                    slot.name,
+                    pending.embedder.model_version,
+                )
+                waiting = True
+            if self._stop.wait(CLAIM_POLL_S) or slot.pending is not pending:
+                return False
+
+    def _reembed(self, slot: SpeciesSlot, pending: Pending) -> None:
         try:
             with self._sessions() as session:
                 repo = Repository(session)

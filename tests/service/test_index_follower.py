@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -96,3 +97,46 @@ def test_a_model_switch_is_reembedded_once_and_the_other_process_swaps_to_it(
     assert b.registry.slots["dog"].pending is None and "dog" not in b.reembedder._threads  # not re-embedded
     ready = second.get("/status").json()
     assert ready["ready"] and all(item["consistent"] for item in ready["species"] if item["name"] == "dog")
+
+
+def reembedded_batches(runtime: Runtime) -> int:
+    """How many batches this process embedded for a re-embedding."""
+    value = runtime.metrics.registry.get_sample_value(
+        "animalid_inference_seconds_count", {"species": "dog", "operation": "reembed"}
+    )
+    return int(value or 0)
+
+
+def test_a_model_switch_reloaded_on_both_processes_is_still_reembedded_once(
+    backend: str, settings: Settings, runner: AppRunner, service_root: Path, artifacts: dict[str, Path]
+) -> None:
+    """Every replica's model watcher reloads a new artifact in the shared folder within seconds of
+    the others (as does a restart of them all): one process re-embeds, the other waits and swaps."""
+    if backend == "sqlite":
+        return  # one process per SQLite database
+    settings = settings.model_copy(update={"reembed_batch_size": 1})
+    first, second = runner.start(settings), runner.start(settings)
+    a: Runtime = first.app.state.runtime  # type: ignore[attr-defined]
+    b: Runtime = second.app.state.runtime  # type: ignore[attr-defined]
+    for individual in range(830, 850):
+        enroll(first, individual)  # 40 images, one a batch
+
+    make_models_dir(service_root, artifacts, dog="dog_v2")
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda client: client.post("/species/dog/reload"), (first, second)))
+    assert [r.status_code for r in answers] == [202, 202]
+    new = answers[0].json()["pending_model_version"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+        r.registry.serving("dog").model_version == new for r in (a, b)
+    ):
+        time.sleep(0.1)
+    for runtime in (a, b):
+        serving = runtime.registry.serving("dog")
+        assert serving.model_version == new and len(serving.gallery) == 40
+        assert runtime.registry.slots["dog"].pending is None
+        assert runtime.reembedder.wait("dog", timeout=30)
+    assert sorted([reembedded_batches(a), reembedded_batches(b)]) == [0, 40]
+    for client in (first, second):
+        (dog,) = [s for s in client.get("/status").json()["species"] if s["name"] == "dog"]
+        assert dog["consistent"] and dog["status"] == "ready", dog
