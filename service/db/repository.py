@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import delete, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.db.models import (
     AuditEntry,
+    Base,
     Embedding,
     Image,
     IndexChange,
@@ -76,12 +78,19 @@ class Repository:
     def all_species(self) -> list[Species]:
         return list(self.session.scalars(select(Species).order_by(Species.name)))
 
+    def insert_if_absent(self, model: type[Base], **values: Any) -> None:
+        """Insert a row unless one with the same unique key exists, or is being inserted by another
+        transaction (then this waits for it): processes registering the same species or model
+        version at once (replicas starting, or reloading a new artifact together) do not fail."""
+        insert = postgresql.insert if self.session.get_bind().dialect.name == "postgresql" else sqlite.insert
+        self.session.execute(insert(model).values(**values).on_conflict_do_nothing())
+
     def ensure_species(self, name: str) -> Species:
         species = self.species_by_name(name)
         if species is None:
-            species = Species(name=name)
-            self.session.add(species)
-            self.session.flush()
+            self.insert_if_absent(Species, name=name)
+            species = self.species_by_name(name)
+            assert species is not None
         return species
 
     def model_version(self, species_id: int, version: str) -> ModelVersion | None:
@@ -100,7 +109,8 @@ class Repository:
     ) -> ModelVersion:
         row = self.model_version(species_id, version)
         if row is None:
-            row = ModelVersion(
+            self.insert_if_absent(
+                ModelVersion,
                 species_id=species_id,
                 version=version,
                 status=ModelVersionStatus.PENDING,
@@ -109,8 +119,8 @@ class Repository:
                 threshold=threshold,
                 card=card,
             )
-            self.session.add(row)
-            self.session.flush()
+            row = self.model_version(species_id, version)
+            assert row is not None
         return row
 
     def active_version(self, species_id: int) -> ModelVersion | None:
