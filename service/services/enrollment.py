@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db.models import Image, Individual
@@ -98,9 +99,18 @@ def enroll(
         current = slot.require_serving()
         if current is not serving:  # a new model was swapped in while this request embedded
             serving, vectors = current, {}
-        return _commit(
-            session, repo, registry, slot, serving, store, metrics, command, unique, vectors, actor
-        )
+        try:
+            return _commit(
+                session, repo, registry, slot, serving, store, metrics, command, unique, vectors, actor
+            )
+        except IntegrityError:
+            # Another process (a replica; the write lock is this process's) created the same animal
+            # or stored the same photo of it meanwhile: look again, and join it.
+            session.rollback()
+            log.info("enroll of %s raced another process's; enrolling again", command.external_id)
+            return _commit(
+                session, repo, registry, slot, serving, store, metrics, command, unique, vectors, actor
+            )
 
 
 def _existing_individual(repo: Repository, command: EnrollCommand) -> Individual | None:
