@@ -89,6 +89,13 @@ class ReviewAlreadyResolved(ServiceError):
     code = "review_already_resolved"
 
 
+class ReviewInProgress(ServiceError):
+    """Another request (through another API process) is resolving the same review item."""
+
+    status_code = 409
+    code = "review_in_progress"
+
+
 class IndexUpdateFailed(ServiceError):
     """The request's rows are committed but the search index could not take their vectors."""
 

@@ -1,11 +1,16 @@
 """Work that one process of several on a database does at a time: a Postgres advisory lock.
 
-A re-embedding of a new model version must run once, however many API processes reload it (each
-replica's model watcher sees the same new artifact within seconds). The job holds a session-level
-advisory lock keyed by the version on a connection of its own for as long as it runs; Postgres
-releases it when that connection ends, so a process that dies mid-job hands the work to the next
-one waiting, which resumes from the batches already committed. SQLite serves one process: the
-claim is always granted.
+An API process's own locks (a species' write lock) do not reach the other replicas on the same
+database. Where the work must still happen once, it takes a claim: a session-level advisory lock
+on a connection of its own, held for as long as the work runs. Postgres releases it when that
+connection ends, so a process that dies mid-work hands it to the next one that asks.
+
+- A re-embedding of a new model version (``reembedding``): each replica's model watcher reloads
+  the same new artifact within seconds; one re-embeds, the others wait and swap to it.
+- The resolution of a review item (``review``): two admins resolving one kept photo through two
+  replicas; the second is refused while the first runs.
+
+SQLite serves one process: a claim is always granted there (the process's own locks suffice).
 """
 
 from __future__ import annotations
@@ -17,17 +22,20 @@ from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
-LOCK_SPACE = "animalid-reembed:"
-"""The first key of the two-key advisory lock hashes this and the schema (two deployments can share
-a database, and its advisory locks, in two schemas); the second is the model version's id."""
+LOCK_SPACE = "animalid:"
+"""Prefix of the first key of the two-key advisory lock, which hashes it with the claim's kind and
+the schema (two deployments can share a database, and its advisory locks, in two schemas); the
+second key hashes the claimed thing's id."""
 
 
-class ReembedClaim:
-    """The right to re-embed one model version, held until :meth:`release`."""
+class Claim:
+    """The right to do ``kind`` work on ``key`` (a model version's id, a review item's), held until
+    :meth:`release`."""
 
-    def __init__(self, engine: Engine, model_version_id: int) -> None:
+    def __init__(self, engine: Engine, kind: str, key: object) -> None:
         self._engine = engine
-        self._key = model_version_id
+        self._space = f"{LOCK_SPACE}{kind}:"
+        self._key = str(key)
         self._connection: Connection | None = None
         self.held = False
 
@@ -44,7 +52,7 @@ class ReembedClaim:
         return self.held
 
     def release(self) -> None:
-        """Let the claim go (and its connection back to the pool; dropped if the unlock fails)."""
+        """Let the claim go (and its connection back to the pool; closed if the unlock fails)."""
         connection, self._connection = self._connection, None
         if connection is None:
             self.held = False
@@ -53,7 +61,7 @@ class ReembedClaim:
             if self.held:
                 self._call(connection, "pg_advisory_unlock")
         except SQLAlchemyError:
-            log.warning("cannot unlock the re-embedding claim of version %d; closing it", self._key)
+            log.warning("cannot unlock the claim on %s%s; closing its connection", self._space, self._key)
             connection.invalidate()  # the server ends the session, and the lock with it
         finally:
             self.held = False
@@ -61,5 +69,5 @@ class ReembedClaim:
 
     def _call(self, connection: Connection, function: str) -> object:
         """``function(space, key)``, one of Postgres's two-key advisory lock functions."""
-        statement = text(f"SELECT {function}(hashtext(:space || current_schema()), :key)")
-        return connection.execute(statement, {"space": LOCK_SPACE, "key": self._key}).scalar()
+        statement = text(f"SELECT {function}(hashtext(:space || current_schema()), hashtext(:key))")
+        return connection.execute(statement, {"space": self._space, "key": self._key}).scalar()

@@ -7,7 +7,7 @@ meantime, builds the new index from the database, activates the new version (whi
 version's vectors) in one transaction, and swaps the serving pair in one assignment.
 
 With several processes on one Postgres database, a version is re-embedded by one of them at a time
-(:class:`~service.db.claims.ReembedClaim`): the others wait, and swap to the version when the one
+(a :class:`~service.db.claims.Claim` on it): the others wait, and swap to the version when the one
 that re-embeds it activates it (``service.services.replication``), or take over if it dies.
 """
 
@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.claims import ReembedClaim
+from service.db.claims import Claim
 from service.db.repository import Repository
 from service.errors import ImageRejected
 from service.image_store import ImageStore, ImageStoreError
@@ -91,14 +91,14 @@ class Reembedder:
             thread.join(timeout)
 
     def _run(self, slot: SpeciesSlot, pending: Pending) -> None:
-        claim = ReembedClaim(self._engine, pending.model_version_id)
+        claim = Claim(self._engine, "reembedding", pending.model_version_id)
         try:
             if self._wait_for_claim(slot, pending, claim):
                 self._reembed(slot, pending)
         finally:
             claim.release()
 
-    def _wait_for_claim(self, slot: SpeciesSlot, pending: Pending, claim: ReembedClaim) -> bool:
+    def _wait_for_claim(self, slot: SpeciesSlot, pending: Pending, claim: Claim) -> bool:
         """Take the claim on ``pending``'s version, waiting while another process holds it. False when
         asked to stop, or when the job ended meanwhile (the other process activated the version and
         this one followed it, or a newer reload superseded the job)."""

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from sqlalchemy.orm import Session
 
+from service.db.claims import Claim
 from service.db.models import ReviewItem, ReviewStatus, utcnow
 from service.db.repository import Repository
 from service.db.reviews import ReviewRepository
@@ -24,6 +25,7 @@ from service.errors import (
     ImageNotFound,
     InvalidRequest,
     ReviewAlreadyResolved,
+    ReviewInProgress,
     ReviewNotFound,
     SpeciesUnavailable,
 )
@@ -154,8 +156,35 @@ def resolve(
     decision: ReviewResolve,
     actor: Principal,
 ) -> ReviewItemPublic:
-    item, species = _get(session, review_id)
+    _, species = _get(session, review_id)
     command = _enroll_command(session, species, decision)
+    # One resolution of an item across API processes (the species' lock is this process's own).
+    claim = Claim(session.get_bind().engine, "review", review_id)
+    try:
+        if not claim.try_take():
+            raise ReviewInProgress(
+                f"review item {review_id} is being resolved by another request", review_id=str(review_id)
+            )
+        return _resolve(
+            session, registry, store, metrics, images, review_id, species, decision, command, actor
+        )
+    finally:
+        claim.release()
+
+
+def _resolve(
+    session: Session,
+    registry: Registry,
+    store: ImageStore,
+    metrics: Metrics,
+    images: ImagePolicy,
+    review_id: uuid.UUID,
+    species: str,
+    decision: ReviewResolve,
+    command: enrollment.EnrollCommand | None,
+    actor: Principal,
+) -> ReviewItemPublic:
+    """:func:`resolve` under its claim."""
     # One resolution at a time per species: the species' write lock (re-entered by enrolment).
     with registry.slot(species).write_lock:
         session.rollback()

@@ -1,21 +1,21 @@
-"""The re-embedding claim: one process at a time per model version, Postgres-wide; always granted
-on SQLite (one process)."""
+"""Claims: one process at a time per kind of work and key, Postgres-wide; always granted on SQLite
+(one process)."""
 
 from __future__ import annotations
 
 from sqlalchemy import Engine, text
 
-from service.db.claims import ReembedClaim
+from service.db.claims import Claim
 from service.db.session import make_engine
 
 
 def test_one_holder_per_version_until_released_or_its_connection_ends(database_url: str) -> None:
     engines: list[Engine] = [make_engine(database_url), make_engine(database_url)]  # two processes
     try:
-        first, second = ReembedClaim(engines[0], 7), ReembedClaim(engines[1], 7)
-        other = ReembedClaim(engines[1], 8)
+        first, second = Claim(engines[0], "reembedding", 7), Claim(engines[1], "reembedding", 7)
+        other, review = Claim(engines[1], "reembedding", 8), Claim(engines[1], "review", 7)
         assert first.try_take() and first.try_take()  # taking it again is a no-op
-        assert other.try_take()  # another version: independent
+        assert other.try_take() and review.try_take()  # another key, another kind: independent
         if engines[0].dialect.name == "sqlite":
             assert second.try_take()  # one process per SQLite database: nothing to exclude
             return
@@ -31,7 +31,9 @@ def test_one_holder_per_version_until_released_or_its_connection_ends(database_u
             ended = connection.execute(
                 text(
                     "SELECT pg_terminate_backend(pid) FROM pg_locks "
-                    "WHERE locktype = 'advisory' AND objid = 7 AND granted"
+                    "WHERE locktype = 'advisory' AND granted "
+                    "AND classid = (hashtext('animalid:reembedding:' || current_schema())::bigint "
+                    "& 4294967295)::oid AND objid = (hashtext('7')::bigint & 4294967295)::oid"
                 )
             ).scalars()
             assert list(ended) == [True]
@@ -40,6 +42,7 @@ def test_one_holder_per_version_until_released_or_its_connection_ends(database_u
         assert not first.held
         second.release()
         other.release()
+        review.release()
     finally:
         for engine in engines:
             engine.dispose()

@@ -3,6 +3,7 @@ audited; resolving enrols the photo (confirm, new individual) or nothing (reject
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,37 @@ def test_without_the_queue_nothing_is_kept(start) -> None:  # noqa: ANN001
     answer = client.post("/identify", data={"species": "dog"}, files={"image": jpeg(300, 7)}).json()
     assert (answer["decision"], answer["review_id"]) == ("uncertain", None)
     assert client.get("/review", params={"status": "pending"}).json()["count"] == 0
+
+
+def test_one_item_resolved_on_two_replicas_at_once_is_resolved_once(start, backend: str) -> None:  # noqa: ANN001
+    """Two admins resolve one kept photo through two API processes at the same moment (each holds its
+    own species lock): one resolution wins, the other is refused, and the photo makes one animal."""
+    if backend == "sqlite":
+        return  # one process per SQLite database
+    first, second = start(review_queue=True), start(review_queue=True)
+    enroll(first, 300)
+    enroll(first, 301)
+    for round_ in range(3):
+        answer = first.post(
+            "/identify", data={"species": "dog"}, files={"image": jpeg(360 + round_, 1)}
+        ).json()
+        assert answer["decision"] == "uncertain" and answer["review_id"], answer
+
+        def resolve(pair: tuple[object, str], review: str = answer["review_id"]) -> object:
+            client, external_id = pair
+            return client.post(  # type: ignore[attr-defined]
+                f"/review/{review}/resolve",
+                json={"action": "new_individual", "external_id": external_id},
+                headers=ADMIN,
+            )
+
+        names = [f"dog-{round_}-a", f"dog-{round_}-b"]
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(resolve, zip((first, second), names, strict=True)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200, 409], [a.text for a in answers]
+        refused = next(a for a in answers if a.status_code == 409).json()["code"]
+        assert refused in ("review_already_resolved", "review_in_progress")
+        found = first.get("/individuals", params={"species": "dog", "limit": 100}, headers=ADMIN).json()
+        made = [i["external_id"] for i in found["data"] if i["external_id"] in names]
+        assert len(made) == 1, made

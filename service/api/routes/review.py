@@ -70,7 +70,8 @@ def get_photo(
     summary="Resolve a review item",
     description="`confirm` with `individual_id`: the photo shows that individual and is enrolled to it. "
     "`new_individual` with `external_id` (and `name`): an animal not enrolled yet, created with the photo. "
-    "`reject`: neither; nothing is enrolled. Once only (409 `review_already_resolved` after); audited. "
+    "`reject`: neither; nothing is enrolled. Once only (409 `review_already_resolved` after, "
+    "409 `review_in_progress` while another request, through any API process, resolves it); audited. "
     "Needs the admin scope.",
     responses=error_responses(401, 403, 404, 409, 422, 503),
 )
