@@ -15,10 +15,10 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.db.health import UNAVAILABLE
+from service.db.health import UNAVAILABLE, is_conflict
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,23 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+async def _concurrent_change(request: Request, exc: Exception) -> JSONResponse:
+    # Another request (through another API process: each process serialises its own writes) changed
+    # the same rows at the same moment, and the database refused this one: a unique key taken, a
+    # row deleted under it, a deadlock. Its transaction was rolled back; sent again, it sees the
+    # other's result.
+    log.warning("concurrent change on %s %s: %s", request.method, request.url.path, getattr(exc, "orig", exc))
+    return error_response(
+        409,
+        "concurrent_change",
+        "another request changed the same records at the same moment; nothing of this one was written, "
+        "send it again",
+    )
+
+
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    if is_conflict(exc):
+        return await _concurrent_change(request, exc)
     # Logged once per outage by service.db.health, not once per request.
     log.debug("database unavailable on %s %s: %s", request.method, request.url.path, exc)
     retry = request.app.state.settings.database_retry_after_seconds
@@ -275,6 +291,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(DataError, _data_error)
+    app.add_exception_handler(IntegrityError, _concurrent_change)
     for unavailable in UNAVAILABLE:
         app.add_exception_handler(unavailable, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)

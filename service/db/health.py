@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 # What a request sees while the database cannot be reached: refused or dropped connections, a
 # server shutting down, a pool whose connections are all stuck. Answered 503, never 500.
 UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
+# SQLSTATEs of a transaction that lost a race with another (a deadlock, a serialisation failure):
+# raised as an OperationalError too, but the database is fine and the request can be sent again.
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def is_conflict(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (a SQLAlchemy error) is a transaction rolled back for a concurrent one."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in CONFLICT_SQLSTATES
 
 
 def summary(exc: BaseException) -> str:
@@ -70,6 +78,8 @@ class DatabaseHealth:
 
         def on_error(context: ExceptionContext) -> None:
             error = context.sqlalchemy_exception
+            if is_conflict(error):
+                return
             if context.is_disconnect or isinstance(error, UNAVAILABLE):
                 self.failed(error if error is not None else context.original_exception)
 

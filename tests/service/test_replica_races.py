@@ -1,0 +1,142 @@
+"""Two processes writing the same records at once (replicas on one database). Creating the same row:
+a species and a model version (replicas starting on a fresh database, or every replica's model
+watcher reloading a new artifact), an animal enrolled under the same external id on two replicas;
+the second gets the first's row instead of a unique-key error. Changing the same rows (merges in
+opposite directions): the loser is answered 409 ``concurrent_change``, and a deadlock is not taken
+for an outage."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from apps import AppRunner
+from fastapi.testclient import TestClient
+from imagegen import jpeg
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from service.db.health import is_conflict
+from service.db.repository import Repository
+from service.db.session import make_engine, make_sessionmaker
+from service.runtime import Runtime
+from service.settings import Settings
+
+
+def register(session: Session) -> tuple[int, int]:
+    repo = Repository(session)
+    species = repo.ensure_species("okapi")
+    version = repo.ensure_model_version(species.id, "okapi-1", 8, "v1", 0.5, {"species": "okapi"})
+    return species.id, version.id
+
+
+def test_a_registration_racing_another_gets_its_rows(database_url: str) -> None:
+    engine = make_engine(database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        first = sessions()
+        mine = register(first)  # inserted, not committed: the other insert waits on the unique keys
+        theirs: list[tuple[int, int]] = []
+        errors: list[BaseException] = []
+
+        def other() -> None:
+            try:
+                with sessions() as second:
+                    theirs.append(register(second))
+                    second.commit()
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        time.sleep(0.5)
+        first.commit()
+        first.close()
+        thread.join(30)
+        assert not errors, errors
+        assert theirs == [mine]
+    finally:
+        engine.dispose()
+
+
+def test_an_enroll_racing_another_process_creating_the_individual_joins_it(
+    backend: str, settings: Settings, runner: AppRunner
+) -> None:
+    """Another replica creates the same new animal (same external id) while this one enrolls it: the
+    enroll waits on the unique key, then adds its photo to the other's animal instead of failing."""
+    client = runner.start(settings)
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    with runtime.sessions() as other:
+        repo = Repository(other)
+        species = repo.species_by_name("dog")
+        assert species is not None
+        theirs = repo.create_individual(species.id, "race-1", None, None)  # not committed yet
+        answers: list[httpx.Response] = []
+        enroll = threading.Thread(
+            target=lambda: answers.append(
+                client.post(
+                    "/enroll",
+                    data={"species": "dog", "external_id": "race-1"},
+                    files=[("images", ("a.jpg", jpeg(860, 0), "image/jpeg"))],
+                )
+            )
+        )
+        enroll.start()
+        time.sleep(1.0)
+        other.commit()
+    enroll.join(60)
+    (answer,) = answers
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["individual"]["id"] == str(theirs.id)
+    assert client.get(f"/individuals/{theirs.id}").json()["image_count"] == 1
+
+
+def test_merges_in_opposite_directions_on_two_replicas_keep_every_photo(
+    backend: str, settings: Settings, runner: AppRunner
+) -> None:
+    """Two replicas merge A into B and B into A at the same moment: at most one wins, the other is
+    refused with a 4xx, never a server error, and no photo is lost."""
+    if backend == "sqlite":
+        return  # one process per SQLite database
+    first, second = runner.start(settings), runner.start(settings)
+    for round_ in range(4):
+        ids = []
+        for k in range(2):
+            files = [("images", (f"{s}.jpg", jpeg(870 + 2 * round_ + k, s), "image/jpeg")) for s in range(3)]
+            answer = first.post(
+                "/enroll", data={"species": "dog", "external_id": f"m{round_}-{k}"}, files=files
+            )
+            ids.append(answer.json()["individual"]["id"])
+
+        def merge(pair: tuple[TestClient, tuple[str, str]]) -> httpx.Response:
+            client, (target, source) = pair
+            return client.post(f"/individuals/{target}/merge", json={"source_id": source})
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(merge, [(first, (ids[0], ids[1])), (second, (ids[1], ids[0]))]))
+        codes = sorted(a.status_code for a in answers)
+        assert codes[0] == 200 and codes[1] in (200, 404, 409), [a.text for a in answers]
+        refused = [a.json()["code"] for a in answers if a.status_code == 409]
+        assert set(refused) <= {"concurrent_change"}, refused
+        left = [first.get(f"/individuals/{i}").json() for i in ids]
+        assert sum(i.get("image_count", 0) for i in left) == 6, left
+    # A lost race (a deadlock is one) is no outage: neither process took the database for down.
+    for client in (first, second):
+        assert not client.app.state.runtime.database.down  # type: ignore[attr-defined]
+
+
+def test_a_deadlock_is_a_conflict_to_retry_and_a_refused_connection_an_outage() -> None:
+    """What the error handlers and the health watch tell apart, by SQLSTATE."""
+
+    class DriverError(Exception):
+        def __init__(self, sqlstate: str | None) -> None:
+            self.sqlstate = sqlstate
+
+    def error(sqlstate: str | None) -> OperationalError:
+        return OperationalError("SELECT 1", {}, DriverError(sqlstate))
+
+    assert is_conflict(error("40P01")) and is_conflict(error("40001"))  # deadlock, serialisation
+    assert not is_conflict(error("08006")) and not is_conflict(error(None))  # connection failure
+    assert not is_conflict(None)
