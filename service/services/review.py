@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import mimetypes
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 from sqlalchemy.orm import Session
@@ -158,35 +160,9 @@ def resolve(
 ) -> ReviewItemPublic:
     _, species = _get(session, review_id)
     command = _enroll_command(session, species, decision)
-    # One resolution of an item across API processes (the species' lock is this process's own).
-    claim = Claim(session.get_bind().engine, "review", review_id)
-    try:
-        if not claim.try_take():
-            raise ReviewInProgress(
-                f"review item {review_id} is being resolved by another request", review_id=str(review_id)
-            )
-        return _resolve(
-            session, registry, store, metrics, images, review_id, species, decision, command, actor
-        )
-    finally:
-        claim.release()
-
-
-def _resolve(
-    session: Session,
-    registry: Registry,
-    store: ImageStore,
-    metrics: Metrics,
-    images: ImagePolicy,
-    review_id: uuid.UUID,
-    species: str,
-    decision: ReviewResolve,
-    command: enrollment.EnrollCommand | None,
-    actor: Principal,
-) -> ReviewItemPublic:
-    """:func:`resolve` under its claim."""
-    # One resolution at a time per species: the species' write lock (re-entered by enrolment).
-    with registry.slot(species).write_lock:
+    # One resolution of an item across API processes (its claim), and one at a time per species in
+    # this one (the species' write lock, re-entered by enrolment).
+    with _claimed(session, review_id), registry.slot(species).write_lock:
         session.rollback()
         item, species = _get(session, review_id)
         if item.status != ReviewStatus.PENDING:
@@ -219,6 +195,20 @@ def _resolve(
         result = item_public(item, species)
     store.delete(kept)
     return result
+
+
+@contextmanager
+def _claimed(session: Session, review_id: uuid.UUID) -> Iterator[None]:
+    """Hold the item's claim (another API process resolving it meanwhile: 409)."""
+    claim = Claim(session.get_bind().engine, "review", review_id)
+    try:
+        if not claim.try_take():
+            raise ReviewInProgress(
+                f"review item {review_id} is being resolved by another request", review_id=str(review_id)
+            )
+        yield
+    finally:
+        claim.release()
 
 
 def _enroll_command(
