@@ -140,3 +140,21 @@ def test_a_deadlock_is_a_conflict_to_retry_and_a_refused_connection_an_outage() 
     assert is_conflict(error("40P01")) and is_conflict(error("40001"))  # deadlock, serialisation
     assert not is_conflict(error("08006")) and not is_conflict(error(None))  # connection failure
     assert not is_conflict(None)
+
+
+def test_one_animal_deleted_through_two_replicas_at_once_is_deleted_once(
+    backend: str, settings: Settings, runner: AppRunner
+) -> None:
+    """Both deletes are answered without a server error: one deletes, the other finds it gone."""
+    if backend == "sqlite":
+        return  # one process per SQLite database
+    first, second = runner.start(settings), runner.start(settings)
+    for round_ in range(4):
+        files = [("images", (f"{s}.jpg", jpeg(890 + round_, s), "image/jpeg")) for s in range(2)]
+        answer = first.post("/enroll", data={"species": "dog", "external_id": f"d{round_}"}, files=files)
+        path = f"/individuals/{answer.json()['individual']['id']}"
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda client, path=path: client.delete(path), (first, second)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes[0] < 300 and codes[1] in (codes[0], 404, 409), [a.text for a in answers]
+        assert first.get(path).status_code == 404
