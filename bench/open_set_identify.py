@@ -34,6 +34,11 @@ With several ``--seeds``, each seed draws its strangers and enrolment anew on a 
 figures of all their answers together follow (``pooled``): a single seed's ~100 queries leave an
 ECE of about 0.04 to sampling alone, against a 0.05 target.
 
+Each measured FPIR comes with a 95% interval over the stranger *individuals* drawn again with
+replacement (an animal's photos pass or fail together, so a look-alike of an enrolled animal moves
+the FPIR by its photos' share at once), and the strangers answered `match` at least once, with how
+many of their answers were.
+
     python bench/open_set_identify.py --data ../shared/data/dogfacenet/manifest.csv
     python bench/open_set_identify.py --data ../shared/data/dogfacenet/manifest.csv --seeds 0 1 2 3
 """
@@ -61,11 +66,13 @@ import numpy as np
 from service.services.identification import lowered_for_floor
 from training.artifact import ModelCard, read_card
 from training.data import Sample, enrol_query_split, load_dataset
-from training.open_set import OpenSetCalibration
+from training.open_set import OpenSetCalibration, bootstrap_weights
 from training.pipeline import card_config, held_out, split_part
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIES_KEY = "bench-admin-key"
+INTERVAL_DRAWS = 2000
+"""Resamples of the stranger individuals behind each measured FPIR's 95% interval."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -363,10 +370,14 @@ def figures(
     )
     if compare is not None:
         rules |= compared_rules(compare, sim, read_sizes(compare, answers), args)
+    who = np.array([a["stranger"] for a in answers], dtype=object)[stranger]
+    draws = bootstrap_weights(who, INTERVAL_DRAWS, np.random.default_rng(0))
     out = {}
     for name, matched in rules.items():
         out[name] = {
             "fpir": float(matched[stranger].mean()),
+            "fpir_interval_95": stranger_interval(matched[stranger], draws),
+            "strangers_matched": matched_by_individual(matched[stranger], who),
             "enrolled_match_right": float((matched & right)[~stranger].mean()),
             "wrong_among_matches": float((matched & ~right).sum() / max(matched.sum(), 1)),
             "wrong_among_enrolled_matches": float(
@@ -395,6 +406,23 @@ def figures(
         "review": float(answers[-1]["review_threshold"]),
     }
     return out
+
+
+def stranger_interval(matched: np.ndarray, draws: np.ndarray) -> list[float]:
+    """95% interval of the FPIR when the stranger *individuals* are drawn again with replacement
+    (``draws``: :func:`bootstrap_weights` of their names): an animal's photos pass or fail together
+    (a look-alike of an enrolled one passes with most of them), so the photos are not independent."""
+    fpir = (draws @ matched) / np.maximum(draws.sum(axis=1), 1e-12)
+    return [float(np.quantile(fpir, 0.025)), float(np.quantile(fpir, 0.975))]
+
+
+def matched_by_individual(matched: np.ndarray, who: np.ndarray) -> dict[str, list[int]]:
+    """Stranger individual -> [answers `match`, answers]: only those answered `match` at least once."""
+    tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, hit in zip(who, matched, strict=True):
+        tally[name][0] += int(hit)
+        tally[name][1] += 1
+    return {name: counts for name, counts in sorted(tally.items()) if counts[0]}
 
 
 def card_strangers(card: ModelCard, data: Path) -> list[Sample]:
@@ -437,6 +465,7 @@ def brief(answer: dict) -> dict[str, object]:
     candidates = answer["candidates"]
     return {
         "truth": answer["truth"],
+        "stranger": answer["stranger"],
         "top": candidates[0]["external_id"] if candidates else None,
         "similarity": candidates[0]["similarity"] if candidates else None,
         "second": candidates[1]["similarity"] if len(candidates) > 1 else None,
@@ -494,9 +523,11 @@ def run_seed(
                 )
                 answers = []
                 gallery_shape = sorted(shape.items())
-                for truth, photo in [*asked, *((None, p) for _, p in strangers)]:
+                queries = [(name, None, p) for name, p in asked] + [(None, name, p) for name, p in strangers]
+                for truth, stranger, photo in queries:
                     answers.append(
-                        identify(client, species, photo) | {"truth": truth, "gallery_shape": gallery_shape}
+                        identify(client, species, photo)
+                        | {"truth": truth, "stranger": stranger, "gallery_shape": gallery_shape}
                     )
                 weight = np.array([stranger_weight if a["truth"] is None else 1.0 for a in answers])
                 counts = {
