@@ -2,15 +2,17 @@
 
 A promoted fine-tune (written by a worker process) or an artifact copied in by hand changes
 ``<models_dir>/<species>/model_card.json``. Every ``ANIMALID_MODEL_WATCH_S`` seconds the API reads
-each card (a small JSON file) and, when its model version is neither serving nor being re-embedded,
-reloads the species: the existing re-embedding takes over, the current model serving meanwhile.
-A version that failed to load is not retried until the card changes again.
+each card (a small JSON file) and, when it is neither the serving card nor the one being
+re-embedded, reloads the species: a new model version is re-embedded, the current model serving
+meanwhile; the serving version's card recalibrated in place (`animalid calibrate`) is served at once.
+A card that failed to load is not retried until it changes again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from service.security import Principal, Scope
 from service.services.galleries import discover_artifacts
@@ -29,7 +31,7 @@ class ModelWatcher:
         self._interval = interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._tried: dict[str, str] = {}
+        self._tried: dict[str, dict[str, Any]] = {}  # species -> the card last reloaded for
 
     def start(self) -> None:
         if self._interval <= 0:
@@ -50,24 +52,25 @@ class ModelWatcher:
                 log.exception("model watch failed")
 
     def check(self) -> list[str]:
-        """Reload every species whose card names a new version; returns their names."""
+        """Reload every species whose card is new (a new version, or the serving version's card
+        recalibrated in place); returns their names."""
         reloaded = []
         for name, path in discover_artifacts(self._life.models_dir).items():
             try:
-                version = read_card(path).model_version
+                card = read_card(path).to_dict()
             except ArtifactError:
                 continue
             slot = self._life.registry.slots.get(name)
-            known = set()
+            known = []
             if slot is not None:
                 if slot.serving is not None:
-                    known.add(slot.serving.model_version)
+                    known.append(slot.serving.embedder.card.to_dict())
                 if slot.pending is not None:
-                    known.add(slot.pending.embedder.model_version)
-            if version in known or self._tried.get(name) == version:
+                    known.append(slot.pending.embedder.card.to_dict())
+            if card in known or self._tried.get(name) == card:
                 continue
-            self._tried[name] = version
+            self._tried[name] = card
             result = reload_species(self._life, name, WATCHER_ACTOR)
-            log.info("models folder: %s has %s: %s", name, version, result.message)
+            log.info("models folder: %s has %s: %s", name, card["model_version"], result.message)
             reloaded.append(name)
         return reloaded

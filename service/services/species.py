@@ -175,6 +175,13 @@ def reload_species(life: Lifecycle, name: str, actor: Principal) -> ReloadResult
             if serving is not None and serving.model_version == embedder.model_version and pending is None:
                 slot.disable(None)  # a failed switch to another model no longer applies
                 message = f"{embedder.model_version} is already serving"
+                if embedder.card.to_dict() != serving.embedder.card.to_dict():
+                    # The same weights with another card (recalibrated in place, `animalid
+                    # calibrate`): its vectors stay valid; only the thresholds and tables change.
+                    with slot.write_lock:
+                        if slot.serving is serving:
+                            slot.serving = Serving(embedder, serving.gallery, serving.model_version_id)
+                    message += "; its model card changed and is now served"
             elif pending is not None and pending.embedder.model_version == embedder.model_version:
                 message = f"{embedder.model_version} is already being re-embedded"
             else:
