@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,8 +231,14 @@ def test_a_challenger_that_does_not_win_by_the_margin_is_kept_out(settings: Sett
 
 
 def calibrated_champion(settings: Settings) -> Settings:
-    """``settings`` whose serving dog model has an open-set table (the demo model's, copied into its card)."""
-    card_file = settings.models_dir / "dog" / "model_card.json"
+    """``settings`` whose serving dog model has an open-set table (the demo model's, copied into its card).
+    The models folder links to the session's artifacts: the dog is copied first, so that the card
+    written here is this test's alone."""
+    live = settings.models_dir / "dog"
+    shared = live.resolve()
+    live.unlink()
+    shutil.copytree(shared, live)
+    card_file = live / "model_card.json"
     card = json.loads(card_file.read_text())
     card["open_set"] = json.loads((DEMO_MODEL / "model_card.json").read_text())["open_set"]
     card_file.write_text(json.dumps(card))
