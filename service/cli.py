@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import __version__
-from service.errors import ConfigurationError
+from service.errors import ConfigurationError, ServiceError
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -202,6 +202,43 @@ def _gallery_export(args: argparse.Namespace) -> int:
                 "images": result.images,
                 "groups": result.groups,
                 "unreadable": list(result.unreadable),
+            }
+        )
+    )
+    return 0
+
+
+def _gallery_check(args: argparse.Namespace) -> int:
+    from service.db.migrate import require_head
+    from service.db.session import make_engine, make_sessionmaker
+    from service.services.herd_check import check_herd
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    try:
+        require_head(engine, settings.database_url)
+        with make_sessionmaker(engine)() as session:
+            result = check_herd(session, settings.models_dir, args.species, args.max_queries)
+    finally:
+        engine.dispose()
+    print(
+        json.dumps(
+            {
+                "species": result.species,
+                "model_version": result.model_version,
+                "images": result.images,
+                "individuals": result.individuals,
+                "size_read": result.size,
+                "targets": [
+                    {
+                        "target_fpir": row.target,
+                        "threshold": round(row.threshold, 4),
+                        "herd_mates_past": round(row.past, 4),
+                        "interval_95": [round(x, 4) for x in row.interval],
+                        "threshold_holding_target": round(row.holding, 4),
+                    }
+                    for row in result.rows
+                ],
             }
         )
     )
@@ -413,6 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--species", required=True, help="species to export")
     export.add_argument("--out", type=Path, required=True, help="an empty or new folder")
     export.set_defaults(func=_gallery_export)
+    check = gallery_sub.add_parser(
+        "check",
+        help="would the model card's open-set thresholds hold for the enrolled animals as strangers?",
+        description="Leaves each enrolled animal out in turn and asks its stored vectors against the rest, "
+        "as a never-enrolled herd-mate would be asked: per target FPIR, the card's threshold for this "
+        "gallery, the share of those photos at or past it (95%% interval over the animals) and the "
+        "threshold that would hold the target. Well above the target: recalibrate the card on the "
+        "gallery (gallery export, then calibrate).",
+    )
+    check.add_argument("--species", required=True, help="species to check")
+    check.add_argument(
+        "--max-queries", type=_positive, default=5000, help="photos asked at most (drawn at random)"
+    )
+    check.set_defaults(func=_gallery_check, user_errors=(ServiceError,))
 
     finetune = sub.add_parser(
         "finetune",

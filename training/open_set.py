@@ -928,3 +928,66 @@ def calibrate_open_set(
         floor_thresholds=floor_thresholds,
         curves=curves,
     )
+
+
+HERD_TARGETS = (0.01, 0.05)
+"""Target FPIRs a herd check reports."""
+
+
+@dataclass(frozen=True)
+class HerdMates:
+    """How a table's threshold for one target FPIR treats a gallery's own animals as strangers."""
+
+    target: float
+    threshold: float  # the table's, for this gallery
+    past: float  # share of the left-out animals' photos whose best similarity reaches it
+    interval: tuple[float, float]  # 95%, over the animals drawn again with replacement
+    holding: float  # the threshold at which the target share of those photos reaches it
+
+
+def herd_mates(
+    emb: np.ndarray,
+    individuals: Sequence[str],
+    table: OpenSetCalibration,
+    targets: Sequence[float] = HERD_TARGETS,
+    max_queries: int = 5000,
+    seed: int = 0,
+) -> tuple[int, list[HerdMates]]:
+    """Each animal of a gallery (``emb``: unit vectors of its photos, of ``individuals``) left out in
+    turn and its photos asked against the rest, as a never-enrolled herd-mate would be asked: for each
+    target FPIR, the share of them at or past ``table``'s threshold for this gallery, and the threshold
+    that would hold the target on it. Needs no stranger photos: a deployment can run it on its own
+    gallery. Its photos are enrolment photos rather than queries, and the gallery lacks the left-out
+    animal's own photos. At most ``max_queries`` photos (drawn with ``seed``) are asked, each against
+    every photo. Returns the gallery's size as the table reads it, and a row per target."""
+    names, code = np.unique(np.asarray(individuals, dtype=str), return_inverse=True)
+    if len(names) < 2:
+        raise ValueError("a herd check needs at least two individuals")
+    rng = np.random.default_rng(seed)
+    asked = np.arange(len(code))
+    if len(asked) > max_queries:
+        asked = np.sort(rng.choice(len(code), max_queries, replace=False))
+    best = np.empty(len(asked))
+    for start in range(0, len(asked), 1024):
+        rows = asked[start : start + 1024]
+        similarity = emb[rows] @ emb.T
+        similarity[code[rows][:, None] == code[None, :]] = -np.inf
+        best[start : start + len(rows)] = similarity.max(axis=1)
+    size = table.equivalent_size(dict(zip(*np.unique(np.bincount(code), return_counts=True), strict=True)))
+    draws = bootstrap_weights(code[asked], BOOTSTRAP_RESAMPLES * 10, rng)
+    rows_out = []
+    for target in targets:
+        threshold = table.threshold(size, target)
+        past = best >= threshold
+        rates = (draws @ past) / draws.sum(axis=1)
+        low, high = np.quantile(rates, [0.025, 0.975])
+        rows_out.append(
+            HerdMates(
+                target=target,
+                threshold=threshold,
+                past=float(past.mean()),
+                interval=(float(low), float(high)),
+                holding=float(np.quantile(best, 1 - target)),
+            )
+        )
+    return size, rows_out

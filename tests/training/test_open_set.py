@@ -23,6 +23,7 @@ from training.open_set import (
     conservative_thresholds,
     distractor_cdf,
     floored_match_chance,
+    herd_mates,
     identification_rates,
     image_exponent,
     isotonic,
@@ -165,6 +166,26 @@ def test_a_gallery_is_read_by_its_images_at_exponent_one_and_by_its_individuals_
     assert OpenSetCalibration.from_dict(older).image_exponent == 1.0
     with pytest.raises(ValueError, match="image_exponent"):
         OpenSetCalibration.from_dict(TABLE.to_dict() | {"image_exponent": 1.5})
+
+
+def test_the_herd_check_finds_the_look_alikes_a_table_lets_through() -> None:
+    rng = np.random.default_rng(0)
+    centres = _unit(rng.normal(size=(20, 64)))
+    centres[1] = _unit(centres[:1] + 0.01 * rng.normal(size=(1, 64)))[0]  # animals 0 and 1 look alike
+    emb = _unit(np.repeat(centres, 5, axis=0) + 0.02 * rng.normal(size=(100, 64)))
+    individuals = np.repeat([f"a{i}" for i in range(20)], 5).tolist()
+    size, rows = herd_mates(emb, individuals, TABLE, targets=(0.01, 0.1))
+    assert size == 100  # 100 images at the table's exponent of one
+    strict, lax = rows
+    assert (strict.target, strict.threshold, lax.threshold) == (0.01, pytest.approx(0.7), pytest.approx(0.5))
+    # the two look-alikes' 10 photos pass, nobody else's (random directions in 64 dimensions)
+    assert strict.past == lax.past == pytest.approx(0.1)
+    assert strict.interval[0] < 0.1 < strict.interval[1] <= 0.4  # two lumps among 20 animals
+    assert strict.holding > 0.95  # a 1% threshold on this herd sits among the look-alikes
+    asked = herd_mates(emb, individuals, TABLE, max_queries=30)[1][0]
+    assert 0.0 <= asked.past <= 1.0
+    with pytest.raises(ValueError, match="two individuals"):
+        herd_mates(emb[:5], individuals[:5], TABLE)
 
 
 def test_calibration_of_clustered_embeddings(clusters) -> None:
