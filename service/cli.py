@@ -26,6 +26,8 @@ from service.errors import ConfigurationError, ServiceError
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from service.client import AnimalIDClient
     from service.schemas import CandidatePublic, IdentifyResult
 
@@ -180,20 +182,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gallery_export(args: argparse.Namespace) -> int:
+@contextmanager
+def _database_session(settings: Settings) -> Iterator[Session]:
+    """A session on the migrated database ``settings`` name, for a command run beside the API."""
     from service.db.migrate import require_head
     from service.db.session import make_engine, make_sessionmaker
-    from service.image_store import ImageStore
-    from service.services.gallery_export import export_gallery
 
-    settings = _settings(args)
     engine = make_engine(settings.database_url)
     try:
         require_head(engine, settings.database_url)
         with make_sessionmaker(engine)() as session:
-            result = export_gallery(session, ImageStore(settings.image_store_dir), args.species, args.out)
+            yield session
     finally:
         engine.dispose()
+
+
+def _gallery_export(args: argparse.Namespace) -> int:
+    from service.image_store import ImageStore
+    from service.services.gallery_export import export_gallery
+
+    settings = _settings(args)
+    with _database_session(settings) as session:
+        result = export_gallery(session, ImageStore(settings.image_store_dir), args.species, args.out)
     print(
         json.dumps(
             {
@@ -209,18 +219,11 @@ def _gallery_export(args: argparse.Namespace) -> int:
 
 
 def _gallery_check(args: argparse.Namespace) -> int:
-    from service.db.migrate import require_head
-    from service.db.session import make_engine, make_sessionmaker
     from service.services.herd_check import check_herd
 
     settings = _settings(args)
-    engine = make_engine(settings.database_url)
-    try:
-        require_head(engine, settings.database_url)
-        with make_sessionmaker(engine)() as session:
-            result = check_herd(session, settings.models_dir, args.species, args.max_queries)
-    finally:
-        engine.dispose()
+    with _database_session(settings) as session:
+        result = check_herd(session, settings.models_dir, args.species, args.max_queries)
     print(
         json.dumps(
             {
@@ -449,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--species", required=True, help="species to export")
     export.add_argument("--out", type=Path, required=True, help="an empty or new folder")
-    export.set_defaults(func=_gallery_export)
+    export.set_defaults(func=_gallery_export, user_errors=(ServiceError,))
     check = gallery_sub.add_parser(
         "check",
         help="would the model card's open-set thresholds hold for the enrolled animals as strangers?",

@@ -1,5 +1,6 @@
 """`animalid gallery check`: the served card's open-set thresholds against the enrolled animals
-themselves as strangers, from the database and the models folder."""
+themselves as strangers, from the database and the models folder; and `animalid gallery export`
+beside it."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def test_the_check_reports_each_target_for_the_gallery_and_refuses_what_it_canno
     client = runner.start(settings.model_copy(update={"models_dir": models}))
     monkeypatch.setenv("ANIMALID_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("ANIMALID_MODELS_DIR", str(models))
+    monkeypatch.setenv("ANIMALID_IMAGE_STORE_DIR", str(settings.image_store_dir))
 
     def check(*extra: str) -> tuple[int, str, str]:
         code = main(["gallery", "check", "--species", "dog", *extra])
@@ -54,6 +56,14 @@ def test_the_check_reports_each_target_for_the_gallery_and_refuses_what_it_canno
         assert 0.0 <= row["interval_95"][0] <= row["herd_mates_past"] <= row["interval_95"][1] <= 1.0
         assert -1.0 <= row["threshold_holding_target"] <= 1.0
     assert report["targets"][0]["threshold"] >= report["targets"][1]["threshold"]
+
+    # The export it advises, on the same database (the same session helper).
+    assert main(["gallery", "export", "--species", "dog", "--out", str(tmp_path / "export")]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert (exported["images"], exported["individuals"]) == (12, 6)
+    assert (tmp_path / "export" / "manifest.csv").is_file()
+    assert main(["gallery", "export", "--species", "dog", "--out", str(tmp_path / "export")]) == 2
+    assert "not empty" in capsys.readouterr().err  # one line, no traceback
 
     with pytest.raises(SystemExit):
         check("--max-queries", "0")
