@@ -66,13 +66,11 @@ import numpy as np
 from service.services.identification import lowered_for_floor
 from training.artifact import ModelCard, read_card
 from training.data import Sample, enrol_query_split, load_dataset
-from training.open_set import OpenSetCalibration, bootstrap_weights
+from training.open_set import INTERVAL_DRAWS, OpenSetCalibration, bootstrap_weights, resampled_interval
 from training.pipeline import card_config, held_out, split_part
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIES_KEY = "bench-admin-key"
-INTERVAL_DRAWS = 2000
-"""Resamples of the stranger individuals behind each measured FPIR's 95% interval."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -376,7 +374,7 @@ def figures(
     for name, matched in rules.items():
         out[name] = {
             "fpir": float(matched[stranger].mean()),
-            "fpir_interval_95": stranger_interval(matched[stranger], draws),
+            "fpir_interval_95": list(resampled_interval(matched[stranger], draws)),
             "strangers_matched": matched_by_individual(matched[stranger], who),
             "enrolled_match_right": float((matched & right)[~stranger].mean()),
             "wrong_among_matches": float((matched & ~right).sum() / max(matched.sum(), 1)),
@@ -406,14 +404,6 @@ def figures(
         "review": float(answers[-1]["review_threshold"]),
     }
     return out
-
-
-def stranger_interval(matched: np.ndarray, draws: np.ndarray) -> list[float]:
-    """95% interval of the FPIR when the stranger *individuals* are drawn again with replacement
-    (``draws``: :func:`bootstrap_weights` of their names): an animal's photos pass or fail together
-    (a look-alike of an enrolled one passes with most of them), so the photos are not independent."""
-    fpir = (draws @ matched) / np.maximum(draws.sum(axis=1), 1e-12)
-    return [float(np.quantile(fpir, 0.025)), float(np.quantile(fpir, 0.975))]
 
 
 def matched_by_individual(matched: np.ndarray, who: np.ndarray) -> dict[str, list[int]]:

@@ -932,6 +932,19 @@ def calibrate_open_set(
 
 HERD_TARGETS = (0.01, 0.05)
 """Target FPIRs a herd check reports."""
+INTERVAL_DRAWS = 2000
+"""Resamples of the individuals behind a measured rate's 95% interval."""
+SIMILARITY_BLOCK = 1 << 24
+"""Most query-by-gallery similarities a herd check holds at once (64 MB in float32)."""
+
+
+def resampled_interval(hits: np.ndarray, draws: np.ndarray) -> tuple[float, float]:
+    """95% interval of the share of ``hits`` when their individuals are drawn again with replacement
+    (``draws``: :func:`bootstrap_weights` of the individuals): one individual's photos pass or fail
+    together (a look-alike with most of them), so the photos are not independent trials."""
+    rates = (draws @ hits) / np.maximum(draws.sum(axis=1), 1e-12)
+    low, high = np.quantile(rates, [0.025, 0.975])
+    return float(low), float(high)
 
 
 @dataclass(frozen=True)
@@ -968,25 +981,24 @@ def herd_mates(
     if len(asked) > max_queries:
         asked = np.sort(rng.choice(len(code), max_queries, replace=False))
     best = np.empty(len(asked))
-    for start in range(0, len(asked), 1024):
-        rows = asked[start : start + 1024]
+    block = max(1, SIMILARITY_BLOCK // len(code))  # queries a block: bounded memory for any gallery
+    for start in range(0, len(asked), block):
+        rows = asked[start : start + block]
         similarity = emb[rows] @ emb.T
         similarity[code[rows][:, None] == code[None, :]] = -np.inf
         best[start : start + len(rows)] = similarity.max(axis=1)
     size = table.equivalent_size(dict(zip(*np.unique(np.bincount(code), return_counts=True), strict=True)))
-    draws = bootstrap_weights(code[asked], BOOTSTRAP_RESAMPLES * 10, rng)
+    draws = bootstrap_weights(code[asked], INTERVAL_DRAWS, rng)
     rows_out = []
     for target in targets:
         threshold = table.threshold(size, target)
         past = best >= threshold
-        rates = (draws @ past) / draws.sum(axis=1)
-        low, high = np.quantile(rates, [0.025, 0.975])
         rows_out.append(
             HerdMates(
                 target=target,
                 threshold=threshold,
                 past=float(past.mean()),
-                interval=(float(low), float(high)),
+                interval=resampled_interval(past, draws),
                 holding=float(np.quantile(best, 1 - target)),
             )
         )
