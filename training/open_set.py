@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -970,23 +970,36 @@ def herd_mates(
     turn and its photos asked against the rest, as a never-enrolled herd-mate would be asked: for each
     target FPIR, the share of them at or past ``table``'s threshold for this gallery, and the threshold
     that would hold the target on it. Needs no stranger photos: a deployment can run it on its own
-    gallery. Its photos are enrolment photos rather than queries, and the gallery lacks the left-out
-    animal's own photos. At most ``max_queries`` photos (drawn with ``seed``) are asked, each against
-    every photo. Returns the gallery's size as the table reads it, and a row per target."""
-    names, code = np.unique(np.asarray(individuals, dtype=str), return_inverse=True)
-    if len(names) < 2:
+    gallery (:func:`herd_check`, which reads the gallery in blocks). Its photos are enrolment photos
+    rather than queries, and the gallery lacks the left-out animal's own photos. At most
+    ``max_queries`` photos (drawn with ``seed``) are asked, each against every photo. Returns the
+    gallery's size as the table reads it, and a row per target."""
+    _, code = np.unique(np.asarray(individuals, dtype=str), return_inverse=True)
+    return herd_check(
+        code, lambda asked: emb[asked], lambda: [(emb, code)], table, targets, max_queries, seed
+    )
+
+
+def herd_check(
+    code: np.ndarray,
+    vectors_of: Callable[[np.ndarray], np.ndarray],
+    blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    table: OpenSetCalibration,
+    targets: Sequence[float] = HERD_TARGETS,
+    max_queries: int = 5000,
+    seed: int = 0,
+) -> tuple[int, list[HerdMates]]:
+    """:func:`herd_mates` of a gallery that need not fit in memory: ``code`` is the individual (0 to
+    n - 1) of each photo in the gallery's order, ``vectors_of(positions)`` the unit vectors of the
+    photos asked, and ``blocks()`` yields the whole gallery as (vectors, codes) blocks. Memory holds
+    the codes, the photos asked and one block."""
+    if len(np.unique(code)) < 2:
         raise ValueError("a herd check needs at least two individuals")
     rng = np.random.default_rng(seed)
     asked = np.arange(len(code))
     if len(asked) > max_queries:
         asked = np.sort(rng.choice(len(code), max_queries, replace=False))
-    best = np.empty(len(asked))
-    block = max(1, SIMILARITY_BLOCK // len(code))  # queries a block: bounded memory for any gallery
-    for start in range(0, len(asked), block):
-        rows = asked[start : start + block]
-        similarity = emb[rows] @ emb.T
-        similarity[code[rows][:, None] == code[None, :]] = -np.inf
-        best[start : start + len(rows)] = similarity.max(axis=1)
+    best = best_of_others(vectors_of(asked), code[asked], blocks())
     size = table.equivalent_size(dict(zip(*np.unique(np.bincount(code), return_counts=True), strict=True)))
     draws = bootstrap_weights(code[asked], INTERVAL_DRAWS, rng)
     rows_out = []
@@ -1003,3 +1016,21 @@ def herd_mates(
             )
         )
     return size, rows_out
+
+
+def best_of_others(
+    queries: np.ndarray, query_code: np.ndarray, blocks: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
+    """Per query (unit vectors of individuals ``query_code``), its best similarity to a photo of
+    another individual among the gallery's (vectors, codes) ``blocks``; -inf when there is none."""
+    best = np.full(len(queries), -np.inf)
+    for vectors, code in blocks:
+        if not len(code):
+            continue
+        step = max(1, SIMILARITY_BLOCK // len(code))  # queries a step: bounded memory for any block
+        for start in range(0, len(queries), step):
+            rows = slice(start, start + step)
+            similarity = queries[rows] @ vectors.T
+            similarity[query_code[rows][:, None] == code[None, :]] = -np.inf
+            np.maximum(best[rows], similarity.max(axis=1), out=best[rows])
+    return best

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, or_, select, text, update
+from sqlalchemy import Select, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -28,6 +28,7 @@ from service.db.models import (
 VECTOR_DTYPE = np.dtype("<f4")
 # Postgres NOTIFY channel of index changes; the payload is the species name.
 INDEX_CHANNEL = "animalid_index_changes"
+IN_LIST_CHUNK = 1000  # ids a query lists at most (SQLite caps its bound parameters)
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
@@ -372,33 +373,50 @@ class Repository:
 
     def iter_gallery(self, model_version_id: int, chunk: int = 10_000) -> Iterator[list[GalleryRow]]:
         """Every embedding of a model version with its image and individual, in id order."""
+        query = select(Embedding.id, Embedding.image_id, Image.individual_id, Embedding.vector)
+        for part in self._gallery_partitions(query, model_version_id, chunk):
+            yield [GalleryRow(int(eid), image_id, ind_id, vec) for eid, image_id, ind_id, vec in part]
+
+    def iter_gallery_owners(
+        self, model_version_id: int, chunk: int = 50_000
+    ) -> Iterator[list[tuple[int, uuid.UUID]]]:
+        """(embedding id, individual id) of every embedding of a model version, in id order: the
+        gallery's layout without its vectors."""
+        query = select(Embedding.id, Image.individual_id)
+        for part in self._gallery_partitions(query, model_version_id, chunk):
+            yield [(int(eid), ind_id) for eid, ind_id in part]
+
+    def _gallery_partitions(
+        self, query: Select[*tuple[Any, ...]], model_version_id: int, chunk: int
+    ) -> Iterator[Any]:
         query = (
-            select(Embedding.id, Embedding.image_id, Image.individual_id, Embedding.vector)
-            .join(Image, Image.id == Embedding.image_id)
+            query.join(Image, Image.id == Embedding.image_id)
             .where(Embedding.model_version_id == model_version_id)
             .order_by(Embedding.id)
             .execution_options(yield_per=chunk)
         )
-        result = self.session.execute(query)
-        for part in result.partitions(chunk):
-            yield [GalleryRow(int(eid), image_id, ind_id, vec) for eid, image_id, ind_id, vec in part]
+        yield from self.session.execute(query).partitions(chunk)
 
     def gallery_rows(self, embedding_ids: Iterable[int], model_version_id: int) -> list[GalleryRow]:
         """The embeddings among ``embedding_ids`` that exist in ``model_version_id``, with their image
         and individual (a replica reconciling its index after a change)."""
         ids = sorted({int(i) for i in embedding_ids})
-        if not ids:
-            return []
-        query = (
-            select(Embedding.id, Embedding.image_id, Image.individual_id, Embedding.vector)
-            .join(Image, Image.id == Embedding.image_id)
-            .where(Embedding.model_version_id == model_version_id, Embedding.id.in_(ids))
-            .order_by(Embedding.id)
-        )
-        return [
-            GalleryRow(int(eid), image_id, ind_id, vec)
-            for eid, image_id, ind_id, vec in self.session.execute(query)
-        ]
+        rows = []
+        for start in range(0, len(ids), IN_LIST_CHUNK):
+            query = (
+                select(Embedding.id, Embedding.image_id, Image.individual_id, Embedding.vector)
+                .join(Image, Image.id == Embedding.image_id)
+                .where(
+                    Embedding.model_version_id == model_version_id,
+                    Embedding.id.in_(ids[start : start + IN_LIST_CHUNK]),
+                )
+                .order_by(Embedding.id)
+            )
+            rows += [
+                GalleryRow(int(eid), image_id, ind_id, vec)
+                for eid, image_id, ind_id, vec in self.session.execute(query)
+            ]
+        return rows
 
     # Index change log ---------------------------------------------------------------------------
 

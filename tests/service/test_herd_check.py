@@ -8,12 +8,19 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from apps import AppRunner
+from sqlalchemy.orm import Session
 from test_index_follower import enroll
 
 from service.cli import main
+from service.db.repository import Repository, vector_from_bytes
+from service.db.session import make_engine
+from service.services.herd_check import check_herd
 from service.settings import Settings
+from training.artifact import read_card
+from training.open_set import herd_mates
 
 DEMO_CARD = Path(__file__).resolve().parents[2] / "service" / "demo" / "models" / "dog" / "model_card.json"
 
@@ -56,6 +63,23 @@ def test_the_check_reports_each_target_for_the_gallery_and_refuses_what_it_canno
         assert 0.0 <= row["interval_95"][0] <= row["herd_mates_past"] <= row["interval_95"][1] <= 1.0
         assert -1.0 <= row["threshold_holding_target"] <= 1.0
     assert report["targets"][0]["threshold"] >= report["targets"][1]["threshold"]
+
+    # Read a block at a time, the stored vectors give the study's in-memory figures, photos drawn or not.
+    table = read_card(models / "dog").open_set
+    assert table is not None
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        repo = Repository(session)
+        species = repo.species_by_name("dog")
+        version = repo.active_version(species.id) if species else None
+        assert version is not None
+        rows = [row for chunk in repo.iter_gallery(version.id) for row in chunk]
+        emb = np.stack([vector_from_bytes(row.vector) for row in rows])
+        who = [str(row.individual_id) for row in rows]
+        for max_queries in (5, 5000):
+            checked = check_herd(session, models, "dog", max_queries)
+            assert (checked.size, checked.rows) == herd_mates(emb, who, table, max_queries=max_queries)
+    engine.dispose()
 
     # The export it advises, on the same database (the same session helper).
     assert main(["gallery", "export", "--species", "dog", "--out", str(tmp_path / "export")]) == 0

@@ -23,6 +23,7 @@ from training.open_set import (
     conservative_thresholds,
     distractor_cdf,
     floored_match_chance,
+    herd_check,
     herd_mates,
     identification_rates,
     image_exponent,
@@ -186,6 +187,23 @@ def test_the_herd_check_finds_the_look_alikes_a_table_lets_through() -> None:
     assert 0.0 <= asked.past <= 1.0
     with pytest.raises(ValueError, match="two individuals"):
         herd_mates(emb[:5], individuals[:5], TABLE)
+
+    # Read in blocks, as a deployment's stored vectors are, the gallery gives the same figures.
+    _, code = np.unique(individuals, return_inverse=True)
+    for max_queries in (30, 5000):
+        in_blocks = herd_check(
+            code,
+            lambda asked: emb[asked],
+            lambda: ((emb[i : i + 7], code[i : i + 7]) for i in range(0, len(code), 7)),
+            TABLE,
+            targets=(0.01, 0.1),
+            max_queries=max_queries,
+        )
+        whole = herd_mates(emb, individuals, TABLE, targets=(0.01, 0.1), max_queries=max_queries)
+        assert in_blocks[0] == whole[0]
+        for a, b in zip(in_blocks[1], whole[1], strict=True):  # products of other shapes: last-bit sums
+            assert (a.target, a.threshold, a.past, a.interval) == (b.target, b.threshold, b.past, b.interval)
+            assert a.holding == pytest.approx(b.holding, abs=1e-6)
 
 
 def test_calibration_of_clustered_embeddings(clusters) -> None:
