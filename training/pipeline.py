@@ -382,6 +382,14 @@ def fuse_artifacts(
                     f"(their {part} individuals differ): the fused model's "
                     f"{'calibration' if part == 'val' else 'test'} animals must be new to all"
                 )
+    held = {(card_config(c).holdout_sessions, card_config(c).seed) for c in cards}
+    if len(held) > 1 and any(share for share, _ in held):
+        # The fused model's closed-set queries (the first model's held-back sessions) must be
+        # sessions no network trained on.
+        raise ValueError(
+            "the models held back different sessions of their training animals for the closed-set "
+            f"evaluation ((holdout_sessions, seed): {sorted(held)}): train them with the same"
+        )
     shares = normalised_weights(list(weights or []), len(loaded))
     branches = [Branch.of(c, w) for c, w in zip(cards, shares, strict=True)]
     model = fused_from(list(zip(nets, branches, strict=True))).to(torch_device)

@@ -4,6 +4,7 @@ similarity is the weighted mean of theirs, evaluated on the split they share."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -97,6 +98,14 @@ def test_models_of_different_splits_or_a_fused_model_are_refused_and_a_run_start
     lite, resnet, other = models["lite"][0], models["resnet"][0], models["other_split"][0]
     with pytest.raises(ValueError, match="different splits"):
         fuse_artifacts([lite, other], tmp_path / "x", device="cpu")
+    # A network trained on the sessions another held back would see the closed-set queries.
+    held_back = tmp_path / "held-back"
+    shutil.copytree(resnet, held_back)
+    card = json.loads((held_back / "model_card.json").read_text())
+    card["training_config"]["holdout_sessions"] = 0.5
+    (held_back / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="held back different sessions"):
+        fuse_artifacts([held_back, lite], tmp_path / "x", device="cpu")
     with pytest.raises(ValueError, match="one positive weight per model"):
         fuse_artifacts([lite, resnet], tmp_path / "x", weights=[1.0], device="cpu")
     fused = fuse_artifacts([lite, resnet], tmp_path / "fused", device="cpu")
