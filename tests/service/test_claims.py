@@ -25,12 +25,13 @@ def test_one_holder_per_version_until_released_or_its_connection_ends(database_u
         second.release()
 
         # The holder's session ends (its process died, say): Postgres drops the lock, the next one
-        # takes over, and the first letting go of a claim it lost does not fail.
+        # takes over, and the first letting go of a claim it lost does not fail. The termination
+        # waits (up to 5 s) for the backend to be gone: without a timeout it only signals it.
         assert first.try_take()
         with engines[1].connect() as connection:
             ended = connection.execute(
                 text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks "
                     "WHERE locktype = 'advisory' AND granted "
                     "AND classid = (hashtext('animalid:reembedding:' || current_schema())::bigint "
                     "& 4294967295)::oid AND objid = (hashtext('7')::bigint & 4294967295)::oid"
