@@ -25,6 +25,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import insert
@@ -50,10 +51,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def fill(url: str, card: dict[str, object], size: int, per_animal: int, seed: int) -> None:
+def fill(url: str, card: dict[str, Any], size: int, per_animal: int, seed: int) -> None:
     """A species `dog` whose active model version is the card's, with ``size`` stored vectors."""
     rng = np.random.default_rng(seed)
-    dim = int(card["embedding_dim"])  # type: ignore[call-overload]
+    dim = int(card["embedding_dim"])
     engine = make_engine(url)
     with engine.begin() as conn:
         species_id = conn.execute(insert(Species).values(name="dog").returning(Species.id)).scalar_one()
@@ -105,7 +106,7 @@ def fill(url: str, card: dict[str, object], size: int, per_animal: int, seed: in
     engine.dispose()
 
 
-def measure(size: int, args: argparse.Namespace, card: dict[str, object]) -> dict[str, object]:
+def measure(size: int, args: argparse.Namespace, card: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         url = f"sqlite:///{folder / 'animalid.db'}"
@@ -159,9 +160,7 @@ def main() -> None:
         slope = (
             (rows[-1]["peak_rss_mb"] - rows[0]["peak_rss_mb"])
             * 1e6
-            / (  # type: ignore[operator]
-                rows[-1]["vectors"] - rows[0]["vectors"]  # type: ignore[operator]
-            )
+            / (rows[-1]["vectors"] - rows[0]["vectors"])
         )
         print(f"\nmemory per stored vector (slope): {slope:,.0f} bytes")
     print(json.dumps(rows))

@@ -8,7 +8,8 @@ hold each target on this gallery.
     python configs/study/gallery_loo.py ARTIFACT
 
 The estimate needs no stranger photos, only the enrolled ones: a deployment computes the same on its
-own gallery with `animalid gallery check` (`training.open_set.herd_mates`). It differs from a
+own gallery with `animalid gallery check` (`training.open_set.herd_check`, the same check read in
+blocks). It differs from a
 stranger's view in two ways: the left-out animal's photos are gallery photos (enrolment photos, not
 queries), and the gallery lacks that animal's photos (a few of its images fewer).
 """

@@ -29,6 +29,7 @@ VECTOR_DTYPE = np.dtype("<f4")
 # Postgres NOTIFY channel of index changes; the payload is the species name.
 INDEX_CHANNEL = "animalid_index_changes"
 IN_LIST_CHUNK = 1000  # ids a query lists at most (SQLite caps its bound parameters)
+GALLERY_COLUMNS = (Embedding.id, Embedding.image_id, Image.individual_id, Embedding.vector)  # a GalleryRow
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
@@ -373,8 +374,8 @@ class Repository:
 
     def iter_gallery(self, model_version_id: int, chunk: int = 10_000) -> Iterator[list[GalleryRow]]:
         """Every embedding of a model version with its image and individual, in id order."""
-        query = select(Embedding.id, Embedding.image_id, Image.individual_id, Embedding.vector)
-        for part in self._gallery_partitions(query, model_version_id, chunk):
+        query = self._gallery_query(GALLERY_COLUMNS, model_version_id).execution_options(yield_per=chunk)
+        for part in self.session.execute(query).partitions(chunk):
             yield [GalleryRow(int(eid), image_id, ind_id, vec) for eid, image_id, ind_id, vec in part]
 
     def iter_gallery_owners(
@@ -382,20 +383,9 @@ class Repository:
     ) -> Iterator[list[tuple[int, uuid.UUID]]]:
         """(embedding id, individual id) of every embedding of a model version, in id order: the
         gallery's layout without its vectors."""
-        query = select(Embedding.id, Image.individual_id)
-        for part in self._gallery_partitions(query, model_version_id, chunk):
+        query = self._gallery_query((Embedding.id, Image.individual_id), model_version_id)
+        for part in self.session.execute(query.execution_options(yield_per=chunk)).partitions(chunk):
             yield [(int(eid), ind_id) for eid, ind_id in part]
-
-    def _gallery_partitions(
-        self, query: Select[*tuple[Any, ...]], model_version_id: int, chunk: int
-    ) -> Iterator[Any]:
-        query = (
-            query.join(Image, Image.id == Embedding.image_id)
-            .where(Embedding.model_version_id == model_version_id)
-            .order_by(Embedding.id)
-            .execution_options(yield_per=chunk)
-        )
-        yield from self.session.execute(query).partitions(chunk)
 
     def gallery_rows(self, embedding_ids: Iterable[int], model_version_id: int) -> list[GalleryRow]:
         """The embeddings among ``embedding_ids`` that exist in ``model_version_id``, with their image
@@ -403,20 +393,24 @@ class Repository:
         ids = sorted({int(i) for i in embedding_ids})
         rows = []
         for start in range(0, len(ids), IN_LIST_CHUNK):
-            query = (
-                select(Embedding.id, Embedding.image_id, Image.individual_id, Embedding.vector)
-                .join(Image, Image.id == Embedding.image_id)
-                .where(
-                    Embedding.model_version_id == model_version_id,
-                    Embedding.id.in_(ids[start : start + IN_LIST_CHUNK]),
-                )
-                .order_by(Embedding.id)
+            query = self._gallery_query(GALLERY_COLUMNS, model_version_id).where(
+                Embedding.id.in_(ids[start : start + IN_LIST_CHUNK])
             )
             rows += [
                 GalleryRow(int(eid), image_id, ind_id, vec)
                 for eid, image_id, ind_id, vec in self.session.execute(query)
             ]
         return rows
+
+    @staticmethod
+    def _gallery_query(columns: tuple[Any, ...], model_version_id: int) -> Select[*tuple[Any, ...]]:
+        """``columns`` of a model version's embeddings joined to their images, in embedding id order."""
+        return (
+            select(*columns)
+            .join(Image, Image.id == Embedding.image_id)
+            .where(Embedding.model_version_id == model_version_id)
+            .order_by(Embedding.id)
+        )
 
     # Index change log ---------------------------------------------------------------------------
 
