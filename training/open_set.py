@@ -50,13 +50,25 @@ similarity ``s`` and its margin ``m`` over the second individual, and splits by 
 
 where ``pi`` is the share of queries of never-enrolled animals (strangers) and ``a`` a logistic
 regression of enrolled against stranger queries weighted to even odds (so ``a0 + a1 s + a2 m`` is
-the log likelihood ratio alone); ``P(right | s, m, enrolled)`` is a logistic regression of "the best
-individual is the query's own" on the enrolled queries. The prior ``pi`` is therefore a setting of
-a deployment, not of the model: the card records the share of the calibration (its default), and
-with ``pi = 0`` the confidence is that of a gallery asked only about its own animals. The older
-confidence (an isotonic regression of "right" on ``s`` alone, at the calibration's mix) is still
-stored for cards read by older services. Everything is stored as plain numbers in the model card,
-so the service interpolates tables and needs no fitted estimator object.
+the log likelihood ratio alone). The prior ``pi`` is therefore a setting of a deployment, not of the
+model: the card records the share of the calibration (its default), and with ``pi = 0`` the
+confidence is that of a gallery asked only about its own animals.
+
+``P(right | s, m, enrolled)`` is a logistic regression of "the best individual is the query's own"
+on the enrolled queries, per gallery size. The drawn galleries take a query's highest distractors
+from the pooled tail, heavier than most queries' own, and so made a right best candidate too rare
+for enrolled dogs (galleries of about 1,000 images of unseen dogs: 0.79-0.83 on average against
+0.86-0.88 right). Hence, from :data:`MIN_CALIBRATION_INDIVIDUALS` validation individuals on, the
+regression is fitted on the validation galleries themselves and each size adds only the change the
+drawn galleries show from the validation galleries' own size to it (:class:`GalleryAnchor`): given
+the best and second similarities, the gallery's size acts only through the chance that the query's
+own individual is third or lower, which the draws do carry. With fewer, the real galleries are too
+small to stand for larger ones (16 cows: far too sure at about 1,000 images) and the drawn galleries
+alone are used, which err low (docs/results.md, "The confidence for a herd's own animals").
+
+The older confidence (an isotonic regression of "right" on ``s`` alone, at the calibration's mix) is
+still stored for cards read by older services. Everything is stored as plain numbers in the model
+card, so the service interpolates tables and needs no fitted estimator object.
 
 A service may also require a minimum confidence of a ``match`` (a best candidate past the threshold
 but less likely right is ``uncertain``). That floor holds back some strangers too, so the threshold
@@ -91,6 +103,10 @@ CONFIDENCE_GRID = tuple(round(-0.2 + 0.025 * i, 3) for i in range(49))
 """Similarities at which the confidence curve is stored (-0.2 ... 1.0)."""
 MIN_INDIVIDUALS = 3
 """Fewest individuals a calibration can use: one stranger and two enrolled (one own, one other)."""
+MIN_CALIBRATION_INDIVIDUALS = 30
+"""Fewest validation individuals a calibration is trusted on: the card and the report warn below it
+(its false-accept rate rests on too few impostor identities), and below it the confidence's chance of
+a right best is fitted on the drawn galleries alone, not set against the validation galleries."""
 BOOTSTRAP_LEVEL = 0.9
 """Thresholds are this quantile over bootstrap resamples of the validation strangers."""
 BOOTSTRAP_RESAMPLES = 200
@@ -393,6 +409,29 @@ def confidence_features(best: np.ndarray, second: np.ndarray, max_margin: float)
     return np.column_stack([np.ones(best.shape), best, np.nan_to_num(margin, nan=max_margin)])
 
 
+Top2 = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Per query: the best similarity, the second individual's (-inf: none), whether the best is the
+query's own individual, and whether the query is a stranger."""
+
+
+@dataclass(frozen=True)
+class GalleryAnchor:
+    """The validation galleries themselves, against which the drawn galleries' chance of a right
+    best is set: their queries' :class:`Top2`, and that of galleries drawn at their own size."""
+
+    real: Top2
+    drawn: Top2
+
+
+def right_regression(
+    best: np.ndarray, second: np.ndarray, right: np.ndarray, stranger: np.ndarray, max_margin: float
+) -> np.ndarray:
+    """Log odds that the best is right, of the enrolled queries with a best individual."""
+    keep = np.isfinite(best) & ~stranger
+    x = confidence_features(best[keep], second[keep], max_margin)
+    return logistic_regression(x, right[keep].astype(np.float64), np.ones(keep.sum()))
+
+
 @dataclass(frozen=True)
 class ConfidenceModel:
     """The chance that the best candidate is right, per gallery size of the table it belongs to
@@ -402,31 +441,41 @@ class ConfidenceModel:
     right_logit: list[list[float]]  # [gallery size][3]: log odds the best is right, enrolled queries
     stranger_share: float  # share of stranger queries the calibration drew: the default prior
     max_margin: float  # the largest margin fitted on; larger ones are taken as this
+    # right_logit set against the validation galleries themselves (:class:`GalleryAnchor`); False:
+    # fitted on the drawn galleries alone (fewer validation individuals, or a card from before it)
+    anchored: bool = False
 
     @classmethod
-    def fit(cls, draws: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> ConfidenceModel:
-        """From (best, second, right, stranger) draws of each gallery size (:func:`sampled_top2`)."""
-        finite = [np.isfinite(b) & np.isfinite(s) for b, s, _, _ in draws]
-        max_margin = max(
-            float((b - s)[f].max(initial=0.0)) for (b, s, _, _), f in zip(draws, finite, strict=True)
-        )
+    def fit(cls, draws: Sequence[Top2], anchor: GalleryAnchor | None = None) -> ConfidenceModel:
+        """``draws``: (best, second, right, stranger) of the galleries drawn at each gallery size
+        (:func:`sampled_top2`). Without ``anchor`` the chance that the best is right is fitted on the
+        drawn galleries alone, size by size; with it, on the validation galleries themselves, plus
+        the change the drawn galleries show from the validation galleries' own size to each size
+        (module docstring)."""
+        margins = [(b - s)[np.isfinite(b) & np.isfinite(s)] for b, s, _, _ in draws]
+        if anchor is not None:
+            margins.append(anchor.real[0] - anchor.real[1])  # a second of -inf: inf, dropped below
+        max_margin = max(float(m[np.isfinite(m)].max(initial=0.0)) for m in margins)
         enrolled_rows: list[list[float]] = []
-        right_rows: list[list[float]] = []
-        for best, second, right, stranger in draws:
+        for best, second, _, stranger in draws:
             keep = np.isfinite(best)
             x = confidence_features(best[keep], second[keep], max_margin)
             strange = stranger[keep]
             # each class weighs half: the intercept is that of the likelihood ratio alone
             even = np.where(strange, 0.5 / max(strange.mean(), 1e-12), 0.5 / max((~strange).mean(), 1e-12))
             enrolled_rows.append(logistic_regression(x, (~strange).astype(np.float64), even).tolist())
-            known = ~strange
-            right_rows.append(
-                logistic_regression(
-                    x[known], right[keep][known].astype(np.float64), np.ones(known.sum())
-                ).tolist()
-            )
+        right_rows = [right_regression(*draw, max_margin) for draw in draws]
+        if anchor is not None:
+            shift = right_regression(*anchor.real, max_margin) - right_regression(*anchor.drawn, max_margin)
+            right_rows = [row + shift for row in right_rows]
         stranger_share = float(np.mean(np.concatenate([s for _, _, _, s in draws])))
-        return cls(enrolled_rows, right_rows, stranger_share, max_margin)
+        return cls(
+            enrolled_rows,
+            [row.tolist() for row in right_rows],
+            stranger_share,
+            max_margin,
+            anchor is not None,
+        )
 
     def probability(self, row: int, similarity: float, second: float | None, stranger_share: float) -> float:
         """At gallery-size row ``row``; ``second`` None: no second individual in the gallery."""
@@ -464,6 +513,7 @@ class ConfidenceModel:
             "right_logit": [[round(v, 5) for v in row] for row in self.right_logit],
             "stranger_share": round(self.stranger_share, 4),
             "max_margin": round(self.max_margin, 4),
+            "anchored": self.anchored,
         }
 
     @classmethod
@@ -473,6 +523,7 @@ class ConfidenceModel:
             right_logit=[[float(v) for v in row] for row in data["right_logit"]],
             stranger_share=float(data["stranger_share"]),
             max_margin=float(data["max_margin"]),
+            anchored=bool(data.get("anchored", False)),
         )
         table = model.enrolled_logit + model.right_logit
         if (
@@ -825,6 +876,15 @@ def sampled_top2(
     return np.array(best), np.array(second), np.array(right), strangers
 
 
+def gallery_anchor(scores: QueryScores, rng: np.random.Generator) -> GalleryAnchor:
+    """The validation galleries of ``scores`` and galleries drawn at their size (their individuals:
+    an enrolled query's own and its distractors)."""
+    known = ~scores.is_stranger
+    own_size = float(np.mean([d.size for d, k in zip(scores.distractors, known, strict=True) if k])) + 1.0
+    real = (scores.top2[:, 0], scores.top2[:, 1], scores.top1_correct, scores.is_stranger)
+    return GalleryAnchor(real, sampled_top2(scores, own_size, rng))
+
+
 def max_quantile(sorted_scores: np.ndarray, p: float, tail: DistractorTail | None) -> float:
     """The distractor score whose ``F_q`` is ``p`` (:func:`distractor_cdf` inverted)."""
     m = sorted_scores.size
@@ -876,7 +936,8 @@ def calibrate_open_set(
         finite = np.isfinite(top)
         xs, ys = isotonic(top[finite], right[finite].astype(np.float64))
         confidence.append(np.interp(CONFIDENCE_GRID, xs, ys).tolist())
-    model = ConfidenceModel.fit(drawn)
+    trusted = len(set(individuals)) >= MIN_CALIBRATION_INDIVIDUALS
+    model = ConfidenceModel.fit(drawn, gallery_anchor(scores, rng) if trusted else None)
     floor_thresholds = {
         floor: [
             conservative_thresholds(

@@ -34,7 +34,12 @@ from training.evaluate import (
 from training.fusion import Branch, fused_from, fusion_record, normalised_weights
 from training.gradcam import explanation_panel, gradcam_grid, input_attribution_map
 from training.model import FUSION_ARCHITECTURE, EmbeddingModel, EmbeddingNet
-from training.open_set import MIN_INDIVIDUALS, OpenSetCalibration, calibrate_open_set
+from training.open_set import (
+    MIN_CALIBRATION_INDIVIDUALS,
+    MIN_INDIVIDUALS,
+    OpenSetCalibration,
+    calibrate_open_set,
+)
 from training.preprocess import PreprocessSpec, normalize
 from training.report import write_report
 from training.train import (
@@ -51,9 +56,6 @@ from training.train import (
 
 log = logging.getLogger(__name__)
 
-# A threshold calibrated on fewer validation individuals than this gets a warning in the card and
-# the report: its false-accept rate on new animals rests on too few impostor identities to trust.
-MIN_CALIBRATION_INDIVIDUALS = 30
 # The DogFaceNet paper's protocols are reported under its name for its species only.
 PAPER_SPECIES = "dog"
 

@@ -13,9 +13,11 @@ from scipy.special import betainc, betaincinv
 from training.open_set import (
     CONFIDENCE_GRID,
     MATCH_CONFIDENCE_FLOORS,
+    MIN_CALIBRATION_INDIVIDUALS,
     THRESHOLD_GRID,
     ConfidenceModel,
     DistractorTail,
+    GalleryAnchor,
     OpenSetCalibration,
     QueryScores,
     bootstrap_weights,
@@ -30,6 +32,7 @@ from training.open_set import (
     isotonic,
     logistic_regression,
     max_quantile,
+    right_regression,
     sampled_top2,
     sigmoid,
     stranger_match_chance,
@@ -460,15 +463,56 @@ def true_top2(ab: np.ndarray, genuine: np.ndarray, individuals: int, rng: np.ran
     return best.ravel(), second.ravel(), right.ravel()
 
 
+def validation_anchor(ab: np.ndarray, scores: QueryScores) -> GalleryAnchor:
+    """Galleries of 100 individuals (the validation data's size) drawn from the true distributions
+    of :func:`beta_scores`, and drawn from its scores at that size."""
+    best, second, right = true_top2(ab, scores.genuine, 100, np.random.default_rng(2), 1)
+    return GalleryAnchor(
+        (best, second, right, scores.is_stranger), sampled_top2(scores, 100, np.random.default_rng(3))
+    )
+
+
+def test_an_anchor_sets_the_drawn_chance_of_a_right_best_against_the_validation_galleries() -> None:
+    # Each size's regression is the drawn galleries' at that size plus (validation galleries minus
+    # galleries drawn at their size); the likelihood ratio of strangers is the drawn galleries' alone.
+    scores, ab = beta_scores(seed=0, enrolled_share=0.6)
+    draws = [sampled_top2(scores, n, np.random.default_rng(n)) for n in (10, 1000)]
+    best, second, right = true_top2(ab, scores.genuine, 100, np.random.default_rng(2), 1)
+    anchor = GalleryAnchor(
+        (best, second, right, scores.is_stranger), sampled_top2(scores, 100, np.random.default_rng(3))
+    )
+    plain, anchored = ConfidenceModel.fit(draws), ConfidenceModel.fit(draws, anchor)
+    assert (plain.anchored, anchored.anchored) == (False, True)
+    assert anchored.enrolled_logit == plain.enrolled_logit
+    m = anchored.max_margin
+    shift = right_regression(*anchor.real, m) - right_regression(*anchor.drawn, m)
+    for row, draw in zip(anchored.right_logit, draws, strict=True):
+        assert row == pytest.approx((right_regression(*draw, m) + shift).tolist())
+    assert ConfidenceModel.from_dict(anchored.to_dict(), 2).anchored
+    assert not ConfidenceModel.from_dict(plain.to_dict() | {"anchored": None}, 2).anchored  # older cards
+
+
+@pytest.mark.parametrize(("individuals", "anchored"), [(MIN_CALIBRATION_INDIVIDUALS, True), (20, False)])
+def test_the_calibration_anchors_the_confidence_from_enough_validation_individuals(
+    clusters, individuals, anchored
+) -> None:
+    emb, names, groups = clusters(individuals, 6, noise=0.3, seed=3)
+    table = calibrate_open_set(emb, names, groups, seed=0, repeats=2, gallery_sizes=(10, 100))
+    assert table.confidence_model is not None and table.confidence_model.anchored is anchored
+
+
 @pytest.mark.parametrize("stranger_share", [None, 0.0])
 def test_confidence_model_is_calibrated_on_fresh_galleries_at_the_fitted_and_another_share(
     stranger_share,
 ) -> None:
-    # Fitted on galleries of 1,000 individuals drawn from 100 scores per query (the tail beyond);
-    # measured on galleries drawn from the true distributions: at the calibration's mix of strangers
-    # (40% of queries), and for enrolled queries alone with the prior set to no strangers.
+    # The likelihood ratio fitted on galleries of 1,000 individuals drawn from 100 scores per query
+    # (the tail beyond), the chance of a right best on enrolled queries of real galleries of that
+    # size; measured on fresh galleries drawn from the true distributions: at the calibration's mix
+    # of strangers (40% of queries), and for enrolled queries alone with the prior set to no strangers.
     scores, ab = beta_scores(seed=0, enrolled_share=0.6)
-    model = ConfidenceModel.fit([sampled_top2(scores, 1000, np.random.default_rng(0))])
+    model = ConfidenceModel.fit(
+        [sampled_top2(scores, 1000, np.random.default_rng(0))], validation_anchor(ab, scores)
+    )
     assert model.stranger_share == pytest.approx(0.4)
     best, second, right = true_top2(ab, scores.genuine, 1000, np.random.default_rng(1), 4)
     asked = np.ones(best.shape, dtype=bool) if stranger_share is None else ~np.repeat(scores.is_stranger, 4)
