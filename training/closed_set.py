@@ -200,6 +200,30 @@ def second_best(sim: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
     return np.partition(scores, -2, axis=1)[:, -2]
 
 
+def herd_mates_matched(
+    emb: np.ndarray,
+    individuals: Sequence[str] | np.ndarray,
+    asked: Sequence[str],
+    threshold: float,
+    floor: ConfidenceFloor | None = None,
+) -> float:
+    """The share of the photos of the ``asked`` individuals answered ``match`` when each is left out
+    of a gallery of every photo (``emb``, of ``individuals``): how a herd-mate nobody enrolled would
+    fare. ``match``: the best other individual at or past ``threshold`` and, with a ``floor``, its
+    confidence at least the floor's minimum."""
+    labels = np.asarray(individuals)
+    queries = np.isin(labels, np.asarray(asked))
+    if not queries.any():
+        raise ValueError("no photo of the asked individuals")
+    sim = similarity(np.asarray(emb)[queries], np.asarray(emb))
+    sim[labels[queries][:, None] == labels[None, :]] = -np.inf  # each left out of the gallery
+    _, top = best_match(sim, labels)
+    answered = top >= threshold
+    if floor is not None:
+        answered &= floor.confidence(top, second_best(sim, labels)) >= floor.minimum
+    return float(answered.mean())
+
+
 def evaluate_held_back(
     model: EmbeddingModel,
     spec: PreprocessSpec,

@@ -13,12 +13,15 @@
    sessions, with the training photos as gallery, each as the service would answer with it for the
    gallery's size (:func:`service.services.identification.operating_point`): its threshold, and the
    minimum match confidence that turns a doubtful match into ``uncertain``.
+   Both are also asked, as the service would answer, about the photos of each animal kept out
+   with that animal left out of the gallery (:func:`herd_mates_answered`): a newcomer to the herd.
 4. **Promote** only when the challenger wins by the configured margins on top-1 and on the
-   false-match rate (of image pairs) at those thresholds, and has an open-set table if the champion
-   has one: a new artifact (card with metrics, calibration and lineage) replaces
-   ``<models_dir>/<species>/`` (the old one moves to ``<models_dir>/.retired/``), and the service
-   switches to it with its re-embedding (:mod:`service.services.model_watch` notices the new version, or
-   ``POST /species/{name}/reload``).
+   false-match rate (of image pairs) at those thresholds, has an open-set table if the champion
+   has one, and answers ``match`` for the kept-out animals' photos no more often than the champion
+   or :data:`STRANGER_TOLERANCE` times the target FPIR (:func:`kept_reasons`): a new artifact
+   (card with metrics, calibration and lineage) replaces ``<models_dir>/<species>/`` (the old one
+   moves to ``<models_dir>/.retired/``), and the service switches to it with its re-embedding
+   (:mod:`service.services.model_watch` notices the new version, or ``POST /species/{name}/reload``).
 
 A fused start (:mod:`training.fusion`) trains each of its trained networks on its own recipe, from
 its own weights, and keeps its frozen-feature networks as they are; the challenger is the fused
@@ -41,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 from torch import nn
 
@@ -51,7 +55,7 @@ from service.services.gallery_export import MANIFEST, export_gallery
 from service.services.identification import Limits, OperatingPoint, operating_point
 from training.artifact import ArtifactError, LoadedModel, ModelCard, export_artifact, load_artifact, read_card
 from training.calibration import recalibrated
-from training.closed_set import evaluate_held_back
+from training.closed_set import evaluate_held_back, herd_mates_matched
 from training.config import DatasetConfig, TrainConfig, build_config
 from training.data import DatasetError, load_dataset
 from training.evaluate import embed_pixels
@@ -59,9 +63,14 @@ from training.fusion import FusedEmbeddingNet, export_branch, fusion_record, ref
 from training.model import EmbeddingModel
 from training.open_set import MIN_INDIVIDUALS
 from training.pipeline import card_config
+from training.preprocess import PreprocessSpec
 from training.train import CHECKPOINT_FILE, SpeciesData, fit, load_checkpoint, prepare_data
 
 log = logging.getLogger(__name__)
+
+STRANGER_TOLERANCE = 1.5
+"""A challenger may answer ``match`` for the kept-out animals' photos, were they not enrolled, up to
+this many times the target FPIR (the open-set benchmarks' tolerance), or as often as the serving model."""
 
 Net = TypeVar("Net", bound=nn.Module)
 
@@ -218,7 +227,7 @@ def run_finetune(
     champion_point = operating_point(champion.card, limits, species, shape, None)
     challenger_point = operating_point(card, limits, species, shape, None)
     share = limits.stranger_share_for(species)
-    champion_result = _judge(champion, config, champion_point, share)
+    champion_result, champion_herd = _judge(champion, config, champion_point, share)
     challenger_result = evaluate_held_back(
         challenger,
         start.card.preprocess,
@@ -227,21 +236,18 @@ def run_finetune(
         challenger_point.threshold,
         challenger_point.floor(share),
     ).summary()
+    challenger_herd = herd_mates_answered(challenger, start.card.preprocess, data, challenger_point, share)
     top1_gain = challenger_result["top1"] - champion_result["top1"]
     far_drop = champion_result["test_far"] - challenger_result["test_far"]
-    kept_because = []
-    if top1_gain < policy.min_top1_gain:
-        kept_because.append(f"top-1 gain {top1_gain:.4f} is below the margin {policy.min_top1_gain}")
-    if far_drop < policy.min_far_drop:
-        kept_because.append(f"false-match rate drop {far_drop:.4f} is below the margin {policy.min_far_drop}")
-    if champion.card.open_set is not None and card.open_set is None:
-        # Without its table the service would decide with the pair threshold: a promoted cattle
-        # model without one answered `match` to 54% of never-enrolled cows against 3% (docs/results.md).
-        kept_because.append(
-            "the serving model has an open-set calibration (thresholds by gallery size) that the new "
-            f"model would not have: calibrating it needs at least {MIN_INDIVIDUALS} of the gallery's animals "
-            "kept out of training (the strangers share), and two left to train on"
-        )
+    target_fpir = limits.fpir_for(species) if card.open_set or champion.card.open_set else None
+    kept_because = kept_reasons(
+        policy,
+        top1_gain,
+        far_drop,
+        champion.card.open_set is not None and card.open_set is None,
+        (champion_herd, challenger_herd),
+        target_fpir,
+    )
     promote = not kept_because
     lineage = {
         "job_id": str(job_id),
@@ -255,12 +261,13 @@ def run_finetune(
     }
     result: dict[str, Any] = {
         "gallery_images": gallery_images,
-        "target_fpir": limits.fpir_for(species) if card.open_set or champion.card.open_set else None,
+        "target_fpir": target_fpir,
         "champion": {
             "model_version": champion.card.model_version,
             "threshold": champion_point.threshold,
             "min_confidence": champion_point.min_confidence,
             "closed_set": champion_result,
+            "herd_mates_matched": champion_herd,
         },
         "challenger": {
             "threshold": challenger_point.threshold,
@@ -273,6 +280,7 @@ def run_finetune(
                 "kept_out": kept_out(gallery / MANIFEST, data.val.individuals),
             },
             "closed_set": challenger_result,
+            "herd_mates_matched": challenger_herd,
         },
         "margins": {"min_top1_gain": policy.min_top1_gain, "min_far_drop": policy.min_far_drop},
         "top1_gain": round(top1_gain, 4),
@@ -432,11 +440,12 @@ def _fine_tuned(model: Net, config: TrainConfig) -> Net:
 
 def _judge(
     champion: LoadedModel, config: TrainConfig, point: OperatingPoint, stranger_share: float | None
-) -> dict[str, Any]:
-    """The champion on the held-back sessions, its photos prepared its own way."""
+) -> tuple[dict[str, Any], float | None]:
+    """The champion on the held-back sessions, and on the animals kept out as herd-mates nobody
+    enrolled (:func:`herd_mates_answered`), its photos prepared its own way."""
     (data,) = prepare_data(config, champion.card.preprocess)
     assert data.held is not None
-    return evaluate_held_back(
+    closed = evaluate_held_back(
         champion.model,
         champion.card.preprocess,
         data.train,
@@ -444,6 +453,66 @@ def _judge(
         point.threshold,
         point.floor(stranger_share),
     ).summary()
+    return closed, herd_mates_answered(champion.model, champion.card.preprocess, data, point, stranger_share)
+
+
+def herd_mates_answered(
+    model: EmbeddingModel,
+    spec: PreprocessSpec,
+    data: SpeciesData,
+    point: OperatingPoint,
+    stranger_share: float | None,
+) -> float | None:
+    """The share of the kept-out animals' photos that ``model`` would answer ``match`` at ``point``
+    if each of these animals were not enrolled (left out of a gallery of every exported photo): how
+    it would treat a newcomer to the herd. None when no animal was kept out."""
+    if not data.val.individuals:
+        return None
+    assert data.held is not None
+    device = next(model.parameters()).device
+    shards = (data.train, data.held, data.val)
+    return herd_mates_matched(
+        np.concatenate([embed_pixels(model, shard.pixels, spec, device) for shard in shards]),
+        [individual for shard in shards for individual in shard.individuals],
+        sorted(set(data.val.individuals)),
+        point.threshold,
+        point.floor(stranger_share),
+    )
+
+
+def kept_reasons(
+    policy: FinetunePolicy,
+    top1_gain: float,
+    far_drop: float,
+    loses_open_set: bool,
+    herd_mates: tuple[float | None, float | None],
+    target_fpir: float | None,
+) -> list[str]:
+    """Why the challenger is not promoted (none: it is). ``herd_mates``: the champion's and the
+    challenger's :func:`herd_mates_answered`."""
+    reasons = []
+    if top1_gain < policy.min_top1_gain:
+        reasons.append(f"top-1 gain {top1_gain:.4f} is below the margin {policy.min_top1_gain}")
+    if far_drop < policy.min_far_drop:
+        reasons.append(f"false-match rate drop {far_drop:.4f} is below the margin {policy.min_far_drop}")
+    if loses_open_set:
+        # Without its table the service would decide with the pair threshold: a promoted cattle
+        # model without one answered `match` to 54% of never-enrolled cows against 3% (docs/results.md).
+        reasons.append(
+            "the serving model has an open-set calibration (thresholds by gallery size) that the new "
+            f"model would not have: calibrating it needs at least {MIN_INDIVIDUALS} of the gallery's animals "
+            "kept out of training (the strangers share), and two left to train on"
+        )
+    champion, challenger = herd_mates
+    if champion is not None and challenger is not None and target_fpir is not None:
+        allowed = max(champion, STRANGER_TOLERANCE * target_fpir)
+        if challenger > allowed:
+            reasons.append(
+                f"it would answer `match` for {challenger:.1%} of the photos of the animals kept out of "
+                f"training were they not enrolled, against {champion:.1%} for the serving model and a "
+                f"target FPIR of {target_fpir:g} (at most {allowed:.1%})"
+            )
+    return reasons
 
 
 def install_artifact(models_dir: Path, species: str, staging: Path, old_version: str) -> Path:

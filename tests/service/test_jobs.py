@@ -25,8 +25,9 @@ from service.app import create_app
 from service.db.job_repository import JobRepository
 from service.db.models import AuditEntry
 from service.db.session import make_engine, make_sessionmaker
-from service.services.finetune import strangers_share
+from service.services.finetune import FinetunePolicy, kept_reasons, strangers_share
 from service.services.gallery_export import export_gallery
+from service.services.identification import Limits
 from service.services.model_watch import ModelWatcher
 from service.settings import Settings
 from service.worker import Worker
@@ -305,7 +306,27 @@ def test_a_calibrated_serving_model_is_replaced_by_one_calibrated_on_animals_kep
         # ... and with the minimum match confidence it serves with: its doubtful matches are uncertain
         assert judged["min_confidence"] == 0.5
         assert "held_back_rate" in judged["closed_set"]
+        # ... and on the 3 kept-out dogs' 12 photos, each dog left out of the gallery
+        assert judged["herd_mates_matched"] * 12 == pytest.approx(round(judged["herd_mates_matched"] * 12))
     assert champion.open_set.equivalent_size({4: 8}) != 32  # the shipped card reads 4 photos as fewer dogs
+
+
+def test_a_challenger_that_lets_more_newcomers_through_than_allowed_is_kept_out() -> None:
+    # Margins met; the kept-out animals' photos answered `match` (serving model, new model) against a
+    # 1% target: the new model may reach the serving model's share or 1.5%, whichever is higher.
+    policy = FinetunePolicy(1, 0.01, 0.5, 0.2, 0.01, 0.0, 1, "cpu", Limits(None, 0.5, 5, 50))  # type: ignore[arg-type]
+
+    def reasons(herd: tuple[float | None, float | None], target: float | None = 0.01) -> list[str]:
+        return kept_reasons(policy, 0.05, 0.001, False, herd, target)
+
+    assert reasons((0.0, 0.015)) == [] and reasons((0.04, 0.04)) == []
+    (reason,) = reasons((0.0, 0.016))
+    assert "1.6% of the photos of the animals kept out" in reason and "at most 1.5%" in reason
+    assert len(reasons((0.03, 0.031))) == 1
+    # nothing kept out, or no open-set table to read a target from: no such check
+    assert reasons((None, None)) == [] and reasons((0.0, 0.5), target=None) == []
+    # the margins and a lost table as before, each with its reason
+    assert len(kept_reasons(policy, 0.0, -0.01, True, (0.0, 0.5), 0.01)) == 4
 
 
 def test_the_strangers_share_keeps_out_enough_animals_for_a_table_or_none() -> None:

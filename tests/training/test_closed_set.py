@@ -9,7 +9,7 @@ import torch
 from synthetic import make_folder_dataset
 from tiny_runs import tiny_config
 
-from training.closed_set import ConfidenceFloor, evaluate_closed_set, hold_back_sessions
+from training.closed_set import ConfidenceFloor, evaluate_closed_set, herd_mates_matched, hold_back_sessions
 from training.data import read_manifest
 from training.open_set import ConfidenceModel, OpenSetCalibration
 from training.pipeline import export_run
@@ -79,12 +79,10 @@ def test_closed_set_metrics_against_a_hand_worked_example():
     assert result.counts["gallery_images"] == 2 and result.counts["images"] == 3
 
 
-def test_a_confidence_floor_holds_back_the_close_calls_as_uncertain():
-    # The example above; the confidence is P(right) = sigmoid(10 * margin over the second individual).
-    gallery = np.array([[1, 0], [0, 1]], dtype=np.float32)
-    queries = np.array([[0.96, 0.28], [0.28, 0.96], [0.6, 0.8]], dtype=np.float32)
+def margin_table() -> OpenSetCalibration:
+    """A table whose confidence is P(right) = sigmoid(10 * margin over the second individual)."""
     model = ConfidenceModel([[0.0, 0.0, 0.0]], [[0.0, 0.0, 10.0]], stranger_share=0.5, max_margin=1.0)
-    table = OpenSetCalibration(
+    return OpenSetCalibration(
         gallery_sizes=[2],
         target_fpirs=[0.01],
         thresholds=[[0.7]],
@@ -94,6 +92,13 @@ def test_a_confidence_floor_holds_back_the_close_calls_as_uncertain():
         images_per_individual=1.0,
         confidence_model=model,
     )
+
+
+def test_a_confidence_floor_holds_back_the_close_calls_as_uncertain():
+    # The example above; the confidence is P(right) = sigmoid(10 * margin over the second individual).
+    gallery = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    queries = np.array([[0.96, 0.28], [0.28, 0.96], [0.6, 0.8]], dtype=np.float32)
+    table = margin_table()
     rates = {}
     for minimum in (0.5, 0.9):
         floor = ConfidenceFloor(table, 2, minimum, stranger_share=0.0)
@@ -179,3 +184,21 @@ def test_an_imprinted_head_starts_each_class_at_its_photos_mean_embedding(tmp_pa
         np.testing.assert_allclose(
             module.criteria["goat"].head.weight[k].detach().numpy(), expected, atol=1e-5
         )
+
+
+def test_herd_mates_left_out_of_the_gallery_are_answered_match_past_the_threshold_and_floor():
+    # Unit vectors at 0 and 10 degrees (a), 20 (b), 25 (c) and 90 (d). Left out in turn: a's photos
+    # meet b at cos 20 = .940 and cos 10 = .985; d meets c at cos 65 = .423.
+    angles = {"a": [0, 10], "b": [20], "c": [25], "d": [90]}
+    names = [n for n, degrees in angles.items() for _ in degrees]
+    rad = np.radians([d for degrees in angles.values() for d in degrees])
+    emb = np.stack([np.cos(rad), np.sin(rad)], axis=1)
+    assert herd_mates_matched(emb, names, ["a", "d"], threshold=0.95) == pytest.approx(1 / 3)
+    assert herd_mates_matched(emb, names, ["a"], threshold=0.9) == 1.0
+    assert herd_mates_matched(emb, names, ["d"], threshold=0.4) == 1.0
+    # A floor: the photo at 10 degrees has b at .985 and c at .966 (margin .019, confidence .55);
+    # at 0 degrees, b .940 and c .906 (margin .034, confidence .58).
+    floor = ConfidenceFloor(margin_table(), 2, 0.56, stranger_share=0.0)
+    assert herd_mates_matched(emb, names, ["a"], threshold=0.9, floor=floor) == 0.5
+    with pytest.raises(ValueError, match="no photo"):
+        herd_mates_matched(emb, names, ["e"], threshold=0.9)
