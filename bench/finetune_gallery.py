@@ -94,7 +94,8 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="promotion margins -1, to measure what a promoted model does through the service, strangers "
         "included; a serving model with an open-set calibration is still kept when the job keeps too few "
-        "animals out of training to calibrate the new one",
+        "animals out of training to calibrate the new one, and when the new one answers `match` for the "
+        "kept-out animals (each left out of the gallery) more often than it and 1.5 times the target FPIR",
     )
     parser.add_argument(
         "--strangers",
@@ -379,6 +380,7 @@ def main() -> None:
                 "status": final["status"],
                 "error": final["error"],
                 "decision": final["result"].get("decision"),
+                "kept_because": final["result"].get("kept_because"),
                 "wall_s": final["result"].get("wall_s"),
                 "claimed_to_finished_s": (
                     datetime.fromisoformat(final["finished_at"]) - datetime.fromisoformat(final["started_at"])
