@@ -14,7 +14,7 @@
    gallery's size (:func:`service.services.identification.operating_point`): its threshold, and the
    minimum match confidence that turns a doubtful match into ``uncertain``.
    Both are also asked, as the service would answer, about the photos of each animal kept out
-   with that animal left out of the gallery (:func:`herd_mates_answered`): a newcomer to the herd.
+   with that animal left out of the gallery (:func:`judge`): a newcomer to the herd.
 4. **Promote** only when the challenger wins by the configured margins on top-1 and on the
    false-match rate (of image pairs) at those thresholds, has an open-set table if the champion
    has one, and answers ``match`` for the kept-out animals' photos no more often than the champion
@@ -55,7 +55,7 @@ from service.services.gallery_export import MANIFEST, export_gallery
 from service.services.identification import Limits, OperatingPoint, operating_point
 from training.artifact import ArtifactError, LoadedModel, ModelCard, export_artifact, load_artifact, read_card
 from training.calibration import recalibrated
-from training.closed_set import evaluate_held_back, herd_mates_matched
+from training.closed_set import evaluate_closed_set, herd_mates_matched
 from training.config import DatasetConfig, TrainConfig, build_config
 from training.data import DatasetError, load_dataset
 from training.evaluate import embed_pixels
@@ -221,22 +221,18 @@ def run_finetune(
     progress["stage"] = "evaluate"
     report(progress)
     challenger = _challenger(start, runs, work / "tuned")
-    card = _challenger_card(challenger, start.card, champion.card, data, config, policy)
-    # Each model judged as the service would answer with it for this gallery.
+    challenger_vectors = embedded(challenger, start.card.preprocess, data)
+    card = _challenger_card(challenger_vectors, start.card, champion.card, config, policy)
+    # Each model judged as the service would answer with it for this gallery, its photos prepared
+    # its own way.
     limits = policy.limits
     champion_point = operating_point(champion.card, limits, species, shape, None)
     challenger_point = operating_point(card, limits, species, shape, None)
     share = limits.stranger_share_for(species)
-    champion_result, champion_herd = _judge(champion, config, champion_point, share)
-    challenger_result = evaluate_held_back(
-        challenger,
-        start.card.preprocess,
-        data.train,
-        held,
-        challenger_point.threshold,
-        challenger_point.floor(share),
-    ).summary()
-    challenger_herd = herd_mates_answered(challenger, start.card.preprocess, data, challenger_point, share)
+    (champion_data,) = prepare_data(config, champion.card.preprocess)
+    champion_vectors = embedded(champion.model, champion.card.preprocess, champion_data)
+    champion_result, champion_herd = judge(champion_vectors, champion_point, share)
+    challenger_result, challenger_herd = judge(challenger_vectors, challenger_point, share)
     top1_gain = challenger_result["top1"] - champion_result["top1"]
     far_drop = champion_result["test_far"] - challenger_result["test_far"]
     target_fpir = limits.fpir_for(species) if card.open_set or champion.card.open_set else None
@@ -347,17 +343,17 @@ def kept_out(manifest: Path, individuals: Sequence[str]) -> list[str]:
 
 
 def _challenger_card(
-    challenger: EmbeddingModel,
+    challenger: Embedded,
     start: ModelCard,
     champion: ModelCard,
-    data: SpeciesData,
     config: TrainConfig,
     policy: FinetunePolicy,
 ) -> ModelCard:
     """The new model's card: the start's preprocessing and the champion's calibration, recalibrated
     (pair threshold and open-set table) on the gallery's animals kept out of training when there are
     at least two of them, since the new model has never seen them."""
-    fusion = challenger.specs if isinstance(challenger, FusedEmbeddingNet) else None
+    data = challenger.data
+    fusion = challenger.model.specs if isinstance(challenger.model, FusedEmbeddingNet) else None
     card = ModelCard(
         species=champion.species,
         embedding_dim=start.embedding_dim,
@@ -373,10 +369,10 @@ def _challenger_card(
     )
     if len(set(data.val.individuals)) < 2:
         return card
-    device = next(challenger.parameters()).device
-    emb = embed_pixels(challenger, data.val.pixels, start.preprocess, device)
     far = champion.threshold_far or config.target_far
-    return recalibrated(card, emb, data.val, far, config, "enrolled animals kept out of the fine-tune")
+    return recalibrated(
+        card, challenger.kept_out, data.val, far, config, "enrolled animals kept out of the fine-tune"
+    )
 
 
 def _epoch_reporter(report: Report, progress: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
@@ -438,46 +434,63 @@ def _fine_tuned(model: Net, config: TrainConfig) -> Net:
     return model.eval()
 
 
-def _judge(
-    champion: LoadedModel, config: TrainConfig, point: OperatingPoint, stranger_share: float | None
-) -> tuple[dict[str, Any], float | None]:
-    """The champion on the held-back sessions, and on the animals kept out as herd-mates nobody
-    enrolled (:func:`herd_mates_answered`), its photos prepared its own way."""
-    (data,) = prepare_data(config, champion.card.preprocess)
-    assert data.held is not None
-    closed = evaluate_held_back(
-        champion.model,
-        champion.card.preprocess,
-        data.train,
-        data.held,
-        point.threshold,
-        point.floor(stranger_share),
-    ).summary()
-    return closed, herd_mates_answered(champion.model, champion.card.preprocess, data, point, stranger_share)
+@dataclass(frozen=True)
+class Embedded:
+    """A model's vectors of the exported photos, each embedded once: the training photos, the
+    held-back ones and those of the animals kept out, as ``data`` splits them."""
+
+    model: EmbeddingModel
+    data: SpeciesData
+    train: np.ndarray
+    held: np.ndarray
+    kept_out: np.ndarray  # (0, 0) when no animal was kept out
 
 
-def herd_mates_answered(
-    model: EmbeddingModel,
-    spec: PreprocessSpec,
-    data: SpeciesData,
-    point: OperatingPoint,
-    stranger_share: float | None,
-) -> float | None:
-    """The share of the kept-out animals' photos that ``model`` would answer ``match`` at ``point``
-    if each of these animals were not enrolled (left out of a gallery of every exported photo): how
-    it would treat a newcomer to the herd. None when no animal was kept out."""
-    if not data.val.individuals:
-        return None
-    assert data.held is not None
+def embedded(model: EmbeddingModel, spec: PreprocessSpec, data: SpeciesData) -> Embedded:
+    assert data.held is not None  # _gallery_data refuses a gallery with nothing to hold back
     device = next(model.parameters()).device
-    shards = (data.train, data.held, data.val)
-    return herd_mates_matched(
-        np.concatenate([embed_pixels(model, shard.pixels, spec, device) for shard in shards]),
-        [individual for shard in shards for individual in shard.individuals],
+    kept_out = (
+        embed_pixels(model, data.val.pixels, spec, device)
+        if data.val.individuals
+        else np.empty((0, 0), np.float32)
+    )
+    return Embedded(
+        model,
+        data,
+        embed_pixels(model, data.train.pixels, spec, device),
+        embed_pixels(model, data.held.pixels, spec, device),
+        kept_out,
+    )
+
+
+def judge(
+    vectors: Embedded, point: OperatingPoint, stranger_share: float | None
+) -> tuple[dict[str, Any], float | None]:
+    """A model as the service would answer with it at ``point``: on the held-back sessions, with the
+    training photos as gallery (closed-set figures), and the share of the kept-out animals' photos
+    answered ``match`` were these animals not enrolled, each left out of a gallery of every exported
+    photo: how it would treat a newcomer to the herd (None when no animal was kept out)."""
+    data = vectors.data
+    assert data.held is not None
+    floor = point.floor(stranger_share)
+    closed = evaluate_closed_set(
+        vectors.train,
+        data.train.individuals,
+        vectors.held,
+        data.held.individuals,
+        threshold=point.threshold,
+        floor=floor,
+    ).summary()
+    if not data.val.individuals:
+        return closed, None
+    herd = herd_mates_matched(
+        np.concatenate([vectors.train, vectors.held, vectors.kept_out]),
+        [*data.train.individuals, *data.held.individuals, *data.val.individuals],
         sorted(set(data.val.individuals)),
         point.threshold,
-        point.floor(stranger_share),
+        floor,
     )
+    return closed, herd
 
 
 def kept_reasons(
@@ -489,7 +502,7 @@ def kept_reasons(
     target_fpir: float | None,
 ) -> list[str]:
     """Why the challenger is not promoted (none: it is). ``herd_mates``: the champion's and the
-    challenger's :func:`herd_mates_answered`."""
+    challenger's share of the kept-out animals' photos answered ``match`` (:func:`judge`)."""
     reasons = []
     if top1_gain < policy.min_top1_gain:
         reasons.append(f"top-1 gain {top1_gain:.4f} is below the margin {policy.min_top1_gain}")
