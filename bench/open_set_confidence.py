@@ -38,6 +38,7 @@ from training.calibration import _embed
 from training.data import Dataset, Sample, cached_shard
 from training.open_set import (
     GALLERY_SIZES,
+    MIN_CALIBRATION_INDIVIDUALS,
     ConfidenceModel,
     OpenSetCalibration,
     gallery_anchor,
@@ -110,7 +111,7 @@ def refitted(
     alone = right_regression(*anchor.real, now.max_margin).tolist()
     table = replace(card_table, gallery_sizes=list(GALLERY_SIZES))
     return {
-        "drawn galleries (before; now with fewer than 30 animals)": replace(
+        f"drawn galleries (before; now with fewer than {MIN_CALIBRATION_INDIVIDUALS} animals)": replace(
             table, confidence_model=ConfidenceModel.fit(draws)
         ),
         "validation galleries alone": replace(
