@@ -6,7 +6,10 @@ The server runs as `animalid serve` in a subprocess on loopback with the bundled
 a gallery of `--gallery` stored random unit vectors (inserted into the database before start-up).
 Every request posts the same real DogFaceNet photo (service/demo/queries/36.jpg). Each
 configuration gets its own server start: batching off (ANIMALID_BATCH_WAIT_MS=0,
-ANIMALID_SEARCH_BATCH_WAIT_MS=0) and on (the settings' defaults, or `--wait-ms`). Next to them:
+ANIMALID_SEARCH_BATCH_WAIT_MS=0) and on (the settings' defaults, or `--wait-ms`). `--servers N`
+starts N servers per mode on the one database and device and spreads the clients over them in
+turn (what replicas behind a balancer do with identify); `--client-processes P` shares the client
+threads out among P processes. Next to them:
 the bare forward pass in a fresh process at batch 1 and at batch 8 (same model, same thread count,
 server stopped), the ceiling that one batching lane can reach; and the server's embedding batcher
 alone in a fresh process, 8 threads calling it with no HTTP, search or database, with the server's
@@ -14,12 +17,14 @@ batching settings (what the rest of a request costs against it).
 
     PYTHONPATH=. python bench/concurrent_identify.py
     PYTHONPATH=. python bench/concurrent_identify.py --clients 1 8 --requests-per-client 10
+    PYTHONPATH=. python bench/concurrent_identify.py --device cuda --servers 6 --client-processes 4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -28,8 +33,10 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -69,6 +76,16 @@ def parse_args() -> argparse.Namespace:
         "--min-speedup", type=float, help="ANIMALID_BATCH_MIN_SPEEDUP when batching is on (0: any model)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs per level and mode (median kept)")
+    parser.add_argument(
+        "--servers", type=int, default=1,
+        help="server processes per mode on the one database and device, the clients spread over them "
+        "in turn (what replicas behind a balancer do with identify)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client-processes", type=int, default=1,
+        help="processes the client threads are shared out among (one process's lock caps the clients "
+        "at several hundred requests per second)",
+    )  # fmt: skip
     parser.add_argument("--database-url", help="default: a SQLite file in a temporary folder")
     parser.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -83,17 +100,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_level(
-    port: int | list[int], photo: bytes, clients: int, total: int, server_pid: int | None = None
-) -> dict[str, float]:
-    """``total`` identify requests from ``clients`` threads, each with its own connection; with
-    several ports, the clients are spread over them in turn. With ``server_pid``, also the server's
-    CPU time per request, this process's (the clients'), and the cores both kept busy on average."""
-    ports = port if isinstance(port, list) else [port]
+def _client_threads(
+    ports: list[int], photo: bytes, clients: int, total: int, start_line: Any
+) -> tuple[list[float], list[str], float, float]:
+    """``total`` identify requests from ``clients`` threads of this process, each with its own
+    connection, spread over ``ports`` in turn; all start together at ``start_line`` (a barrier
+    that the caller passes too). Returns the latencies, the errors, and the monotonic clock (one
+    clock for every process of the machine) at the start and at the end."""
     latencies: list[float] = []
     lock = threading.Lock()
     counter = iter(range(total))
-    start_line = threading.Barrier(clients + 1)
     errors: list[str] = []
 
     def client(port: int) -> None:
@@ -120,24 +136,85 @@ def run_level(
     for thread in threads:
         thread.start()
     start_line.wait()
-    t0 = time.perf_counter()
-    server_cpu = cpu_seconds(server_pid) if server_pid else 0.0
-    client_cpu = time.process_time()
+    t0 = time.monotonic()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - t0
-    client_cpu = time.process_time() - client_cpu
-    server_cpu = cpu_seconds(server_pid) - server_cpu if server_pid else 0.0
+    return latencies, errors, t0, time.monotonic()
+
+
+def _client_process(
+    ports: list[int], photo: bytes, clients: int, total: int, start_line: Any, results: Any
+) -> None:
+    """One client process of a level run over several (see ``run_level``)."""
+    cpu = time.process_time()
+    latencies, errors, t0, t1 = _client_threads(ports, photo, clients, total, start_line)
+    results.put((latencies, errors, t0, t1, time.process_time() - cpu))
+
+
+def run_level(
+    port: int | list[int],
+    photo: bytes,
+    clients: int,
+    total: int,
+    server_pids: list[int] | None = None,
+    processes: int = 1,
+) -> dict[str, float]:
+    """``total`` identify requests from ``clients`` threads, each with its own connection; with
+    several ports, the clients are spread over them in turn. With ``processes`` > 1 the client
+    threads are shared out among that many processes, so that the clients' own Python is not one
+    process's lock (the requests too, in proportion). With ``server_pids``, also the servers' CPU
+    time per request, the clients', and the cores both kept busy on average."""
+    ports = port if isinstance(port, list) else [port]
+    server_pids = server_pids or []
+    processes = max(1, min(processes, clients))
+    server_cpu = sum(cpu_seconds(pid) for pid in server_pids)
+    if processes == 1:
+        cpu = time.process_time()
+        start_line = threading.Barrier(clients + 1)  # every client thread and this one
+        latencies, errors, t0, t1 = _client_threads(ports, photo, clients, total, start_line)
+        outcome = [(latencies, errors, t0, t1, time.process_time() - cpu)]
+    else:
+        context = multiprocessing.get_context("spawn")
+        shares = [len(range(j, clients, processes)) for j in range(processes)]
+        requests = [total * share // clients for share in shares]
+        for j in range(total - sum(requests)):
+            requests[j] += 1
+        start_line = context.Barrier(clients + processes)  # every client thread and each process's own
+        results = context.Queue()
+        workers = [
+            context.Process(
+                target=_client_process,
+                args=(
+                    [ports[i % len(ports)] for i in range(j, clients, processes)],
+                    photo,
+                    shares[j],
+                    requests[j],
+                    start_line,
+                    results,
+                ),
+            )  # fmt: skip
+            for j in range(processes)
+        ]
+        for worker in workers:
+            worker.start()
+        outcome = [results.get() for _ in workers]
+        for worker in workers:
+            worker.join()
+    server_cpu = sum(cpu_seconds(pid) for pid in server_pids) - server_cpu
+    latencies = [ms for row in outcome for ms in row[0]]
+    errors = [error for row in outcome for error in row[1]]
+    wall = max(row[3] for row in outcome) - min(row[2] for row in outcome)
+    client_cpu = sum(row[4] for row in outcome)
     if errors:
         raise SystemExit(f"{len(errors)} failed requests, e.g. {errors[0]}")
     values = np.asarray(latencies)
-    cpu = (
+    usage = (
         {
             "server_cpu_ms": server_cpu / len(values) * 1000.0,
             "client_cpu_ms": client_cpu / len(values) * 1000.0,
             "cores": (server_cpu + client_cpu) / wall,
         }
-        if server_pid
+        if server_pids
         else {}
     )
     return {
@@ -145,7 +222,7 @@ def run_level(
         "p50": float(np.percentile(values, 50)),
         "p95": float(np.percentile(values, 95)),
         "p99": float(np.percentile(values, 99)),
-    } | cpu
+    } | usage
 
 
 def batch_metrics(port: int) -> str:
@@ -280,7 +357,8 @@ def main() -> None:
             f"concurrent_identify.py {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.machine()}, "
             f"{os.cpu_count()} CPUs (shared with other work: load average "
             f"{os.getloadavg()[0]:.2f} at start); "
-            f"server {args.threads} thread(s) on {device_description(args.device)}; "
+            f"{args.servers} server(s) per mode, {args.threads} thread(s) each, on "
+            f"{device_description(args.device)}; clients in {args.client_processes} process(es); "
             f"dog model {model_description(args.model)}; "
             f"gallery {args.gallery:,} vectors; "
             f"photo {PHOTO.relative_to(REPO)}; batching on: {batching or 'the defaults'}"
@@ -292,20 +370,27 @@ def main() -> None:
         }
         # Both servers run side by side (an idle one costs nothing) and the modes alternate at each
         # level, so a burst of other work on the shared machine hits both alike.
-        ports = {mode: free_port() for mode in modes}
-        servers = {
-            mode: start_server(url, root, args.threads, ports[mode], env)[0] for mode, env in modes.items()
-        }
+        ports = {mode: [free_port() for _ in range(args.servers)] for mode in modes}
+        with ThreadPoolExecutor(len(modes) * args.servers) as pool:  # their start-ups overlap
+            started = {
+                mode: [pool.submit(start_server, url, root, args.threads, port, env) for port in ports[mode]]
+                for mode, env in modes.items()
+            }
+            servers = {mode: [future.result()[0] for future in futures] for mode, futures in started.items()}
         runs: dict[tuple[str, int], list[dict[str, float]]] = {}
         try:
             for mode in modes:
-                run_level(ports[mode], photo, 1, 20)  # warm-up
+                for port in ports[mode]:
+                    run_level(port, photo, 1, 20)  # warm-up
                 run_level(ports[mode], photo, max(args.clients), 4 * max(args.clients))  # and its threads
             for clients in args.clients:
                 total = max(args.min_requests, clients * args.requests_per_client)
                 for rep in range(args.repeats):
                     for mode in modes:
-                        row = run_level(ports[mode], photo, clients, total, servers[mode].pid)
+                        row = run_level(
+                            ports[mode], photo, clients, total,
+                            [server.pid for server in servers[mode]], args.client_processes,
+                        )  # fmt: skip
                         runs.setdefault((mode, clients), []).append(row)
                         print(
                             f"  batching {mode:>3}, {clients:>2} clients, run {rep + 1}: "
@@ -316,9 +401,9 @@ def main() -> None:
                             flush=True,
                         )
             for mode in modes:
-                print(f"  batching {mode}: {batch_metrics(ports[mode])}")
+                print(f"  batching {mode}: {batch_metrics(ports[mode][0])} (the first server)")
         finally:
-            for server in servers.values():
+            for server in (server for group in servers.values() for server in group):
                 server.terminate()
                 server.wait(30)
         results = {
