@@ -35,6 +35,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def identify_form(photo: bytes) -> tuple[bytes, str]:
+    """The identify request's multipart body and content type, built once: the clients share the
+    server's cores, so they send prepared bytes over the standard library's HTTP connection rather
+    than building each request anew (httpx spent 0.7 ms of CPU per request alone, 2-5 ms under load)."""
+    boundary = "animalid-bench-boundary"
+    parts = [
+        f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in (("species", SPECIES), ("top_k", "5"))
+    ]
+    parts.append(
+        f'--{boundary}\r\ncontent-disposition: form-data; name="image"; filename="q.jpg"\r\n'
+        "content-type: image/jpeg\r\n\r\n".encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
 def _client_threads(
     ports: list[int], photo: bytes, clients: int, total: int, start_line: Any
 ) -> tuple[list[float], list[str], float, float]:
@@ -112,25 +131,30 @@ def _client_threads(
     counter = iter(range(total))
     errors: list[str] = []
 
+    body, content_type = identify_form(photo)
+    headers = {"x-api-key": ADMIN_KEY, "content-type": content_type}
+
     def client(port: int) -> None:
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", headers={"x-api-key": ADMIN_KEY}, timeout=120
-        ) as http:
-            http.get("/health")  # connect before the clock starts
-            start_line.wait()
+        http = HTTPConnection("127.0.0.1", port, timeout=120)
+        http.request("GET", "/health")  # connect before the clock starts
+        http.getresponse().read()
+        start_line.wait()
+        try:
             while True:
                 with lock:
                     if next(counter, None) is None:
                         return
                 t0 = time.perf_counter()
-                response = http.post(
-                    "/identify", data={"species": SPECIES, "top_k": "5"}, files={"image": ("q.jpg", photo)}
-                )
+                http.request("POST", "/identify", body, headers)
+                response = http.getresponse()
+                text = response.read()
                 elapsed = (time.perf_counter() - t0) * 1000.0
                 with lock:
-                    if response.status_code != 200:
-                        errors.append(response.text[:200])
+                    if response.status != 200:
+                        errors.append(text[:200].decode(errors="replace"))
                     latencies.append(elapsed)
+        finally:
+            http.close()
 
     threads = [threading.Thread(target=client, args=(ports[i % len(ports)],)) for i in range(clients)]
     for thread in threads:
