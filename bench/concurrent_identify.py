@@ -69,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the server (torch, FAISS)")
     parser.add_argument("--wait-ms", type=float, help="ANIMALID_BATCH_WAIT_MS when batching is on")
     parser.add_argument("--lanes", type=int, help="ANIMALID_BATCH_LANES when batching is on")
+    parser.add_argument("--max-images", type=int, help="ANIMALID_BATCH_MAX_IMAGES when batching is on")
     parser.add_argument(
         "--batch-start", choices=["when-idle", "after-wait"],
         help="ANIMALID_BATCH_START when batching is on",
@@ -372,6 +373,7 @@ def main() -> None:
             for name, value in (
                 ("ANIMALID_BATCH_WAIT_MS", args.wait_ms),
                 ("ANIMALID_BATCH_LANES", args.lanes),
+                ("ANIMALID_BATCH_MAX_IMAGES", args.max_images),
                 ("ANIMALID_BATCH_START", args.batch_start),
                 ("ANIMALID_BATCH_MIN_SPEEDUP", args.min_speedup),
             )
