@@ -17,7 +17,7 @@ batching settings (what the rest of a request costs against it).
 
     PYTHONPATH=. python bench/concurrent_identify.py
     PYTHONPATH=. python bench/concurrent_identify.py --clients 1 8 --requests-per-client 10
-    PYTHONPATH=. python bench/concurrent_identify.py --device cuda --servers 6 --client-processes 4
+    PYTHONPATH=. python bench/concurrent_identify.py --device cuda --servers 8 --client-processes 4
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def cpu_seconds(pid: int) -> float:
 def identify_form(photo: bytes) -> tuple[bytes, str]:
     """The identify request's multipart body and content type, built once: the clients share the
     server's cores, so they send prepared bytes over the standard library's HTTP connection rather
-    than building each request anew (httpx spent 0.7 ms of CPU per request alone, 2-5 ms under load)."""
+    than building each request anew (with httpx, 0.7 ms of CPU per request at one client and up to
+    26 ms at 32 clients in one process, docs/benchmarks.md; 0.3-0.4 ms this way)."""
     boundary = "animalid-bench-boundary"
     parts = [
         f'--{boundary}\r\ncontent-disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
