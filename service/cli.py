@@ -219,32 +219,19 @@ def _gallery_export(args: argparse.Namespace) -> int:
 
 
 def _gallery_check(args: argparse.Namespace) -> int:
-    from service.services.herd_check import check_herd
+    from service.runtime import image_policy, limits_from
+    from service.services.herd_check import check_and_keep, check_herd, describe
 
     settings = _settings(args)
     with _database_session(settings) as session:
-        result = check_herd(session, settings.models_dir, args.species, args.max_queries)
-    print(
-        json.dumps(
-            {
-                "species": result.species,
-                "model_version": result.model_version,
-                "images": result.images,
-                "individuals": result.individuals,
-                "size_read": result.size,
-                "targets": [
-                    {
-                        "target_fpir": row.target,
-                        "threshold": round(row.threshold, 4),
-                        "herd_mates_past": round(row.past, 4),
-                        "interval_95": [round(x, 4) for x in row.interval],
-                        "threshold_holding_target": round(row.holding, 4),
-                    }
-                    for row in result.rows
-                ],
-            }
-        )
-    )
+        if args.apply:
+            fpir = limits_from(settings, image_policy(settings)).fpir_for(args.species)
+            figures = check_and_keep(
+                session, settings.models_dir, args.species, args.max_queries, fpir, "cli"
+            )
+        else:
+            figures = describe(check_herd(session, settings.models_dir, args.species, args.max_queries))
+    print(json.dumps(figures))
     return 0
 
 
@@ -459,10 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Leaves each enrolled animal out in turn and asks its stored vectors against the rest, "
         "as a never-enrolled herd-mate would be asked: per target FPIR, the card's threshold for this "
         "gallery, the share of those photos at or past it (95%% interval over the animals) and the "
-        "threshold that would hold the target. Well above the target: recalibrate the card on the "
-        "gallery (gallery export, then calibrate).",
+        "threshold that would hold the target. With --apply, the check is kept in the served card and "
+        "the service raises its thresholds by how far they fall short for this herd (the worker does so "
+        "by itself as the gallery grows: ANIMALID_HERD_CHECK_GROWTH).",
     )
     check.add_argument("--species", required=True, help="species to check")
+    check.add_argument(
+        "--apply",
+        action="store_true",
+        help="keep the check in the models folder's card (also at the species' target FPIR); audited",
+    )
     check.add_argument(
         "--max-queries", type=_positive, default=5000, help="photos asked at most (drawn at random)"
     )

@@ -90,8 +90,9 @@ Threshold = Annotated[
 Decision = Literal["match", "unknown"]
 IdentifyDecision = Literal["match", "uncertain", "unknown"]
 # open_set: the model card's table for the gallery's size and the configured target FPIR;
-# model_card: its pair threshold (cards without that table)
-ThresholdSource = Literal["request", "open_set", "model_card", "default"]
+# herd_check: that threshold raised by the card's herd check (the enrolled animals more alike than
+# the table's); model_card: its pair threshold (cards without that table)
+ThresholdSource = Literal["request", "open_set", "herd_check", "model_card", "default"]
 
 EXAMPLE_UUID = "0b6f5a3e-8a55-4c44-9d1d-0e9a5f3c2b71"
 EXAMPLE_IMAGE_UUID = "5d2c1b7e-3f4a-4e8b-a1c9-7b6d5e4f3a21"
@@ -588,6 +589,12 @@ class SpeciesPublic(BaseModel):
     threshold_far: float | None
     identify: IdentifyPoint | None = Field(
         default=None, description="How /identify decides now; null until the species serves a model"
+    )
+    herd_check: dict[str, Any] | None = Field(
+        default=None,
+        description="The serving card's herd check (POST /species/{name}/herd-check): when, the gallery "
+        "checked, and per target FPIR the share of the enrolled animals' photos, each animal left out, "
+        "past the table's threshold and the threshold holding the target; null until one is kept",
     )
     metrics: dict[str, Any] = Field(
         description="Evaluation metrics from the model card; a release model (trained on its test animals "

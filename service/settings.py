@@ -183,6 +183,18 @@ class Settings(BaseSettings):
         default=0.0,
         description="The challenger's false-match rate at the threshold must be at least this much lower",
     )
+    herd_check_growth: float = Field(
+        default=0.2,
+        ge=0,
+        description="An idle worker queues a herd check of a species (`animalid gallery check --apply`) "
+        "never checked with its serving card, or whose gallery has grown by this share since; 0 = never",
+    )
+    herd_check_min_individuals: int = Field(
+        default=10, ge=2, description="Enrolled individuals a species needs before the worker checks its herd"
+    )
+    herd_check_max_queries: int = Field(
+        default=5000, gt=0, description="Photos a herd check asks at most (drawn at random)"
+    )
     model_watch_s: float = Field(
         default=5.0,
         ge=0,

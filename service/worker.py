@@ -10,7 +10,10 @@ The API only queues jobs; training never takes the API's threads. A worker:
   or when the worker is asked to stop (SIGTERM/SIGINT), and a stopped job goes back to the queue;
 - resumes a taken-over job from its last epoch checkpoint (the job folder is in
   ``ANIMALID_JOBS_DIR``, shared by every worker);
-- uses ``ANIMALID_WORKER_THREADS`` CPU threads.
+- uses ``ANIMALID_WORKER_THREADS`` CPU threads;
+- when idle, queues a herd check of every species that is due one (:func:`herd_check.due`: never
+  checked with its serving card, or its gallery grown by ``ANIMALID_HERD_CHECK_GROWTH``), at most
+  every :data:`HERD_SCAN_S` seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,11 +38,15 @@ from service.errors import ServiceError
 from service.image_store import ImageStore
 from service.runtime import image_policy, limits_from
 from service.schemas_jobs import FinetuneRequest
+from service.services import herd_check
 from service.services.finetune import FinetuneEnv, FinetunePolicy, run_finetune
-from service.services.jobs import FINETUNE
+from service.services.jobs import FINETUNE, HERD_CHECK, queue_herd_check
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+HERD_SCAN_S = 60.0
+"""How often an idle worker looks for species due a herd check."""
 
 
 class JobStopped(Exception):
@@ -83,8 +91,16 @@ class Worker:
             self.settings.worker_poll_s,
         )
         ran = 0
+        scanned = -HERD_SCAN_S
         while not self.stop.is_set():
             job = self.claim()
+            if job is None and time.monotonic() - scanned >= HERD_SCAN_S:
+                scanned = time.monotonic()
+                try:
+                    if self.queue_due_herd_checks():
+                        continue
+                except Exception:  # the database briefly away, say: the next scan looks again
+                    log.exception("worker %s: looking for herd checks due failed", self.name)
             if job is None:
                 if once:
                     break
@@ -93,6 +109,24 @@ class Worker:
             self.run_job(job)
             ran += 1
         return ran
+
+    def queue_due_herd_checks(self) -> list[str]:
+        """Queue a herd check of each species due one; returns their names. A species whose check
+        is already queued or running is skipped, as is one whose check the database refuses."""
+        s = self.settings
+        queued = []
+        with self.sessions() as session:
+            for species in Repository(session).all_species():
+                name = species.name
+                if not herd_check.due(
+                    session, s.models_dir, name, s.herd_check_growth, s.herd_check_min_individuals
+                ):
+                    continue
+                if JobRepository(session).active_for(name, HERD_CHECK) is not None:
+                    continue
+                queue_herd_check(session, name, f"worker:{self.name}")
+                queued.append(name)
+        return queued
 
     def claim(self, only: uuid.UUID | None = None) -> Job | None:
         with self.sessions() as session:
@@ -133,9 +167,16 @@ class Worker:
             beat.join()
 
     def _execute(self, job: Job, report: Any) -> dict[str, Any]:
+        s = self.settings
+        if job.kind == HERD_CHECK:
+            report({"stage": "check"})
+            fpir = limits_from(s, image_policy(s)).fpir_for(job.species)
+            with self.sessions() as session:
+                return herd_check.check_and_keep(
+                    session, s.models_dir, job.species, s.herd_check_max_queries, fpir, f"worker:{self.name}"
+                )
         if job.kind != FINETUNE:
             raise ServiceError(f"unknown job kind {job.kind!r}")
-        s = self.settings
         env = FinetuneEnv(self.sessions, self.store, s.models_dir, s.jobs_dir)
         policy = FinetunePolicy(
             epochs=s.finetune_epochs,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from training import __version__
 from training.fusion import Branch, FusedEmbeddingNet
 from training.model import ARCHITECTURE, FUSION_ARCHITECTURE, EmbeddingModel, EmbeddingNet, parse_architecture
-from training.open_set import OpenSetCalibration
+from training.open_set import HerdCalibration, OpenSetCalibration
 from training.preprocess import PREPROCESS_VERSION, PreprocessSpec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -60,6 +60,9 @@ class ModelCard:
     # A fused model's networks (architecture fusion-concat): each one's architecture, width,
     # preprocessing, weight and source model (training/fusion.py).
     fusion: list[Branch] | None = None
+    # A deployment's herd check of this model's open-set table (training/open_set.py): raises the
+    # table's thresholds where the enrolled animals are more alike than its validation animals.
+    herd: HerdCalibration | None = None
 
     @property
     def backbone(self) -> str:
@@ -98,6 +101,7 @@ class ModelCard:
             "open_set": None if self.open_set is None else self.open_set.to_dict(),
             "relabelled_from": self.relabelled_from,
             "fusion": None if self.fusion is None else [b.to_dict() for b in self.fusion],
+            "herd": None if self.herd is None else self.herd.to_dict(),
         }
 
     @classmethod
@@ -132,6 +136,7 @@ class ModelCard:
                 fusion=[Branch.from_dict(b, spec.version) for b in data["fusion"]]
                 if data.get("fusion")
                 else None,
+                herd=HerdCalibration.from_dict(data["herd"]) if data.get("herd") else None,
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ArtifactError(f"invalid model card: {exc!r}") from exc

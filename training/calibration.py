@@ -121,6 +121,8 @@ def calibrate_artifact(
         card = recalibrated(card, emb, shard, far, config, f"individuals of {datasets[0].source}")
     else:
         card = replace(card, open_set=open_set_table(emb, shard, config))
+    # A herd check measured the old table's thresholds: the new table needs its own.
+    card = replace(card, herd=None)
     table = card.open_set
     if table is None:
         raise ValueError(

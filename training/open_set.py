@@ -1018,6 +1018,70 @@ class HerdMates:
     interval: tuple[float, float]  # 95%, over the animals drawn again with replacement
     holding: float  # the threshold at which the target share of those photos reaches it
 
+    @property
+    def excess(self) -> float:
+        """How far the table's threshold must rise to hold the target on this herd (0: it holds)."""
+        return max(0.0, self.holding - self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_fpir": self.target,
+            "threshold": self.threshold,
+            "herd_mates_past": self.past,
+            "interval_95": list(self.interval),
+            "threshold_holding_target": self.holding,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HerdMates:
+        low, high = data["interval_95"]
+        return cls(
+            target=float(data["target_fpir"]),
+            threshold=float(data["threshold"]),
+            past=float(data["herd_mates_past"]),
+            interval=(float(low), float(high)),
+            holding=float(data["threshold_holding_target"]),
+        )
+
+
+@dataclass(frozen=True)
+class HerdCalibration:
+    """A herd check kept in the card of the model it ran with (`animalid gallery check --apply`, or
+    the worker's ``herd_check`` job). Where a deployment's own animals, each left out in turn, reach
+    the table's threshold for a target FPIR more often than the target, the service raises that
+    threshold by the row's :attr:`HerdMates.excess` at every gallery size: the herd is that much
+    more alike than the validation animals the table was calibrated on. Never lowers a threshold:
+    enrolment photos asked against the rest are not queries, and the table was calibrated on them."""
+
+    checked_at: str  # ISO 8601, UTC
+    images: int  # stored vectors of the gallery checked
+    individuals: int
+    size: int  # that gallery as the table reads it
+    rows: tuple[HerdMates, ...]
+
+    def row_for(self, target: float) -> HerdMates | None:
+        """The row of ``target`` (None when the check did not report it)."""
+        return next((row for row in self.rows if math.isclose(row.target, target)), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checked_at": self.checked_at,
+            "images": self.images,
+            "individuals": self.individuals,
+            "size_read": self.size,
+            "targets": [row.to_dict() for row in self.rows],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HerdCalibration:
+        return cls(
+            checked_at=str(data["checked_at"]),
+            images=int(data["images"]),
+            individuals=int(data["individuals"]),
+            size=int(data["size_read"]),
+            rows=tuple(HerdMates.from_dict(row) for row in data["targets"]),
+        )
+
 
 def herd_mates(
     emb: np.ndarray,

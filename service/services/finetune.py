@@ -224,9 +224,9 @@ def run_finetune(
     challenger_vectors = embedded(challenger, start.card.preprocess, data)
     card = _challenger_card(challenger_vectors, start.card, champion.card, config, policy)
     # Each model judged as the service would answer with it for this gallery, its photos prepared
-    # its own way.
+    # its own way; both by their tables alone, since the challenger has no herd check yet.
     limits = policy.limits
-    champion_point = operating_point(champion.card, limits, species, shape, None)
+    champion_point = operating_point(replace(champion.card, herd=None), limits, species, shape, None)
     challenger_point = operating_point(card, limits, species, shape, None)
     share = limits.stranger_share_for(species)
     (champion_data,) = prepare_data(config, champion.card.preprocess)

@@ -4,25 +4,28 @@ Each enrolled animal of a species is left out in turn and its stored vectors ask
 (:func:`training.open_set.herd_check`): the share of them that would be answered ``match`` at the
 card's threshold for this gallery, per target FPIR, and the threshold that would hold the target.
 Animals of one herd are harder strangers than those a card is calibrated on (docs/results.md, "The
-herd as its own strangers"); when the share is well above the target, recalibrate the card on the
-gallery (`animalid gallery export`, then `animalid calibrate`). The stored vectors are read a block
+herd as its own strangers"). :func:`keep_in_card` writes a check into the served card, and every API
+process then raises its thresholds where the herd needs it (:class:`training.open_set.HerdCalibration`);
+the worker does so by itself as a gallery grows (:func:`due`). The stored vectors are read a block
 at a time: memory holds the gallery's layout (ids), the photos asked and one block, for any size.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy.orm import Session
 
 from service.db.repository import Repository, vector_from_bytes
 from service.errors import InvalidRequest, SpeciesNotFound
-from training.artifact import ArtifactError, read_card
-from training.open_set import HerdMates, herd_check
+from training.artifact import ArtifactError, read_card, write_card
+from training.open_set import HERD_TARGETS, HerdCalibration, HerdMates, herd_check
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,18 @@ class HerdCheck:
     rows: list[HerdMates]
 
 
-def check_herd(session: Session, models_dir: Path, species: str, max_queries: int) -> HerdCheck:
+def check_targets(target_fpir: float) -> tuple[float, ...]:
+    """The targets a check reports: the usual ones and the species' own."""
+    return tuple(sorted({*HERD_TARGETS, target_fpir}))
+
+
+def check_herd(
+    session: Session,
+    models_dir: Path,
+    species: str,
+    max_queries: int,
+    targets: Sequence[float] = HERD_TARGETS,
+) -> HerdCheck:
     """The herd check of ``species``' active model version, with its card from ``models_dir``."""
     repo = Repository(session)
     found = repo.species_by_name(species)
@@ -74,8 +88,75 @@ def check_herd(session: Session, models_dir: Path, species: str, max_queries: in
                 np.array([layout.individuals.get(row.individual_id, -1) for row in chunk], dtype=np.int64),
             )
 
-    size, checks = herd_check(layout.code, vectors_of, blocks, card.open_set, max_queries=max_queries)
+    size, checks = herd_check(layout.code, vectors_of, blocks, card.open_set, targets, max_queries)
     return HerdCheck(species, card.model_version, len(layout.code), len(layout.individuals), size, checks)
+
+
+def keep_in_card(models_dir: Path, check: HerdCheck) -> HerdCalibration:
+    """Write ``check`` into the species' card in the models folder (same weights; in place, as
+    `animalid calibrate` does), which every API process serves within ``ANIMALID_MODEL_WATCH_S``
+    seconds without re-embedding. Refused when the card is no longer the one checked."""
+    folder = models_dir / check.species
+    card = read_card(folder)
+    if card.model_version != check.model_version:
+        raise InvalidRequest(
+            f"the models folder's card of {check.species!r} is now {card.model_version}, not the "
+            f"{check.model_version} checked: check again",
+            species=check.species,
+        )
+    herd = HerdCalibration(
+        checked_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        images=check.images,
+        individuals=check.individuals,
+        size=check.size,
+        rows=tuple(check.rows),
+    )
+    write_card(replace(card, herd=herd), folder)
+    return herd
+
+
+def due(session: Session, models_dir: Path, species: str, growth: float, min_individuals: int) -> bool:
+    """Whether the worker should check ``species``' herd now: it serves (its stored vectors are of
+    the card's version) a card with an open-set table, has at least ``min_individuals`` enrolled,
+    and has never been checked with this card or holds ``growth`` more images than when it was."""
+    repo = Repository(session)
+    found = repo.species_by_name(species)
+    if found is None or growth <= 0:
+        return False
+    try:
+        card = read_card(models_dir / species)
+    except ArtifactError:
+        return False
+    active = repo.active_version(found.id)
+    if card.open_set is None or active is None or active.version != card.model_version:
+        return False
+    if repo.count_individuals(found.id) < max(min_individuals, 2):
+        return False
+    return card.herd is None or repo.count_images(found.id) >= card.herd.images * (1 + growth)
+
+
+def describe(check: HerdCheck) -> dict[str, Any]:
+    """The check as the CLI prints it and a job keeps it (figures to 4 decimals)."""
+    return {
+        "species": check.species,
+        "model_version": check.model_version,
+        "images": check.images,
+        "individuals": check.individuals,
+        "size_read": check.size,
+        "targets": [
+            {key: _rounded(value) for key, value in row.to_dict().items()}
+            | {"raises_threshold_by": round(row.excess, 4)}
+            for row in check.rows
+        ],
+    }
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -104,3 +185,16 @@ def read_layout(repo: Repository, model_version_id: int) -> GalleryLayout:
     return GalleryLayout(
         np.concatenate(ids), renumber[np.concatenate(seen)], {who: i for i, who in enumerate(names)}
     )
+
+
+def check_and_keep(
+    session: Session, models_dir: Path, species: str, max_queries: int, target_fpir: float, actor: str
+) -> dict[str, Any]:
+    """Check ``species``' herd at the usual targets and ``target_fpir``, keep the check in its card
+    (:func:`keep_in_card`) and audit it. Returns :func:`describe`'s figures and when it was kept."""
+    check = check_herd(session, models_dir, species, max_queries, check_targets(target_fpir))
+    herd = keep_in_card(models_dir, check)
+    figures = describe(check) | {"checked_at": herd.checked_at}
+    Repository(session).audit("herd_check", species, actor[:64], None, figures)
+    session.commit()
+    return figures

@@ -147,6 +147,23 @@ def lowered_for_floor(
     )
 
 
+def raised_for_herd(card: ModelCard | None, fpir: float, plain: float) -> tuple[float, str] | None:
+    """The match threshold raised by the card's herd check (:class:`HerdCalibration`) for ``fpir``
+    over the table's ``plain`` one, and what the reason adds; None when the check found the table
+    holding for this herd, did not report this target, or was never run."""
+    row = card.herd.row_for(fpir) if card is not None and card.herd is not None else None
+    if row is None or row.excess <= 0:
+        return None
+    assert card is not None and card.herd is not None
+    cut = min(1.0, plain + row.excess)
+    return cut, (
+        f"; raised from {plain:.3f} by the herd check of {card.herd.checked_at} ({card.herd.individuals} "
+        f"enrolled animals, each left out in turn: {row.past:.1%} of their photos reached the table's "
+        f"threshold for {fpir:g}, so this herd is more alike than the animals the table was "
+        f"calibrated on)"
+    )
+
+
 def gallery_images(image_counts: Mapping[int, int]) -> int:
     """The images of a gallery of ``image_counts`` (images per individual -> individuals with that many)."""
     return sum(n * k for n, k in image_counts.items())
@@ -202,9 +219,13 @@ def operating_point(
         cut, lowered = lowered_for_floor(
             table, size, fpir, plain, review, floor, limits.stranger_share_for(species)
         )
+        source: ThresholdSource = "open_set"
+        herd = raised_for_herd(card, fpir, plain)
+        if herd is not None and herd[0] > cut:
+            cut, lowered, source = herd[0], herd[1], "herd_check"
         return OperatingPoint(
             threshold=cut,
-            source="open_set",
+            source=source,
             reason=f"threshold {cut:.3f} keeps never-enrolled animals answered match at {fpir:g} (target "
             f"FPIR) in {gallery_words(table, image_counts)}: the model card's open-set table, interpolated"
             + lowered

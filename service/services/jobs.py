@@ -1,4 +1,4 @@
-"""Jobs as the API and the CLI see them: queue a fine-tune, list, describe, cancel.
+"""Jobs as the API and the CLI see them: queue a fine-tune or a herd check, list, describe, cancel.
 
 A job is a row of the ``jobs`` table; a worker process (:mod:`service.worker`) claims and runs it.
 Queueing and cancelling are audited like any other change.
@@ -20,6 +20,7 @@ from service.security import Principal
 from service.services.finetune import start_folder
 
 FINETUNE = "finetune"
+HERD_CHECK = "herd_check"
 STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING, *JobStatus.FINISHED)
 
 
@@ -31,26 +32,38 @@ def queue_finetune(
     if Repository(session).species_by_name(species) is None:
         raise SpeciesNotFound(f"unknown species {species!r}", species=species)
     start_folder(models_dir, species, request.start)
+    return _queue(session, FINETUNE, species, request.model_dump(exclude_none=True), actor.fingerprint)
+
+
+def queue_herd_check(session: Session, species: str, actor: str) -> JobPublic:
+    """Queue a herd check of ``species`` (:mod:`service.services.herd_check`), kept in its card when
+    done; one at a time per species. Commits."""
+    if Repository(session).species_by_name(species) is None:
+        raise SpeciesNotFound(f"unknown species {species!r}", species=species)
+    return _queue(session, HERD_CHECK, species, {}, actor)
+
+
+def _queue(session: Session, kind: str, species: str, params: dict[str, object], actor: str) -> JobPublic:
     jobs = JobRepository(session)
-    active = jobs.active_for(species, FINETUNE)
+    active = jobs.active_for(species, kind)
     if active is not None:
         raise JobConflict(
-            f"a fine-tune of {species} is already {active.status}", job_id=str(active.id), species=species
+            f"a {kind} job of {species} is already {active.status}", job_id=str(active.id), species=species
         )
     job = jobs.add(
         Job(
-            kind=FINETUNE,
+            kind=kind,
             species=species,
             status=JobStatus.QUEUED,
-            params=request.model_dump(exclude_none=True),
+            params=params,
             progress={"stage": "queued"},
             result={},
             cancel_requested=False,
             attempts=0,
-            created_by=actor.fingerprint,
+            created_by=actor[:64],
         )
     )
-    Repository(session).audit("finetune_queued", species, actor.fingerprint, None, {"job_id": str(job.id)})
+    Repository(session).audit(f"{kind}_queued", species, actor[:64], None, {"job_id": str(job.id)})
     session.commit()
     return JobPublic.model_validate(job)
 

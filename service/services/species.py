@@ -249,6 +249,7 @@ def describe(session: Session, registry: Registry, limits: Limits) -> list[Speci
                 threshold_source=source,
                 threshold_far=card.threshold_far if card else None,
                 identify=identify_point(serving, limits, name) if serving else None,
+                herd_check=card.herd.to_dict() if card and card.herd else None,
                 metrics=dict(card.metrics) if card else {},
                 trained_for=card.relabelled_from if card else None,
                 device=str(embedder.device) if embedder else None,

@@ -3,6 +3,7 @@ species' target FPIR, an uncertain band, a calibrated confidence, and the reason
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -14,8 +15,8 @@ from test_identify import enroll
 
 from service.ml.images import ImagePolicy
 from service.services.identification import Limits, operating_point
-from training.artifact import read_card, write_card
-from training.open_set import ConfidenceModel, OpenSetCalibration
+from training.artifact import ModelCard, read_card, write_card
+from training.open_set import ConfidenceModel, HerdCalibration, HerdMates, OpenSetCalibration
 
 TABLE = OpenSetCalibration(
     gallery_sizes=[10, 1000],
@@ -150,6 +151,52 @@ def test_an_animal_with_more_photos_than_the_calibration_counts_for_fewer_animal
     assert by_images.table_size == 200 and by_images.threshold > point.threshold
     # one photo each: 100 individuals count as 100 * 2 * (1 / 2) ** 0.5 = 141 images
     assert operating_point(card, LIMITS, "dog", {1: 100}, None).table_size == 141
+
+
+def test_a_herd_check_raises_the_threshold_by_what_the_herd_needs_at_every_size_and_never_lowers_it() -> None:
+    herd = HerdCalibration(
+        checked_at="2026-12-05T22:00:00+00:00",
+        images=100,
+        individuals=50,
+        size=100,
+        rows=(
+            # at 1%: 4% of the herd-mates' photos passed the table's .7; .76 held 1%
+            HerdMates(target=0.01, threshold=0.7, past=0.04, interval=(0.02, 0.06), holding=0.76),
+            # at 10%: the table held (5% passed)
+            HerdMates(target=0.1, threshold=0.5, past=0.05, interval=(0.01, 0.09), holding=0.45),
+        ),
+    )
+    card = replace(read_card_stub(), open_set=TABLE, herd=herd)
+    point = operating_point(card, LIMITS, "dog", HUNDRED, None)
+    assert (point.source, point.target_fpir) == ("herd_check", 0.01)
+    assert point.threshold == pytest.approx(0.76)
+    assert point.review_threshold == pytest.approx(0.5)  # the band's lower edge stays the table's
+    assert (
+        "raised from 0.700 by the herd check of 2026-12-05T22:00:00+00:00 (50 enrolled animals"
+        in point.reason
+    )
+    assert "4.0% of their photos reached the table's threshold for 0.01" in point.reason
+    assert [point.decide(s) for s in (0.78, 0.74, 0.45)] == ["match", "uncertain", "unknown"]
+    # a gallery ten times larger: the table's threshold there, raised by the same .06
+    larger = operating_point(card, LIMITS, "dog", {2: 500}, None)
+    assert (larger.source, larger.threshold) == ("herd_check", pytest.approx(0.86))
+    # where the herd held the table (cattle's target of 10%), and at a target the check did not
+    # report, the table's threshold alone
+    cattle = operating_point(card, LIMITS, "cattle", HUNDRED, None)
+    assert (cattle.source, cattle.threshold) == ("open_set", pytest.approx(0.5))
+    other = operating_point(card, replace(LIMITS, target_fpir=0.02), "dog", HUNDRED, None)
+    assert other.source == "open_set" and "herd check" not in other.reason
+    # a request's threshold wins; a herd nothing could tell apart leaves no match at all
+    assert operating_point(card, LIMITS, "dog", HUNDRED, 0.3).threshold == 0.3
+    alike = replace(herd, rows=(replace(herd.rows[0], holding=1.0, threshold=0.6),))
+    assert operating_point(replace(card, herd=alike), LIMITS, "dog", HUNDRED, None).threshold == 1.0
+    # the card keeps it, and a card without it reads as before
+    assert read_back(card).herd == herd
+    assert read_back(replace(card, herd=None)).herd is None
+
+
+def read_back(card: ModelCard) -> ModelCard:
+    return ModelCard.from_dict(json.loads(json.dumps(card.to_dict())))
 
 
 def test_a_card_without_the_table_falls_back_to_its_pair_threshold_and_says_so() -> None:

@@ -4,17 +4,19 @@ on every individual of new data with its own calibration."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from synthetic import make_folder_dataset
 from tiny_runs import tiny_config
 
-from training.artifact import load_artifact, read_card, sha256_file
+from training.artifact import load_artifact, read_card, sha256_file, write_card
 from training.calibration import calibrate_artifact, data_shard, evaluate_all_individuals
 from training.cli import main
 from training.config import DatasetConfig
 from training.evaluate import calibrate_threshold, embed_pixels
+from training.open_set import HerdCalibration, HerdMates
 from training.pipeline import card_config, evaluate_artifact, export_run, split_part
 from training.train import fit
 
@@ -47,8 +49,16 @@ def test_export_stores_the_open_set_table_and_reports_it(goat_artifact):
 
 
 def test_recalibrating_on_its_own_validation_individuals_copies_the_weights(goat_artifact, tmp_path):
-    out, table = calibrate_artifact(goat_artifact, tmp_path / "copy", device="cpu")
+    # a deployment's herd check measured the old table: the new one drops it
+    checked = tmp_path / "checked"
+    herd = HerdCalibration(
+        "2026-12-05T22:00:00+00:00", 40, 20, 40, (HerdMates(0.01, 0.7, 0.04, (0.0, 0.1), 0.8),)
+    )
+    write_card(replace(read_card(goat_artifact), herd=herd), checked, weights_from=goat_artifact)
+    assert read_card(checked).herd == herd
+    out, table = calibrate_artifact(checked, tmp_path / "copy", device="cpu")
     card, original = read_card(out), read_card(goat_artifact)
+    assert card.herd is None
     assert sha256_file(out / "model.safetensors") == original.weights_sha256 == card.weights_sha256
     assert card.open_set is not None and card.open_set.to_dict() == original.open_set.to_dict()
     assert (card.species, card.threshold, card.relabelled_from) == ("goat", original.threshold, None)

@@ -1,4 +1,5 @@
-"""``/jobs`` and ``POST /species/{name}/finetune``: queue a fine-tune, follow it, cancel it."""
+"""``/jobs``, ``POST /species/{name}/finetune`` and ``POST /species/{name}/herd-check``: queue a
+fine-tune or a herd check, follow it, cancel it."""
 
 from __future__ import annotations
 
@@ -44,6 +45,31 @@ def queue_finetune(
     return jobs.queue_finetune(
         session, name, request or FinetuneRequest(), principal, runtime.settings.models_dir
     )
+
+
+@router.post(
+    "/species/{name}/herd-check",
+    response_model=JobPublic,
+    status_code=202,
+    summary="Queue a herd check of the species' open-set thresholds",
+    description=(
+        "A worker process leaves each enrolled animal out in turn and asks its stored vectors against the "
+        "rest, as a never-enrolled herd-mate would be asked, and keeps the result in the serving model "
+        "card: where the herd's animals reach the card's threshold for the target FPIR more often than the "
+        "target, `/identify` raises that threshold by the difference (`threshold_source` `herd_check`). "
+        "The result lists, per target FPIR, the threshold, the share of herd-mates' photos past it, its 95% "
+        "interval over the animals and the threshold that holds the target. Idle workers queue one by "
+        "themselves as a gallery grows (`ANIMALID_HERD_CHECK_GROWTH`). One per species at a time (409 "
+        "`job_conflict`). Needs the admin scope."
+    ),
+    responses=error_responses(401, 403, 404, 409),
+)
+def queue_herd_check(
+    principal: AdminPrincipal,
+    session: SessionDep,
+    name: Annotated[str, Path(description="Species name", examples=["cattle"])],
+) -> JobPublic:
+    return jobs.queue_herd_check(session, name, principal.fingerprint)
 
 
 @router.get(
