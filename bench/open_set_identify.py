@@ -30,6 +30,11 @@ threshold (the decision before open-set calibration) and,
 with ``--compare-card``, what another card's open-set table (say the card before a recalibration)
 would have decided and how calibrated its confidence would have been.
 
+With ``--herd-check``, each gallery size is asked twice: with the card's table, then again once
+`animalid gallery check --apply` has kept a herd check in the served card (a copy of the artifact),
+which raises the threshold where the enrolled animals, each left out in turn, pass it more often
+than the target; the second round's figures are under "<size> herd-checked", with the check's own.
+
 With several ``--seeds``, each seed draws its strangers and enrolment anew on a fresh server, and the
 figures of all their answers together follow (``pooled``): a single seed's ~100 queries leave an
 ECE of about 0.04 to sampling alone, against a 0.05 target.
@@ -50,12 +55,14 @@ import json
 import os
 import platform
 import random
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,6 +144,14 @@ def parse_args() -> argparse.Namespace:
         "--out", type=Path, help="also write the figures as JSON here, with every answer in brief"
     )
     parser.add_argument(
+        "--herd-check",
+        action="store_true",
+        help="at each gallery size, after the queries, keep a herd check in the served card (`animalid "
+        "gallery check --apply`: the enrolled animals, each left out in turn, as strangers) and ask every "
+        "query again: figures under '<size> herd-checked' (the server's own decisions; the confidence "
+        "floors are not recomputed there)",
+    )
+    parser.add_argument(
         "--compare-card",
         type=Path,
         help="a model_card.json whose open-set table's decisions and confidence are also computed from the "
@@ -195,9 +210,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(root: Path, artifact: Path, args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
-    (root / "models").mkdir()
-    (root / "models" / read_card(artifact).species).symlink_to(artifact.resolve(), target_is_directory=True)
+def server_env(root: Path, args: argparse.Namespace) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANIMALID_")}
     env.update(
         ANIMALID_DATABASE_URL=f"sqlite:///{root / 'animalid.db'}", ANIMALID_MODELS_DIR=str(root / "models"),
@@ -207,6 +220,17 @@ def start_server(root: Path, artifact: Path, args: argparse.Namespace, port: int
         ANIMALID_STRANGER_SHARE=str(args.stranger_share),
         ANIMALID_MIN_MATCH_CONFIDENCE=str(args.min_match_confidence),
     )  # fmt: skip
+    return env
+
+
+def start_server(root: Path, artifact: Path, args: argparse.Namespace, port: int) -> subprocess.Popen[bytes]:
+    (root / "models").mkdir()
+    served = root / "models" / read_card(artifact).species
+    if args.herd_check:  # the check is written into the served card: never into the artifact itself
+        shutil.copytree(artifact, served)
+    else:
+        served.symlink_to(artifact.resolve(), target_is_directory=True)
+    env = server_env(root, args)
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=root, env=env, check=True)
     log = (root / "server.log").open("wb")
     process = subprocess.Popen(
@@ -239,12 +263,41 @@ def enroll(client: httpx.Client, species: str, individual: str, photos: list[Pat
     return len(photos)
 
 
+def keep_herd_check(client: httpx.Client, root: Path, args: argparse.Namespace, species: str) -> dict:
+    """`animalid gallery check --apply` on the server's database and models folder, then a reload so
+    that the server answers with it at once; the check's figures."""
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "gallery", "check", "--species", species, "--apply"],
+        cwd=root, env=server_env(root, args), check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    client.post(f"/species/{species}/reload").raise_for_status()
+    check = json.loads(done.stdout)
+    served = client.get(f"/species/{species}").json()["herd_check"]
+    if served is None or served["checked_at"] != check["checked_at"]:
+        raise SystemExit(f"the server does not serve the herd check just kept: {served}")
+    return check
+
+
 def identify(client: httpx.Client, species: str, photo: Path) -> dict:
     response = client.post(
         "/identify", data={"species": species, "top_k": "2"}, files={"image": photo.read_bytes()}
     )
     response.raise_for_status()
     return response.json()
+
+
+def ask_all(
+    client: httpx.Client,
+    species: str,
+    queries: Sequence[tuple[str | None, str | None, Path]],
+    gallery_shape: list[tuple[int, int]],
+) -> list[dict]:
+    """Every query's answer, with its truth (None: a stranger), its stranger's name and the gallery."""
+    return [
+        identify(client, species, photo)
+        | {"truth": truth, "stranger": stranger, "gallery_shape": gallery_shape}
+        for truth, stranger, photo in queries
+    ]
 
 
 def ece(confidence: np.ndarray, correct: np.ndarray, weight: np.ndarray, bins: int = 10) -> float:
@@ -474,15 +527,17 @@ def run_seed(
     outside: list[Sample] | None,
     seed: int,
     compare: OpenSetCalibration | None,
-) -> dict[int, SizeRun]:
-    """One server, enrolled up to each gallery size in turn: per size, its answers and figures."""
+) -> dict[str, SizeRun]:
+    """One server, enrolled up to each gallery size in turn: per size, its answers and figures (and,
+    with ``--herd-check``, those asked again once a herd check is kept: :func:`herd_key`)."""
     assert card.open_set is not None
     chosen = plan(test, padding, args.stranger_fraction, seed, outside)
     species = card.species
-    runs: dict[int, SizeRun] = {}
+    runs: dict[str, SizeRun] = {}
     with tempfile.TemporaryDirectory(prefix="animalid-open-set-") as tmp:
         port = free_port()
-        server = start_server(Path(tmp), args.artifact, args, port)
+        root = Path(tmp)
+        server = start_server(root, args.artifact, args, port)
         try:
             client = httpx.Client(
                 base_url=f"http://127.0.0.1:{port}",
@@ -506,39 +561,73 @@ def run_seed(
                     (name, p) for name in enrolled if name in chosen.genuine for p in chosen.genuine[name]
                 ]
                 strangers = chosen.strangers
-                # In the confidence's calibration error, stranger queries weigh the share of all
-                # queries the confidence was computed for, whatever their number here.
-                stranger_weight = (
-                    args.stranger_share / (1 - args.stranger_share) * len(asked) / len(strangers)
-                )
-                answers = []
                 gallery_shape = sorted(shape.items())
                 queries = [(name, None, p) for name, p in asked] + [(None, name, p) for name, p in strangers]
-                for truth, stranger, photo in queries:
-                    answers.append(
-                        identify(client, species, photo)
-                        | {"truth": truth, "stranger": stranger, "gallery_shape": gallery_shape}
+                rounds: list[tuple[str, dict, list[dict]]] = [
+                    (str(target), {}, ask_all(client, species, queries, gallery_shape))
+                ]
+                if args.herd_check:
+                    check = keep_herd_check(client, root, args, species)
+                    rounds.append(
+                        (
+                            herd_key(target),
+                            {"herd_check": check},
+                            ask_all(client, species, queries, gallery_shape),
+                        )
                     )
-                weight = np.array([stranger_weight if a["truth"] is None else 1.0 for a in answers])
-                counts = {
-                    "gallery_images": answers[-1]["gallery_size"],
-                    "enrolled_individuals": len(enrolled),
-                    "enrolled_test_individuals": sum(1 for n in enrolled if not n.startswith("pad-")),
-                    "enrolled_queries": len(asked),
-                    "stranger_queries": len(strangers),
-                    "stranger_individuals": len({n for n, _ in strangers}),
-                }
-                figs = figures(answers, card.threshold or 0.0, weight, args, card.open_set, compare)
-                runs[target] = SizeRun(answers, weight, counts, {**figs, "counts": counts})
-                print(json.dumps({"seed": seed, "gallery": target, **runs[target].figures}), flush=True)
+                for key, extra, answers in rounds:
+                    runs[key] = size_run(
+                        answers, args_for(args, key), card, enrolled, asked, strangers, compare
+                    )
+                    runs[key].figures.update(extra)
+                    print(json.dumps({"seed": seed, "gallery": key, **runs[key].figures}), flush=True)
         finally:
             server.terminate()
             server.wait(30)
     return runs
 
 
+def herd_key(target: int) -> str:
+    return f"{target} herd-checked"
+
+
+def args_for(args: argparse.Namespace, key: str) -> argparse.Namespace:
+    """The options a round's figures are read with: once a herd check raised the threshold, the
+    confidence floors' thresholds, lowered from the table's, are not the server's."""
+    return (
+        argparse.Namespace(**vars(args) | {"confidence_floors": []}) if key.endswith("herd-checked") else args
+    )
+
+
+def size_run(
+    answers: list[dict],
+    args: argparse.Namespace,
+    card: ModelCard,
+    enrolled: list[str],
+    asked: list[tuple[str, Path]],
+    strangers: list[tuple[str, Path]],
+    compare: OpenSetCalibration | None,
+) -> SizeRun:
+    """A round's answers with their weights, counts and figures."""
+    assert card.open_set is not None
+    # In the confidence's calibration error, stranger queries weigh the share of all queries the
+    # confidence was computed for, whatever their number here.
+    stranger_weight = args.stranger_share / (1 - args.stranger_share) * len(asked) / len(strangers)
+    weight = np.array([stranger_weight if a["truth"] is None else 1.0 for a in answers])
+    counts = {
+        "gallery_images": answers[-1]["gallery_size"],
+        "enrolled_individuals": len(enrolled),
+        "enrolled_test_individuals": sum(1 for n in enrolled if not n.startswith("pad-")),
+        "enrolled_queries": len(asked),
+        "stranger_queries": len(strangers),
+        "stranger_individuals": len({n for n, _ in strangers}),
+    }
+    figs = figures(answers, card.threshold or 0.0, weight, args, card.open_set, compare)
+    return SizeRun(answers, weight, counts, {**figs, "counts": counts})
+
+
 def pooled(
-    runs: list[dict[int, SizeRun]],
+    runs: list[dict[str, SizeRun]],
     card: ModelCard,
     args: argparse.Namespace,
     compare: OpenSetCalibration | None,
@@ -547,17 +636,17 @@ def pooled(
     and the counts summed: a smaller sampling floor under the calibration error."""
     assert card.open_set is not None
     out: dict[str, object] = {}
-    for target in sorted(args.sizes):
-        answers = [a for run in runs for a in run[target].answers]
-        weight = np.concatenate([run[target].weight for run in runs])
+    for key in runs[0]:
+        answers = [a for run in runs for a in run[key].answers]
+        weight = np.concatenate([run[key].weight for run in runs])
         figs: dict[str, object] = dict(
-            figures(answers, card.threshold or 0.0, weight, args, card.open_set, compare)
+            figures(answers, card.threshold or 0.0, weight, args_for(args, key), card.open_set, compare)
         )
         del figs["threshold"]  # one per seed's gallery
-        counts = [run[target].counts for run in runs]
-        figs["counts"] = {key: sum(c[key] for c in counts) for key in counts[0]} | {"seeds": len(runs)}
-        out[str(target)] = figs
-        print(json.dumps({"seeds": args.seeds, "gallery": target, **figs}), flush=True)
+        counts = [run[key].counts for run in runs]
+        figs["counts"] = {name: sum(c[name] for c in counts) for name in counts[0]} | {"seeds": len(runs)}
+        out[key] = figs
+        print(json.dumps({"seeds": args.seeds, "gallery": key, **figs}), flush=True)
     return out
 
 
@@ -578,10 +667,10 @@ def main() -> int:
     started = time.perf_counter()
     runs = [run_seed(args, card, test, padding, outside, seed, compare) for seed in args.seeds]
 
-    def figs_of(run: dict[int, SizeRun]) -> dict[str, object]:
+    def figs_of(run: dict[str, SizeRun]) -> dict[str, object]:
         return {
-            str(target): size_run.figures | {"answers": [brief(a) for a in size_run.answers]}
-            for target, size_run in run.items()
+            key: size_run.figures | {"answers": [brief(a) for a in size_run.answers]}
+            for key, size_run in run.items()
         }
 
     results = (
