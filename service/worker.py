@@ -12,8 +12,8 @@ The API only queues jobs; training never takes the API's threads. A worker:
   ``ANIMALID_JOBS_DIR``, shared by every worker);
 - uses ``ANIMALID_WORKER_THREADS`` CPU threads;
 - when idle, queues a herd check of every species that is due one (:func:`herd_check.due`: never
-  checked with its serving card, or its gallery grown by ``ANIMALID_HERD_CHECK_GROWTH``), at most
-  every :data:`HERD_SCAN_S` seconds.
+  checked with its serving card or at its target FPIR, or its gallery grown by
+  ``ANIMALID_HERD_CHECK_GROWTH``), at most every :data:`HERD_SCAN_S` seconds.
 """
 
 from __future__ import annotations
@@ -114,12 +114,18 @@ class Worker:
         """Queue a herd check of each species due one; returns their names. A species whose check
         is already queued or running is skipped, as is one whose check the database refuses."""
         s = self.settings
+        limits = limits_from(s, image_policy(s))
         queued = []
         with self.sessions() as session:
             for species in Repository(session).all_species():
                 name = species.name
                 if not herd_check.due(
-                    session, s.models_dir, name, s.herd_check_growth, s.herd_check_min_individuals
+                    session,
+                    s.models_dir,
+                    name,
+                    s.herd_check_growth,
+                    s.herd_check_min_individuals,
+                    limits.fpir_for(name),
                 ):
                     continue
                 if JobRepository(session).active_for(name, HERD_CHECK) is not None:

@@ -115,10 +115,13 @@ def keep_in_card(models_dir: Path, check: HerdCheck) -> HerdCalibration:
     return herd
 
 
-def due(session: Session, models_dir: Path, species: str, growth: float, min_individuals: int) -> bool:
+def due(
+    session: Session, models_dir: Path, species: str, growth: float, min_individuals: int, target_fpir: float
+) -> bool:
     """Whether the worker should check ``species``' herd now: it serves (its stored vectors are of
     the card's version) a card with an open-set table, has at least ``min_individuals`` enrolled,
-    and has never been checked with this card or holds ``growth`` more images than when it was."""
+    and has never been checked with this card, nor at ``target_fpir``, or holds ``growth`` more
+    images than when it was."""
     repo = Repository(session)
     found = repo.species_by_name(species)
     if found is None or growth <= 0:
@@ -132,7 +135,11 @@ def due(session: Session, models_dir: Path, species: str, growth: float, min_ind
         return False
     if repo.count_individuals(found.id) < max(min_individuals, 2):
         return False
-    return card.herd is None or repo.count_images(found.id) >= card.herd.images * (1 + growth)
+    return (
+        card.herd is None
+        or card.herd.row_for(target_fpir) is None
+        or repo.count_images(found.id) >= card.herd.images * (1 + growth)
+    )
 
 
 def describe(check: HerdCheck) -> dict[str, Any]:

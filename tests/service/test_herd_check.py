@@ -182,7 +182,14 @@ def test_a_kept_check_raises_identify_s_threshold_and_the_worker_checks_again_as
     assert worker.run(once=True) == 1
     checked = read_card(models / "dog").herd
     assert checked is not None and (checked.images, checked.individuals) == (18, 9)
+    assert worker.queue_due_herd_checks() == []
     worker.close()
+    # A target FPIR the check has no row for is due at once, and checked at that target too.
+    retargeted = Worker(served.model_copy(update={"target_fpir": 0.02}), name="test-worker")
+    assert retargeted.queue_due_herd_checks() == ["dog"]
+    assert retargeted.run(once=True) == 1
+    retargeted.close()
+    assert [row.target for row in read_card(models / "dog").herd.rows] == [0.01, 0.02, 0.05]
 
     # By hand: `animalid gallery check --apply`, audited like the worker's.
     monkeypatch.setenv("ANIMALID_DATABASE_URL", settings.database_url)
@@ -203,5 +210,5 @@ def test_a_kept_check_raises_identify_s_threshold_and_the_worker_checks_again_as
         ]
     engine.dispose()
     assert ("herd_check", "cli") in actors
-    assert sum(1 for action, actor in actors if action == "herd_check" and actor.startswith("worker:")) == 2
+    assert sum(1 for action, actor in actors if action == "herd_check" and actor.startswith("worker:")) == 3
     assert ("herd_check_queued", "worker:test-worker") in actors
