@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from service.db.repository import Repository, vector_from_bytes
 from service.errors import InvalidRequest, SpeciesNotFound
 from training.artifact import ArtifactError, read_card, write_card
-from training.open_set import HERD_TARGETS, HerdCalibration, HerdMates, herd_check
+from training.open_set import HERD_TARGETS, HerdCalibration, HerdMates, OpenSetCalibration, herd_check
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class HerdCheck:
     individuals: int
     size: int  # the gallery as the card's table reads it
     rows: list[HerdMates]
+    table: OpenSetCalibration  # the card's, the rows' thresholds are read from
 
 
 def check_targets(target_fpir: float) -> tuple[float, ...]:
@@ -89,7 +90,9 @@ def check_herd(
             )
 
     size, checks = herd_check(layout.code, vectors_of, blocks, card.open_set, targets, max_queries)
-    return HerdCheck(species, card.model_version, len(layout.code), len(layout.individuals), size, checks)
+    return HerdCheck(
+        species, card.model_version, len(layout.code), len(layout.individuals), size, checks, card.open_set
+    )
 
 
 def keep_in_card(models_dir: Path, check: HerdCheck) -> HerdCalibration:
@@ -98,10 +101,11 @@ def keep_in_card(models_dir: Path, check: HerdCheck) -> HerdCalibration:
     seconds without re-embedding. Refused when the card is no longer the one checked."""
     folder = models_dir / check.species
     card = read_card(folder)
-    if card.model_version != check.model_version:
+    table = card.open_set.to_dict() if card.open_set is not None else None
+    if card.model_version != check.model_version or table != check.table.to_dict():
         raise InvalidRequest(
-            f"the models folder's card of {check.species!r} is now {card.model_version}, not the "
-            f"{check.model_version} checked: check again",
+            f"the models folder's card of {check.species!r} changed while its herd was checked "
+            f"({card.model_version} now, {check.model_version} checked): check again",
             species=check.species,
         )
     herd = HerdCalibration(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ from test_index_follower import enroll
 from service.cli import main
 from service.db.repository import Repository, vector_from_bytes
 from service.db.session import make_engine
-from service.services.herd_check import check_herd
+from service.errors import InvalidRequest
+from service.services.herd_check import check_herd, keep_in_card
 from service.settings import Settings
 from service.worker import Worker
-from training.artifact import read_card
+from training.artifact import read_card, write_card
 from training.open_set import herd_mates
 
 DEMO_CARD = Path(__file__).resolve().parents[2] / "service" / "demo" / "models" / "dog" / "model_card.json"
@@ -190,6 +192,18 @@ def test_a_kept_check_raises_identify_s_threshold_and_the_worker_checks_again_as
     assert retargeted.run(once=True) == 1
     retargeted.close()
     assert [row.target for row in read_card(models / "dog").herd.rows] == [0.01, 0.02, 0.05]
+    # A check is not kept in a card whose table changed meanwhile (a recalibration).
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        checked_then = check_herd(session, models, "dog", 5000)
+    engine.dispose()
+    recalibrated = read_card(models / "dog")
+    assert recalibrated.open_set is not None
+    write_card(
+        replace(recalibrated, open_set=replace(recalibrated.open_set, simulated_up_to=7)), models / "dog"
+    )
+    with pytest.raises(InvalidRequest, match="changed while its herd was checked"):
+        keep_in_card(models, checked_then)
 
     # By hand: `animalid gallery check --apply`, audited like the worker's.
     monkeypatch.setenv("ANIMALID_DATABASE_URL", settings.database_url)
