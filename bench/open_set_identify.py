@@ -34,6 +34,8 @@ With ``--herd-check``, each gallery size is asked twice: with the card's table, 
 `animalid gallery check --apply` has kept a herd check in the served card (a copy of the artifact),
 which raises the threshold where the enrolled animals, each left out in turn, pass it more often
 than the target; the second round's figures are under "<size> herd-checked", with the check's own.
+The artifact's card is then served again, so each size's first round is the table's alone. Galleries
+of fewer than ``--herd-min-individuals`` animals are not checked, as the worker would not check them.
 
 With several ``--seeds``, each seed draws its strangers and enrolment anew on a fresh server, and the
 figures of all their answers together follow (``pooled``): a single seed's ~100 queries leave an
@@ -150,6 +152,13 @@ def parse_args() -> argparse.Namespace:
         "gallery check --apply`: the enrolled animals, each left out in turn, as strangers) and ask every "
         "query again: figures under '<size> herd-checked' (the server's own decisions; the confidence "
         "floors are not recomputed there)",
+    )
+    parser.add_argument(
+        "--herd-min-individuals",
+        type=int,
+        default=10,
+        help="--herd-check only for galleries of at least this many animals (the worker's default, "
+        "ANIMALID_HERD_CHECK_MIN_INDIVIDUALS)",
     )
     parser.add_argument(
         "--compare-card",
@@ -276,6 +285,14 @@ def keep_herd_check(client: httpx.Client, root: Path, args: argparse.Namespace, 
     if served is None or served["checked_at"] != check["checked_at"]:
         raise SystemExit(f"the server does not serve the herd check just kept: {served}")
     return check
+
+
+def drop_herd_check(client: httpx.Client, root: Path, artifact: Path, species: str) -> None:
+    """The artifact's own card served again (no herd check)."""
+    shutil.copyfile(artifact / "model_card.json", root / "models" / species / "model_card.json")
+    client.post(f"/species/{species}/reload").raise_for_status()
+    if client.get(f"/species/{species}").json()["herd_check"] is not None:
+        raise SystemExit("the server still serves a herd check after the card was restored")
 
 
 def identify(client: httpx.Client, species: str, photo: Path) -> dict:
@@ -566,7 +583,7 @@ def run_seed(
                 rounds: list[tuple[str, dict, list[dict]]] = [
                     (str(target), {}, ask_all(client, species, queries, gallery_shape))
                 ]
-                if args.herd_check:
+                if args.herd_check and len(enrolled) >= args.herd_min_individuals:
                     check = keep_herd_check(client, root, args, species)
                     rounds.append(
                         (
@@ -575,6 +592,8 @@ def run_seed(
                             ask_all(client, species, queries, gallery_shape),
                         )
                     )
+                    # The next size's first round is the table's alone again.
+                    drop_herd_check(client, root, args.artifact, species)
                 for key, extra, answers in rounds:
                     runs[key] = size_run(
                         answers, args_for(args, key), card, enrolled, asked, strangers, compare
@@ -636,7 +655,7 @@ def pooled(
     and the counts summed: a smaller sampling floor under the calibration error."""
     assert card.open_set is not None
     out: dict[str, object] = {}
-    for key in runs[0]:
+    for key in [key for key in runs[0] if all(key in run for run in runs)]:
         answers = [a for run in runs for a in run[key].answers]
         weight = np.concatenate([run[key].weight for run in runs])
         figs: dict[str, object] = dict(
