@@ -246,6 +246,7 @@ def test_openapi_documents_every_endpoint_with_examples(client: TestClient) -> N
         ("get", "/species/{name}"),
         ("post", "/species/{name}/reload"),
         ("post", "/species/{name}/finetune"),
+        ("post", "/species/{name}/herd-check"),
         ("get", "/jobs"),
         ("get", "/jobs/{job_id}"),
         ("post", "/jobs/{job_id}/cancel"),

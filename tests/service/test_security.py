@@ -34,6 +34,7 @@ ADMIN_ONLY = {
     ("get", "/status"),
     ("get", "/audit"),
     ("post", "/species/{name}/finetune"),
+    ("post", "/species/{name}/herd-check"),
     ("post", "/jobs/{job_id}/cancel"),
 }
 
