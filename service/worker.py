@@ -112,7 +112,8 @@ class Worker:
 
     def queue_due_herd_checks(self) -> list[str]:
         """Queue a herd check of each species due one; returns their names. A species whose check
-        is already queued or running is skipped, as is one whose check the database refuses."""
+        is already queued or running is skipped (another worker queueing it at the same moment
+        ends this scan with a conflict; the next scan goes on)."""
         s = self.settings
         limits = limits_from(s, image_policy(s))
         queued = []
