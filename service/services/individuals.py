@@ -154,7 +154,8 @@ def delete_individual(
         embedding_ids = _indexed_embedding_ids(slot, repo, image_ids)
         files = [image.storage_path for image in images]
         repo.delete_images(image_ids)
-        repo.delete_individual(row.individual)
+        if not repo.delete_individual(row.individual):
+            raise _not_found(individual_id)  # deleted meanwhile through another replica: rolled back
         repo.audit(
             "delete_individual",
             species,
@@ -296,7 +297,8 @@ def merge(
             },
         )
         session.flush()
-        repo.delete_individual(source.individual)
+        if not repo.delete_individual(source.individual):
+            raise _not_found(source_id)  # deleted or merged meanwhile through another replica: rolled back
         repo.record_index_change(target.species, [*dropped_vectors, *moved_vectors])  # other replicas follow
         session.commit()
         if slot.serving is not None:

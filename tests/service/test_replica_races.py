@@ -145,16 +145,59 @@ def test_a_deadlock_is_a_conflict_to_retry_and_a_refused_connection_an_outage() 
 def test_one_animal_deleted_through_two_replicas_at_once_is_deleted_once(
     backend: str, settings: Settings, runner: AppRunner
 ) -> None:
-    """Both deletes are answered without a server error: one deletes, the other finds it gone."""
+    """One delete deletes it; the other waits on it, finds nothing left and is answered 404 (not a
+    second success), so the audit log holds one deletion."""
     if backend == "sqlite":
         return  # one process per SQLite database
     first, second = runner.start(settings), runner.start(settings)
     for round_ in range(4):
         files = [("images", (f"{s}.jpg", jpeg(890 + round_, s), "image/jpeg")) for s in range(2)]
         answer = first.post("/enroll", data={"species": "dog", "external_id": f"d{round_}"}, files=files)
-        path = f"/individuals/{answer.json()['individual']['id']}"
+        individual_id = answer.json()["individual"]["id"]
+        path = f"/individuals/{individual_id}"
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda client, path=path: client.delete(path), (first, second)))
-        codes = sorted(a.status_code for a in answers)
-        assert codes[0] < 300 and codes[1] in (codes[0], 404, 409), [a.text for a in answers]
+        assert sorted((a.status_code, a.json().get("code")) for a in answers) == [
+            (200, None),
+            (404, "individual_not_found"),
+        ], [a.text for a in answers]
         assert first.get(path).status_code == 404
+        log = first.get("/audit", params={"action": "delete_individual", "individual_id": individual_id})
+        assert log.json()["count"] == 1, log.text
+
+
+def test_an_animal_merged_on_one_replica_while_deleted_on_another_loses_no_photo_of_the_target(
+    backend: str, settings: Settings, runner: AppRunner
+) -> None:
+    """Merge S into T on one replica and delete S on the other at the same moment. One wins. If the
+    merge wins, the delete (which read S's photos before they moved to T) must not take them from T;
+    if the delete wins, the merge must not claim to have moved them. The loser is a 4xx."""
+    if backend == "sqlite":
+        return  # one process per SQLite database
+    first, second = runner.start(settings), runner.start(settings)
+    for round_ in range(4):
+        ids = []
+        for k in range(2):
+            files = [("images", (f"{s}.jpg", jpeg(930 + 2 * round_ + k, s), "image/jpeg")) for s in range(3)]
+            answer = first.post(
+                "/enroll", data={"species": "dog", "external_id": f"md{round_}-{k}"}, files=files
+            )
+            ids.append(answer.json()["individual"]["id"])
+        target, source = ids
+
+        def act(client: TestClient, target: str = target, source: str = source) -> httpx.Response:
+            if client is first:
+                return client.post(f"/individuals/{target}/merge", json={"source_id": source})
+            return client.delete(f"/individuals/{source}")
+
+        with ThreadPoolExecutor(2) as pool:
+            merged, deleted = pool.map(act, (first, second))
+        assert sorted([merged.status_code, deleted.status_code])[0] == 200, (merged.text, deleted.text)
+        loser = deleted if merged.status_code == 200 else merged
+        assert (loser.status_code, loser.json().get("code")) in {
+            (404, "individual_not_found"),
+            (409, "concurrent_change"),
+        }, loser.text
+        assert first.get(f"/individuals/{source}").status_code == 404
+        photos = second.get(f"/individuals/{target}").json()["image_count"]
+        assert photos == (6 if merged.status_code == 200 else 3), (photos, merged.text, deleted.text)
