@@ -299,18 +299,19 @@ class Repository:
                 .execution_options(synchronize_session=False)
             )
 
-    def delete_images(self, image_ids: Sequence[uuid.UUID]) -> None:
-        if image_ids:
-            self.session.execute(
-                delete(Embedding)
-                .where(Embedding.image_id.in_(list(image_ids)))
-                .execution_options(synchronize_session=False)
-            )
-            self.session.execute(
-                delete(Image)
-                .where(Image.id.in_(list(image_ids)))
-                .execution_options(synchronize_session=False)
-            )
+    def delete_images(self, image_ids: Sequence[uuid.UUID]) -> int:
+        """Delete these images and their embeddings; the number of images there were to delete."""
+        if not image_ids:
+            return 0
+        self.session.execute(
+            delete(Embedding)
+            .where(Embedding.image_id.in_(list(image_ids)))
+            .execution_options(synchronize_session=False)
+        )
+        deleted = self.session.execute(
+            delete(Image).where(Image.id.in_(list(image_ids))).execution_options(synchronize_session=False)
+        )
+        return int(getattr(deleted, "rowcount", 0) or 0)
 
     def count_images(self, species_id: int) -> int:
         query = (

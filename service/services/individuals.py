@@ -184,15 +184,19 @@ def list_images(session: Session, individual_id: uuid.UUID, page: Page) -> Image
     )
 
 
+def _image_not_found(individual_id: uuid.UUID, image_id: uuid.UUID) -> ImageNotFound:
+    return ImageNotFound(
+        f"individual {individual_id} has no image {image_id}",
+        individual_id=str(individual_id),
+        image_id=str(image_id),
+    )
+
+
 def _image_of(repo: Repository, individual_id: uuid.UUID, image_id: uuid.UUID) -> Image:
     _row(repo, individual_id)
     image = repo.get_image(image_id)
     if image is None or image.individual_id != individual_id:
-        raise ImageNotFound(
-            f"individual {individual_id} has no image {image_id}",
-            individual_id=str(individual_id),
-            image_id=str(image_id),
-        )
+        raise _image_not_found(individual_id, image_id)
     return image
 
 
@@ -227,7 +231,8 @@ def delete_image(
         image = _image_of(repo, individual_id, image_id)
         public = image_public(image)
         embedding_ids = _indexed_embedding_ids(slot, repo, [image.id])
-        repo.delete_images([image.id])
+        if not repo.delete_images([image.id]):
+            raise _image_not_found(individual_id, image_id)  # deleted meanwhile through another replica
         repo.audit("delete_image", species, actor.fingerprint, individual_id, {"image": str(image_id)})
         repo.record_index_change(species, embedding_ids)  # other replicas follow
         session.commit()

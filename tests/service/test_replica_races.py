@@ -201,3 +201,26 @@ def test_an_animal_merged_on_one_replica_while_deleted_on_another_loses_no_photo
         assert first.get(f"/individuals/{source}").status_code == 404
         photos = second.get(f"/individuals/{target}").json()["image_count"]
         assert photos == (6 if merged.status_code == 200 else 3), (photos, merged.text, deleted.text)
+
+
+def test_one_photo_deleted_through_two_replicas_at_once_is_deleted_once(
+    backend: str, settings: Settings, runner: AppRunner
+) -> None:
+    """One delete of the photo wins; the other finds it gone and is answered 404, not a second 200."""
+    if backend == "sqlite":
+        return  # one process per SQLite database
+    first, second = runner.start(settings), runner.start(settings)
+    for round_ in range(4):
+        files = [("images", (f"{s}.jpg", jpeg(960 + round_, s), "image/jpeg")) for s in range(2)]
+        answer = first.post("/enroll", data={"species": "dog", "external_id": f"p{round_}"}, files=files)
+        individual_id = answer.json()["individual"]["id"]
+        path = f"/individuals/{individual_id}/images/{answer.json()['images'][0]['image_id']}"
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda client, path=path: client.delete(path), (first, second)))
+        assert sorted((a.status_code, a.json().get("code")) for a in answers) == [
+            (200, None),
+            (404, "image_not_found"),
+        ], [a.text for a in answers]
+        assert second.get(f"/individuals/{individual_id}").json()["image_count"] == 1
+        log = first.get("/audit", params={"action": "delete_image", "individual_id": individual_id})
+        assert log.json()["count"] == 1, log.text
