@@ -419,8 +419,10 @@ def figures(
 
     rules = (
         {
-            "target FPIR 1% (match)": decisions == "match",
-            "target FPIR 5% (match or uncertain)": np.isin(decisions, ["match", "uncertain"]),
+            f"target FPIR {args.target_fpir:.0%} (match)": decisions == "match",
+            f"target FPIR {args.review_fpir:.0%} (match or uncertain)": np.isin(
+                decisions, ["match", "uncertain"]
+            ),
             f"pair threshold {pair_threshold:.3f} (before)": sim >= pair_threshold,
         }
         | {
