@@ -32,6 +32,13 @@ def register(session: Session) -> tuple[int, int]:
     return species.id, version.id
 
 
+def enrolled(client: TestClient, seed: int, external_id: str, photos: int = 2) -> tuple[str, list[str]]:
+    """An animal enrolled with ``photos`` photos: its id and its photos' ids."""
+    files = [("images", (f"{s}.jpg", jpeg(seed, s), "image/jpeg")) for s in range(photos)]
+    answer = client.post("/enroll", data={"species": "dog", "external_id": external_id}, files=files).json()
+    return answer["individual"]["id"], [image["image_id"] for image in answer["images"]]
+
+
 def test_a_registration_racing_another_gets_its_rows(database_url: str) -> None:
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
@@ -102,13 +109,7 @@ def test_merges_in_opposite_directions_on_two_replicas_keep_every_photo(
         return  # one process per SQLite database
     first, second = runner.start(settings), runner.start(settings)
     for round_ in range(4):
-        ids = []
-        for k in range(2):
-            files = [("images", (f"{s}.jpg", jpeg(870 + 2 * round_ + k, s), "image/jpeg")) for s in range(3)]
-            answer = first.post(
-                "/enroll", data={"species": "dog", "external_id": f"m{round_}-{k}"}, files=files
-            )
-            ids.append(answer.json()["individual"]["id"])
+        ids = [enrolled(first, 870 + 2 * round_ + k, f"m{round_}-{k}", photos=3)[0] for k in range(2)]
 
         def merge(pair: tuple[TestClient, tuple[str, str]]) -> httpx.Response:
             client, (target, source) = pair
@@ -142,28 +143,35 @@ def test_a_deadlock_is_a_conflict_to_retry_and_a_refused_connection_an_outage() 
     assert not is_conflict(None)
 
 
+def deleted_through_both_at_once(
+    first: TestClient, second: TestClient, path: str, not_found: str, action: str, individual_id: str
+) -> None:
+    """DELETE ``path`` through both replicas at the same moment: one is answered 200; the other
+    waits on it, finds nothing left and is answered 404 ``not_found``, not a second success; the
+    audit log holds one ``action`` about the individual."""
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda client: client.delete(path), (first, second)))
+    assert sorted((a.status_code, a.json().get("code")) for a in answers) == [
+        (200, None),
+        (404, not_found),
+    ], [a.text for a in answers]
+    log = first.get("/audit", params={"action": action, "individual_id": individual_id})
+    assert log.json()["count"] == 1, log.text
+
+
 def test_one_animal_deleted_through_two_replicas_at_once_is_deleted_once(
     backend: str, settings: Settings, runner: AppRunner
 ) -> None:
-    """One delete deletes it; the other waits on it, finds nothing left and is answered 404 (not a
-    second success), so the audit log holds one deletion."""
     if backend == "sqlite":
         return  # one process per SQLite database
     first, second = runner.start(settings), runner.start(settings)
     for round_ in range(4):
-        files = [("images", (f"{s}.jpg", jpeg(890 + round_, s), "image/jpeg")) for s in range(2)]
-        answer = first.post("/enroll", data={"species": "dog", "external_id": f"d{round_}"}, files=files)
-        individual_id = answer.json()["individual"]["id"]
+        individual_id, _ = enrolled(first, 890 + round_, f"d{round_}")
         path = f"/individuals/{individual_id}"
-        with ThreadPoolExecutor(2) as pool:
-            answers = list(pool.map(lambda client, path=path: client.delete(path), (first, second)))
-        assert sorted((a.status_code, a.json().get("code")) for a in answers) == [
-            (200, None),
-            (404, "individual_not_found"),
-        ], [a.text for a in answers]
+        deleted_through_both_at_once(
+            first, second, path, "individual_not_found", "delete_individual", individual_id
+        )
         assert first.get(path).status_code == 404
-        log = first.get("/audit", params={"action": "delete_individual", "individual_id": individual_id})
-        assert log.json()["count"] == 1, log.text
 
 
 def test_an_animal_merged_on_one_replica_while_deleted_on_another_loses_no_photo_of_the_target(
@@ -176,14 +184,9 @@ def test_an_animal_merged_on_one_replica_while_deleted_on_another_loses_no_photo
         return  # one process per SQLite database
     first, second = runner.start(settings), runner.start(settings)
     for round_ in range(4):
-        ids = []
-        for k in range(2):
-            files = [("images", (f"{s}.jpg", jpeg(930 + 2 * round_ + k, s), "image/jpeg")) for s in range(3)]
-            answer = first.post(
-                "/enroll", data={"species": "dog", "external_id": f"md{round_}-{k}"}, files=files
-            )
-            ids.append(answer.json()["individual"]["id"])
-        target, source = ids
+        target, source = (
+            enrolled(first, 930 + 2 * round_ + k, f"md{round_}-{k}", photos=3)[0] for k in range(2)
+        )
 
         def act(client: TestClient, target: str = target, source: str = source) -> httpx.Response:
             if client is first:
@@ -206,21 +209,11 @@ def test_an_animal_merged_on_one_replica_while_deleted_on_another_loses_no_photo
 def test_one_photo_deleted_through_two_replicas_at_once_is_deleted_once(
     backend: str, settings: Settings, runner: AppRunner
 ) -> None:
-    """One delete of the photo wins; the other finds it gone and is answered 404, not a second 200."""
     if backend == "sqlite":
         return  # one process per SQLite database
     first, second = runner.start(settings), runner.start(settings)
     for round_ in range(4):
-        files = [("images", (f"{s}.jpg", jpeg(960 + round_, s), "image/jpeg")) for s in range(2)]
-        answer = first.post("/enroll", data={"species": "dog", "external_id": f"p{round_}"}, files=files)
-        individual_id = answer.json()["individual"]["id"]
-        path = f"/individuals/{individual_id}/images/{answer.json()['images'][0]['image_id']}"
-        with ThreadPoolExecutor(2) as pool:
-            answers = list(pool.map(lambda client, path=path: client.delete(path), (first, second)))
-        assert sorted((a.status_code, a.json().get("code")) for a in answers) == [
-            (200, None),
-            (404, "image_not_found"),
-        ], [a.text for a in answers]
+        individual_id, images = enrolled(first, 960 + round_, f"p{round_}")
+        path = f"/individuals/{individual_id}/images/{images[0]}"
+        deleted_through_both_at_once(first, second, path, "image_not_found", "delete_image", individual_id)
         assert second.get(f"/individuals/{individual_id}").json()["image_count"] == 1
-        log = first.get("/audit", params={"action": "delete_image", "individual_id": individual_id})
-        assert log.json()["count"] == 1, log.text
