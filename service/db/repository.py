@@ -233,15 +233,14 @@ class Repository:
         )
         return self._with_counts(list(self.session.execute(query).all())), int(total)
 
-    def delete_individual(self, individual: Individual) -> bool:
+    def delete_individual(self, individual_id: uuid.UUID) -> bool:
         """Delete its row; False when there was none left to delete (another replica deleted or
         merged it away after it was read: the DELETE waited on that transaction, then matched nothing)."""
         deleted = self.session.execute(
             delete(Individual)
-            .where(Individual.id == individual.id)
+            .where(Individual.id == individual_id)
             .execution_options(synchronize_session=False)
         )
-        self.session.expunge(individual)
         return int(getattr(deleted, "rowcount", 0) or 0) == 1
 
     # Images -------------------------------------------------------------------------------------

@@ -154,8 +154,9 @@ def delete_individual(
         embedding_ids = _indexed_embedding_ids(slot, repo, image_ids)
         files = [image.storage_path for image in images]
         repo.delete_images(image_ids)
-        if not repo.delete_individual(row.individual):
-            raise _not_found(individual_id)  # deleted meanwhile through another replica: rolled back
+        if not repo.delete_individual(individual_id):
+            session.rollback()  # deleted meanwhile through another replica
+            raise _not_found(individual_id)
         repo.audit(
             "delete_individual",
             species,
@@ -232,7 +233,8 @@ def delete_image(
         public = image_public(image)
         embedding_ids = _indexed_embedding_ids(slot, repo, [image.id])
         if not repo.delete_images([image.id]):
-            raise _image_not_found(individual_id, image_id)  # deleted meanwhile through another replica
+            session.rollback()  # deleted meanwhile through another replica
+            raise _image_not_found(individual_id, image_id)
         repo.audit("delete_image", species, actor.fingerprint, individual_id, {"image": str(image_id)})
         repo.record_index_change(species, embedding_ids)  # other replicas follow
         session.commit()
@@ -302,8 +304,9 @@ def merge(
             },
         )
         session.flush()
-        if not repo.delete_individual(source.individual):
-            raise _not_found(source_id)  # deleted or merged meanwhile through another replica: rolled back
+        if not repo.delete_individual(source_id):
+            session.rollback()  # deleted or merged away meanwhile through another replica; audit too
+            raise _not_found(source_id)
         repo.record_index_change(target.species, [*dropped_vectors, *moved_vectors])  # other replicas follow
         session.commit()
         if slot.serving is not None:
