@@ -214,6 +214,20 @@ class Repository:
         rows = self._with_counts(list(self.session.execute(query).all()))
         return rows[0] if rows else None
 
+    def lock_individuals(self, individual_ids: Sequence[uuid.UUID]) -> None:
+        """Hold these animals' rows until commit or rollback (Postgres; SQLite has one writer).
+
+        A delete, merge or photo delete takes them before it reads the photos it will change, so a
+        write on another replica to the same animals, an enrol included (its photo's foreign key
+        waits on the lock), runs wholly before or wholly after it; sorted, so that two merges of
+        the same pair in opposite directions queue instead of deadlocking."""
+        self.session.execute(
+            select(Individual.id)
+            .where(Individual.id.in_(list(individual_ids)))
+            .order_by(Individual.id)
+            .with_for_update()
+        ).all()
+
     def list_individuals(
         self, species_id: int | None, external_id: str | None, offset: int, limit: int
     ) -> tuple[list[IndividualRow], int]:

@@ -148,6 +148,7 @@ def delete_individual(
     slot = _get_or_add_slot(registry, species)
     with slot.write_lock:
         session.rollback()
+        repo.lock_individuals([individual_id])
         row = _row(repo, individual_id)
         images = repo.images_of(individual_id)
         image_ids = [image.id for image in images]
@@ -229,6 +230,7 @@ def delete_image(
     slot = _get_or_add_slot(registry, species)
     with slot.write_lock:
         session.rollback()
+        repo.lock_individuals([individual_id])
         image = _image_of(repo, individual_id, image_id)
         public = image_public(image)
         embedding_ids = _indexed_embedding_ids(slot, repo, [image.id])
@@ -273,6 +275,7 @@ def merge(
     slot = _get_or_add_slot(registry, target_species)
     with slot.write_lock:
         session.rollback()
+        repo.lock_individuals([target_id, source_id])
         target, source = _row(repo, target_id), _row(repo, source_id)
         if source.species != target.species:
             raise SpeciesMismatch(
