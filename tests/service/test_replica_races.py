@@ -1,9 +1,10 @@
 """Two processes writing the same records at once (replicas on one database). Creating the same row:
 a species and a model version (replicas starting on a fresh database, or every replica's model
 watcher reloading a new artifact), an animal enrolled under the same external id on two replicas;
-the second gets the first's row instead of a unique-key error. Changing the same rows (merges in
-opposite directions): the loser is answered 409 ``concurrent_change``, and a deadlock is not taken
-for an outage."""
+the second gets the first's row instead of a unique-key error. Changing the same animals (deletes,
+merges, photo deletes): they lock the animals' rows and run one after the other; the one that finds
+its animal or photo gone is answered 404 and writes nothing. A deadlock is a conflict to retry, not
+an outage."""
 
 from __future__ import annotations
 
@@ -103,8 +104,8 @@ def test_an_enroll_racing_another_process_creating_the_individual_joins_it(
 def test_merges_in_opposite_directions_on_two_replicas_keep_every_photo(
     backend: str, settings: Settings, runner: AppRunner
 ) -> None:
-    """Two replicas merge A into B and B into A at the same moment: at most one wins, the other is
-    refused with a 4xx, never a server error, and no photo is lost."""
+    """Two replicas merge A into B and B into A at the same moment: they queue on the animals' rows,
+    one wins and the other finds its source gone (404), never a deadlock; no photo is lost."""
     if backend == "sqlite":
         return  # one process per SQLite database
     first, second = runner.start(settings), runner.start(settings)
