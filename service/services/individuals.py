@@ -156,7 +156,7 @@ def delete_individual(
         files = [image.storage_path for image in images]
         repo.delete_images(image_ids)
         if not repo.delete_individual(individual_id):
-            session.rollback()  # deleted meanwhile through another replica
+            session.rollback()  # a writer that skipped the animal lock deleted it
             raise _not_found(individual_id)
         repo.audit(
             "delete_individual",
@@ -235,7 +235,7 @@ def delete_image(
         public = image_public(image)
         embedding_ids = _indexed_embedding_ids(slot, repo, [image.id])
         if not repo.delete_images([image.id]):
-            session.rollback()  # deleted meanwhile through another replica
+            session.rollback()  # a writer that skipped the animal lock deleted it
             raise _image_not_found(individual_id, image_id)
         repo.audit("delete_image", species, actor.fingerprint, individual_id, {"image": str(image_id)})
         repo.record_index_change(species, embedding_ids)  # other replicas follow
@@ -308,7 +308,7 @@ def merge(
         )
         session.flush()
         if not repo.delete_individual(source_id):
-            session.rollback()  # deleted or merged away meanwhile through another replica; audit too
+            session.rollback()  # as in delete_individual; the audit entry goes too
             raise _not_found(source_id)
         repo.record_index_change(target.species, [*dropped_vectors, *moved_vectors])  # other replicas follow
         session.commit()
