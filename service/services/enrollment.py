@@ -226,6 +226,11 @@ def _commit(
                 },
             )
         repo.record_index_change(slot.name, [emb_id for emb_id, _ in added])  # other replicas follow
+        session.flush()
+        # The answer's animal as this commit leaves it: a delete through another replica, waiting
+        # on its row, may remove it the moment this commits.
+        row = repo.individual_row(individual.id)
+        assert row is not None
         session.commit()
     except BaseException:
         session.rollback()
@@ -248,8 +253,6 @@ def _commit(
             ) from exc
     if len(to_add) < len(unique):
         _index_missing(repo, serving, individual.id)
-    row = repo.individual_row(individual.id)
-    assert row is not None
     session.commit()
     created = {image.sha256 for _, image in added}
     images = [

@@ -47,6 +47,12 @@ def merging(client: TestClient, target: str, source: str) -> Callable[[], httpx.
     return partial(client.post, f"/individuals/{target}/merge", json={"source_id": source})
 
 
+def later(seconds: float, request: Callable[[], httpx.Response]) -> httpx.Response:
+    """``request`` sent ``seconds`` late: to land inside the other request rather than before it."""
+    time.sleep(seconds)
+    return request()
+
+
 def at_once(
     first: Callable[[], httpx.Response], second: Callable[[], httpx.Response]
 ) -> tuple[httpx.Response, httpx.Response]:
@@ -280,3 +286,36 @@ def test_an_animal_deleted_on_one_replica_while_another_merges_into_it_takes_eve
             assert merged.json()["code"] == "individual_not_found", merged.text
             assert deleted.json()["deleted_images"] == 3, deleted.text
             assert second.get(f"/individuals/{source}").json()["image_count"] == 3
+
+
+def test_a_photo_enrolled_on_one_replica_while_its_animal_is_deleted_on_another_is_not_lost(
+    backend: str, settings: Settings, runner: AppRunner
+) -> None:
+    """Enroll a new photo of A (by its external id) on one replica while the other deletes A. Either
+    the enroll goes first and the delete takes its photo too (and counts it), or the delete goes
+    first and the enroll, finding no A, creates a new A with the photo. The enroll's answer is the
+    animal as its commit left it, even when the delete removes it a moment later (it was a 500).
+    Every stored file belongs to a photo. The delete is sent 0 to 22 ms late, so that it lands
+    before, during and after the enroll's own work."""
+    if backend == "sqlite":
+        return  # one process per SQLite database
+    first, second = runner.start(settings), runner.start(settings)
+    for round_ in range(12):
+        external_id = f"ed{round_}"
+        individual_id, _ = enrolled(first, 1040 + round_, external_id)
+        files = [("images", ("new.jpg", jpeg(1050 + round_, 9), "image/jpeg"))]
+        added, deleted = at_once(
+            partial(first.post, "/enroll", data={"species": "dog", "external_id": external_id}, files=files),
+            partial(later, 0.002 * round_, partial(second.delete, f"/individuals/{individual_id}")),
+        )
+        assert (added.status_code, deleted.status_code) == (201, 200), (added.text, deleted.text)
+        now = added.json()["individual"]
+        if now["id"] == individual_id:  # the enroll went first
+            assert now["image_count"] == 3 and deleted.json()["deleted_images"] == 3, deleted.text
+            assert second.get("/individuals", params={"external_id": external_id}).json()["count"] == 0
+        else:
+            assert deleted.json()["deleted_images"] == 2, deleted.text
+            assert (now["external_id"], now["image_count"]) == (external_id, 1), now
+    stored = sum(1 for path in settings.image_store_dir.rglob("*") if path.is_file())
+    listed = first.get("/individuals", params={"species": "dog", "limit": 500}).json()
+    assert stored == sum(i["image_count"] for i in listed["data"]), (stored, listed)
