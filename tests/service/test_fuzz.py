@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import base64
 import copy
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,25 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
-EXAMPLES_PER_OPERATION = 6
 KEYS = {"read": READ_KEY, "admin": ADMIN_KEY}
-SETTINGS = hypothesis.settings(
-    max_examples=EXAMPLES_PER_OPERATION,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
-)
+
+
+def fuzzed(test: Callable[[schemathesis.Case], None]) -> Callable[[], None]:
+    """``test`` as a Hypothesis test. The suite's run: 6 examples an operation, always the same
+    ones, so that it stays short and a failure reproduces. A deeper run, by hand:
+    ``ANIMALID_FUZZ_EXAMPLES=N`` examples an operation, other ones with ``ANIMALID_FUZZ_SEED=S``
+    (a failure then reproduces with the same two values)."""
+    seed = os.environ.get("ANIMALID_FUZZ_SEED")
+    settings = hypothesis.settings(
+        max_examples=int(os.environ.get("ANIMALID_FUZZ_EXAMPLES", "6")),
+        deadline=None,
+        derandomize=seed is None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+    )
+    run = settings(test)
+    return run if seed is None else hypothesis.seed(int(seed))(run)
 
 
 def fuzzer_view(spec: dict[str, Any], images: list[bytes]) -> dict[str, Any]:
@@ -128,8 +138,8 @@ def test_every_operation_answers_within_its_schema(
     either key."""
     for operation in operations(api):
 
+        @fuzzed
         @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-        @SETTINGS
         def fuzz(case: schemathesis.Case) -> None:
             for key in (READ_KEY, ADMIN_KEY):
                 case.call_and_validate(headers={"x-api-key": key}, checks=CHECKS, timeout=60)
@@ -192,8 +202,8 @@ def test_operations_reached_through_the_enroll_links_get_real_ids(
         ids = {parameter: pointer(made.json(), value) for parameter, value in link["parameters"].items()}
         target = by_label[labels[link["operationId"]]]
 
+        @fuzzed
         @hypothesis.given(case=target.as_strategy(path_parameters=ids))
-        @SETTINGS
         def fuzz(case: schemathesis.Case) -> None:
             case.call_and_validate(headers={"x-api-key": key}, checks=CHECKS, timeout=60)
 
