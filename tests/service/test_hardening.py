@@ -206,3 +206,17 @@ def test_schema_and_behaviour_agree_on_nulls_empty_patches_self_merges_and_error
         headers={"content-type": "application/json"},
     )
     assert error(broken) == (400, "malformed_body")
+
+
+def test_an_offset_beyond_64_bits_is_a_validation_error_on_every_paged_listing(
+    shared_client: TestClient,
+) -> None:
+    """No database takes it: the schema refuses it and names the parameter, before any query."""
+    made = enroll(shared_client, "far-page", jpeg(905)).json()["individual"]["id"]
+    too_far = 2**63
+    for path in ("/individuals", f"/individuals/{made}/images", "/audit", "/review", "/jobs"):
+        answer = shared_client.get(path, params={"offset": too_far}, headers=ADMIN)
+        assert error(answer) == (422, "validation_error"), (path, answer.text)
+        assert answer.json()["details"]["errors"][0]["loc"] == ["query", "offset"], answer.text
+        last = shared_client.get(path, params={"offset": too_far - 1}, headers=ADMIN)
+        assert last.status_code == 200 and last.json()["data"] == [], (path, last.text)

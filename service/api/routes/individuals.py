@@ -30,8 +30,12 @@ from training.preprocess import IMAGE_FORMATS
 router = APIRouter(prefix="/individuals", tags=["individuals"])
 
 
+MAX_OFFSET = 2**63 - 1
+"""The largest offset the databases take (a 64-bit integer); beyond it a 422 names the parameter."""
+
+
 def page(
-    offset: Annotated[int, Query(ge=0, description="Items to skip", examples=[0])] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip", examples=[0])] = 0,
     limit: Annotated[int, Query(ge=1, le=500, description="Page size", examples=[50])] = 50,
 ) -> Page:
     return Page(offset=offset, limit=limit)

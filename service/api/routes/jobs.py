@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Path, Query
 
 from service.api.deps import AdminPrincipal, ReadPrincipal, RuntimeDep, SessionDep
 from service.api.openapi import error_responses
+from service.api.routes.individuals import PageDep
 from service.schemas_jobs import FinetuneRequest, JobPublic, JobsPublic
 from service.services import jobs
 
@@ -82,12 +83,11 @@ def queue_herd_check(
 def list_jobs(
     principal: ReadPrincipal,
     session: SessionDep,
+    pagination: PageDep,
     species: Annotated[str | None, Query(description="Only this species", examples=["dog"])] = None,
     status: Annotated[str | None, Query(description="Only this status", examples=["running"])] = None,
-    offset: Annotated[int, Query(ge=0, description="Jobs to skip", examples=[0])] = 0,
-    limit: Annotated[int, Query(ge=1, le=500, description="Page size", examples=[50])] = 50,
 ) -> JobsPublic:
-    return jobs.list_jobs(session, species, status, offset, limit)
+    return jobs.list_jobs(session, species, status, pagination.offset, pagination.limit)
 
 
 @router.get(
