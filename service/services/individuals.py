@@ -311,13 +311,16 @@ def merge(
             session.rollback()  # as in delete_individual; the audit entry goes too
             raise _not_found(source_id)
         repo.record_index_change(target.species, [*dropped_vectors, *moved_vectors])  # other replicas follow
+        # The target as this commit leaves it: a delete through another replica, waiting on its
+        # row, may remove it the moment this commits.
+        merged = individual_public(_row(repo, target_id))
         session.commit()
         if slot.serving is not None:
             slot.serving.gallery.remove(dropped_vectors)
             slot.serving.gallery.reassign(moved_vectors, target_id)
     _delete_files(store, files)
     return MergeResult(
-        individual=individual_public(_row(repo, target_id)),
+        individual=merged,
         source_id=source_id,
         moved_images=len(moved),
         duplicate_images_dropped=len(duplicates),
