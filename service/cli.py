@@ -188,7 +188,7 @@ def _database_session(settings: Settings) -> Iterator[Session]:
     from service.db.migrate import require_head
     from service.db.session import make_engine, make_sessionmaker
 
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, settings.database_lock_wait_seconds)
     try:
         require_head(engine, settings.database_url)
         with make_sessionmaker(engine)() as session:

@@ -127,7 +127,7 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     )
     lanes, when_idle = batch_lanes(settings, device), settings.batch_start == "when-idle"
     images = image_policy(settings)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, settings.database_lock_wait_seconds)
     database = DatabaseHealth()
     database.watch(engine)
     try:

@@ -72,6 +72,14 @@ class Settings(BaseSettings):
     database_retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After of a 503 database_unavailable answer"
     )
+    database_lock_wait_seconds: float = Field(
+        default=30,
+        gt=0,
+        le=3600,
+        description="How long a write waits for records another process is writing before it gives up, "
+        "nothing written: Postgres's lock_timeout (then 409 concurrent_change), SQLite's busy timeout "
+        "(then 503 database_unavailable)",
+    )
 
     api_keys: SecretStr = Field(
         default=SecretStr(""), description="Comma-separated KEY:scope pairs, scope read or admin"

@@ -69,7 +69,7 @@ class Worker:
     def __init__(self, settings: Settings, name: str | None = None) -> None:
         self.settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.engine = make_engine(settings.database_url)
+        self.engine = make_engine(settings.database_url, settings.database_lock_wait_seconds)
         require_head(self.engine, settings.database_url)
         self.sessions = make_sessionmaker(self.engine)
         self.store = ImageStore(settings.image_store_dir)

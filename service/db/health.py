@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 # What a request sees while the database cannot be reached: refused or dropped connections, a
 # server shutting down, a pool whose connections are all stuck. Answered 503, never 500.
 UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
-# SQLSTATEs of a transaction that lost a race with another (a deadlock, a serialisation failure):
-# raised as an OperationalError too, but the database is fine and the request can be sent again.
-CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+# SQLSTATEs of a transaction that lost a race with another (a deadlock, a serialisation failure, a
+# lock held by another past lock_timeout): raised as an OperationalError too, but the database is
+# fine and the request can be sent again.
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
 
 def is_conflict(exc: BaseException | None) -> bool:

@@ -29,15 +29,26 @@ def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, lock_wait_seconds: float | None = None, **kwargs: Any) -> Engine:
+    """``lock_wait_seconds``: how long a statement waits for a lock another connection holds before
+    it fails (SQLite: 30 s when None; Postgres: for ever when None, as migrations want)."""
     if is_sqlite(url):
         ensure_sqlite_parent(url)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        timeout = 30.0 if lock_wait_seconds is None else lock_wait_seconds
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": timeout}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
+    if lock_wait_seconds is not None:
+        # A row held by a process that hangs (paused, cut off before the server notices) would
+        # otherwise keep a write waiting, and its process's write lock of the species, for ever.
+        # Added to the URL's own options (a search_path, say), which connect_args would replace.
+        given = make_url(url).query.get("options", ())
+        options = [*([given] if isinstance(given, str) else given)]
+        options.append(f"-c lock_timeout={max(1, round(lock_wait_seconds * 1000))}")
+        kwargs.setdefault("connect_args", {})["options"] = " ".join(options)
     return create_engine(url, **kwargs)
 
 

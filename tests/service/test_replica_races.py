@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -157,6 +158,7 @@ def test_a_deadlock_is_a_conflict_to_retry_and_a_refused_connection_an_outage() 
         return OperationalError("SELECT 1", {}, DriverError(sqlstate))
 
     assert is_conflict(error("40P01")) and is_conflict(error("40001"))  # deadlock, serialisation
+    assert is_conflict(error("55P03"))  # a lock still held by another after lock_timeout
     assert not is_conflict(error("08006")) and not is_conflict(error(None))  # connection failure
     assert not is_conflict(None)
 
@@ -321,3 +323,28 @@ def test_a_photo_enrolled_on_one_replica_while_its_animal_is_deleted_on_another_
     stored = sum(1 for path in settings.image_store_dir.rglob("*") if path.is_file())
     listed = first.get("/individuals", params={"species": "dog", "limit": 500}).json()
     assert stored == sum(i["image_count"] for i in listed["data"]), (stored, listed)
+
+
+def test_a_write_waiting_on_a_stuck_replica_gives_up_with_409_and_writes_nothing(
+    backend: str, settings: Settings, runner: AppRunner
+) -> None:
+    """Another process holds an animal's row and hangs (paused, or cut off before the server
+    notices). A delete of that animal waits ``database_lock_wait_seconds``, then is answered 409
+    ``concurrent_change`` with nothing written, the database is not taken for down, and the same
+    delete goes through once the row is free."""
+    if backend == "sqlite":
+        return  # one process per SQLite database
+    client = runner.start(settings.model_copy(update={"database_lock_wait_seconds": 1.0}))
+    individual_id, _ = enrolled(client, 1070, "stuck")
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    with runtime.sessions() as stuck:
+        Repository(stuck).lock_individuals([uuid.UUID(individual_id)])  # and never commits
+        started = time.monotonic()
+        refused = client.delete(f"/individuals/{individual_id}")
+        waited = time.monotonic() - started
+        assert (refused.status_code, refused.json()["code"]) == (409, "concurrent_change"), refused.text
+        assert 0.9 < waited < 10, waited
+        assert not runtime.database.down
+        assert client.get(f"/individuals/{individual_id}").json()["image_count"] == 2
+        stuck.rollback()
+    assert client.delete(f"/individuals/{individual_id}").json()["deleted_images"] == 2
