@@ -43,6 +43,13 @@ def enrolled(client: TestClient, seed: int, external_id: str, photos: int = 2) -
     return answer["individual"]["id"], [image["image_id"] for image in answer["images"]]
 
 
+def merge_pair(client: TestClient, seed: int, prefix: str) -> tuple[str, str, list[str]]:
+    """Two animals of three photos each to merge: the target's id, the source's and its photos'."""
+    target, _ = enrolled(client, seed, f"{prefix}-t", photos=3)
+    source, photos = enrolled(client, seed + 1, f"{prefix}-s", photos=3)
+    return target, source, photos
+
+
 def merging(client: TestClient, target: str, source: str) -> Callable[[], httpx.Response]:
     """A merge of ``source`` into ``target`` through ``client``, to send with ``at_once``."""
     return partial(client.post, f"/individuals/{target}/merge", json={"source_id": source})
@@ -203,9 +210,7 @@ def test_an_animal_merged_on_one_replica_while_deleted_on_another_loses_no_photo
         return  # one process per SQLite database
     first, second = runner.start(settings), runner.start(settings)
     for round_ in range(4):
-        target, source = (
-            enrolled(first, 930 + 2 * round_ + k, f"md{round_}-{k}", photos=3)[0] for k in range(2)
-        )
+        target, source, _ = merge_pair(first, 930 + 2 * round_, f"md{round_}")
 
         merged, deleted = at_once(
             merging(first, target, source), partial(second.delete, f"/individuals/{source}")
@@ -242,8 +247,7 @@ def test_a_photo_deleted_on_one_replica_while_its_animal_is_merged_on_another_is
         return  # one process per SQLite database
     first, second = runner.start(settings), runner.start(settings)
     for round_ in range(4):
-        target, _ = enrolled(first, 1000 + 2 * round_, f"mp{round_}-t", photos=3)
-        source, photos = enrolled(first, 1001 + 2 * round_, f"mp{round_}-s", photos=3)
+        target, source, photos = merge_pair(first, 1000 + 2 * round_, f"mp{round_}")
 
         merged, deleted = at_once(
             merging(first, target, source),
@@ -274,8 +278,7 @@ def test_an_animal_deleted_on_one_replica_while_another_merges_into_it_takes_eve
         return  # one process per SQLite database
     first, second = runner.start(settings), runner.start(settings)
     for round_ in range(12):
-        target, _ = enrolled(first, 1020 + 2 * round_, f"dm{round_}-t", photos=3)
-        source, _ = enrolled(first, 1021 + 2 * round_, f"dm{round_}-s", photos=3)
+        target, source, _ = merge_pair(first, 1020 + 2 * round_, f"dm{round_}")
 
         merged, deleted = at_once(
             merging(first, target, source),
