@@ -76,9 +76,8 @@ class Settings(BaseSettings):
         default=30,
         gt=0,
         le=3600,
-        description="How long a write waits for records another process is writing before it gives up, "
-        "nothing written: Postgres's lock_timeout (then 409 concurrent_change), SQLite's busy timeout "
-        "(then 503 database_unavailable)",
+        description="How long a write waits for records another process is writing before it is "
+        "answered 409 concurrent_change, nothing written (Postgres's lock_timeout, SQLite's busy timeout)",
     )
 
     api_keys: SecretStr = Field(

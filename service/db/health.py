@@ -25,11 +25,18 @@ UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, Po
 # lock held by another past lock_timeout): raised as an OperationalError too, but the database is
 # fine and the request can be sent again.
 CONFLICT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+# SQLite's own (and their extended codes): the file's write lock still held by another connection
+# after the busy timeout.
+SQLITE_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
 
 
 def is_conflict(exc: BaseException | None) -> bool:
     """Whether ``exc`` (a SQLAlchemy error) is a transaction rolled back for a concurrent one."""
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) in CONFLICT_SQLSTATES
+    orig = getattr(exc, "orig", None)
+    return (
+        getattr(orig, "sqlstate", None) in CONFLICT_SQLSTATES
+        or str(getattr(orig, "sqlite_errorname", "")).startswith(SQLITE_BUSY)
+    )
 
 
 def summary(exc: BaseException) -> str:

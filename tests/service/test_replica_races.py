@@ -8,17 +8,20 @@ an outage."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 
 import httpx
 from apps import AppRunner
 from fastapi.testclient import TestClient
 from imagegen import jpeg
+from sqlalchemy import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -328,20 +331,36 @@ def test_a_photo_enrolled_on_one_replica_while_its_animal_is_deleted_on_another_
     assert stored == sum(i["image_count"] for i in listed["data"]), (stored, listed)
 
 
-def test_a_write_waiting_on_a_stuck_replica_gives_up_with_409_and_writes_nothing(
+@contextmanager
+def held_by_another_process(backend: str, runtime: Runtime, individual_id: str) -> Iterator[None]:
+    """What a process that hangs mid-write holds: on Postgres the animal's row, on SQLite the
+    database file's write lock; let go when the block ends."""
+    if backend == "sqlite":
+        other = sqlite3.connect(str(make_url(runtime.settings.database_url).database), timeout=0)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            other.rollback()
+            other.close()
+        return
+    with runtime.sessions() as stuck:
+        Repository(stuck).lock_individuals([uuid.UUID(individual_id)])  # and never commits
+        yield
+        stuck.rollback()
+
+
+def test_a_write_waiting_on_a_stuck_process_gives_up_with_409_and_writes_nothing(
     backend: str, settings: Settings, runner: AppRunner
 ) -> None:
-    """Another process holds an animal's row and hangs (paused, or cut off before the server
-    notices). A delete of that animal waits ``database_lock_wait_seconds``, then is answered 409
-    ``concurrent_change`` with nothing written, the database is not taken for down, and the same
-    delete goes through once the row is free."""
-    if backend == "sqlite":
-        return  # one process per SQLite database
+    """Another process (a replica, a worker) holds what a delete needs and hangs (paused, or cut off
+    before the server notices). The delete waits ``database_lock_wait_seconds``, then is answered
+    409 ``concurrent_change`` with nothing written, the database is not taken for down, and the
+    same delete goes through once the other lets go."""
     client = runner.start(settings.model_copy(update={"database_lock_wait_seconds": 1.0}))
     individual_id, _ = enrolled(client, 1070, "stuck")
     runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
-    with runtime.sessions() as stuck:
-        Repository(stuck).lock_individuals([uuid.UUID(individual_id)])  # and never commits
+    with held_by_another_process(backend, runtime, individual_id):
         started = time.monotonic()
         refused = client.delete(f"/individuals/{individual_id}")
         waited = time.monotonic() - started
@@ -349,5 +368,4 @@ def test_a_write_waiting_on_a_stuck_replica_gives_up_with_409_and_writes_nothing
         assert 0.9 < waited < 10, waited
         assert not runtime.database.down
         assert client.get(f"/individuals/{individual_id}").json()["image_count"] == 2
-        stuck.rollback()
     assert client.delete(f"/individuals/{individual_id}").json()["deleted_images"] == 2
