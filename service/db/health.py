@@ -33,10 +33,9 @@ SQLITE_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
 def is_conflict(exc: BaseException | None) -> bool:
     """Whether ``exc`` (a SQLAlchemy error) is a transaction rolled back for a concurrent one."""
     orig = getattr(exc, "orig", None)
-    return (
-        getattr(orig, "sqlstate", None) in CONFLICT_SQLSTATES
-        or str(getattr(orig, "sqlite_errorname", "")).startswith(SQLITE_BUSY)
-    )
+    if getattr(orig, "sqlstate", None) in CONFLICT_SQLSTATES:
+        return True
+    return str(getattr(orig, "sqlite_errorname", "")).startswith(SQLITE_BUSY)
 
 
 def summary(exc: BaseException) -> str:

@@ -247,15 +247,9 @@ class Repository:
         )
         return self._with_counts(list(self.session.execute(query).all())), int(total)
 
-    def delete_individual(self, individual_id: uuid.UUID) -> bool:
-        """Delete its row; False when there was none left to delete (another replica deleted or
-        merged it away after it was read: the DELETE waited on that transaction, then matched nothing)."""
-        deleted = self.session.execute(
-            delete(Individual)
-            .where(Individual.id == individual_id)
-            .execution_options(synchronize_session=False)
-        )
-        return int(getattr(deleted, "rowcount", 0) or 0) == 1
+    def delete_individual(self, individual: Individual) -> None:
+        self.session.delete(individual)
+        self.session.flush()
 
     # Images -------------------------------------------------------------------------------------
 
@@ -312,19 +306,18 @@ class Repository:
                 .execution_options(synchronize_session=False)
             )
 
-    def delete_images(self, image_ids: Sequence[uuid.UUID]) -> int:
-        """Delete these images and their embeddings; the number of images there were to delete."""
-        if not image_ids:
-            return 0
-        self.session.execute(
-            delete(Embedding)
-            .where(Embedding.image_id.in_(list(image_ids)))
-            .execution_options(synchronize_session=False)
-        )
-        deleted = self.session.execute(
-            delete(Image).where(Image.id.in_(list(image_ids))).execution_options(synchronize_session=False)
-        )
-        return int(getattr(deleted, "rowcount", 0) or 0)
+    def delete_images(self, image_ids: Sequence[uuid.UUID]) -> None:
+        if image_ids:
+            self.session.execute(
+                delete(Embedding)
+                .where(Embedding.image_id.in_(list(image_ids)))
+                .execution_options(synchronize_session=False)
+            )
+            self.session.execute(
+                delete(Image)
+                .where(Image.id.in_(list(image_ids)))
+                .execution_options(synchronize_session=False)
+            )
 
     def count_images(self, species_id: int) -> int:
         query = (

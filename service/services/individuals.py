@@ -155,9 +155,7 @@ def delete_individual(
         embedding_ids = _indexed_embedding_ids(slot, repo, image_ids)
         files = [image.storage_path for image in images]
         repo.delete_images(image_ids)
-        if not repo.delete_individual(individual_id):
-            session.rollback()  # a writer that skipped the animal lock deleted it
-            raise _not_found(individual_id)
+        repo.delete_individual(row.individual)
         repo.audit(
             "delete_individual",
             species,
@@ -186,19 +184,15 @@ def list_images(session: Session, individual_id: uuid.UUID, page: Page) -> Image
     )
 
 
-def _image_not_found(individual_id: uuid.UUID, image_id: uuid.UUID) -> ImageNotFound:
-    return ImageNotFound(
-        f"individual {individual_id} has no image {image_id}",
-        individual_id=str(individual_id),
-        image_id=str(image_id),
-    )
-
-
 def _image_of(repo: Repository, individual_id: uuid.UUID, image_id: uuid.UUID) -> Image:
     _row(repo, individual_id)
     image = repo.get_image(image_id)
     if image is None or image.individual_id != individual_id:
-        raise _image_not_found(individual_id, image_id)
+        raise ImageNotFound(
+            f"individual {individual_id} has no image {image_id}",
+            individual_id=str(individual_id),
+            image_id=str(image_id),
+        )
     return image
 
 
@@ -234,9 +228,7 @@ def delete_image(
         image = _image_of(repo, individual_id, image_id)
         public = image_public(image)
         embedding_ids = _indexed_embedding_ids(slot, repo, [image.id])
-        if not repo.delete_images([image.id]):
-            session.rollback()  # a writer that skipped the animal lock deleted it
-            raise _image_not_found(individual_id, image_id)
+        repo.delete_images([image.id])
         repo.audit("delete_image", species, actor.fingerprint, individual_id, {"image": str(image_id)})
         repo.record_index_change(species, embedding_ids)  # other replicas follow
         session.commit()
@@ -307,9 +299,7 @@ def merge(
             },
         )
         session.flush()
-        if not repo.delete_individual(source_id):
-            session.rollback()  # as in delete_individual; the audit entry goes too
-            raise _not_found(source_id)
+        repo.delete_individual(source.individual)
         repo.record_index_change(target.species, [*dropped_vectors, *moved_vectors])  # other replicas follow
         # The target as this commit leaves it: a delete through another replica, waiting on its
         # row, may remove it the moment this commits.
