@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import httpx
+import pytest
 from apps import AppRunner
 from fastapi.testclient import TestClient
 from imagegen import jpeg
@@ -30,6 +31,14 @@ from service.db.repository import Repository
 from service.db.session import make_engine, make_sessionmaker
 from service.runtime import Runtime
 from service.settings import Settings
+
+
+@pytest.fixture
+def replicas(backend: str, settings: Settings, runner: AppRunner) -> tuple[TestClient, TestClient]:
+    """Two API processes on one database. SQLite serves one process: skipped there."""
+    if backend == "sqlite":
+        pytest.skip("one process per SQLite database")
+    return runner.start(settings), runner.start(settings)
 
 
 def register(session: Session) -> tuple[int, int]:
@@ -135,13 +144,11 @@ def test_an_enroll_racing_another_process_creating_the_individual_joins_it(
 
 
 def test_merges_in_opposite_directions_on_two_replicas_keep_every_photo(
-    backend: str, settings: Settings, runner: AppRunner
+    replicas: tuple[TestClient, TestClient],
 ) -> None:
     """Two replicas merge A into B and B into A at the same moment: they queue on the animals' rows,
     one wins and the other finds its source gone (404), never a deadlock; no photo is lost."""
-    if backend == "sqlite":
-        return  # one process per SQLite database
-    first, second = runner.start(settings), runner.start(settings)
+    first, second = replicas
     for round_ in range(4):
         ids = [enrolled(first, 870 + 2 * round_ + k, f"m{round_}-{k}", photos=3)[0] for k in range(2)]
 
@@ -189,11 +196,9 @@ def deleted_through_both_at_once(
 
 
 def test_one_animal_deleted_through_two_replicas_at_once_is_deleted_once(
-    backend: str, settings: Settings, runner: AppRunner
+    replicas: tuple[TestClient, TestClient],
 ) -> None:
-    if backend == "sqlite":
-        return  # one process per SQLite database
-    first, second = runner.start(settings), runner.start(settings)
+    first, second = replicas
     for round_ in range(4):
         individual_id, _ = enrolled(first, 890 + round_, f"d{round_}")
         path = f"/individuals/{individual_id}"
@@ -204,14 +209,12 @@ def test_one_animal_deleted_through_two_replicas_at_once_is_deleted_once(
 
 
 def test_an_animal_merged_on_one_replica_while_deleted_on_another_loses_no_photo_of_the_target(
-    backend: str, settings: Settings, runner: AppRunner
+    replicas: tuple[TestClient, TestClient],
 ) -> None:
     """Merge S into T on one replica and delete S on the other at the same moment. One wins. If the
     merge wins, the delete must not take S's photos from T; if the delete wins, the merge must not
     claim to have moved them. The loser finds S gone: 404."""
-    if backend == "sqlite":
-        return  # one process per SQLite database
-    first, second = runner.start(settings), runner.start(settings)
+    first, second = replicas
     for round_ in range(4):
         target, source, _ = merge_pair(first, 930 + 2 * round_, f"md{round_}")
 
@@ -227,11 +230,9 @@ def test_an_animal_merged_on_one_replica_while_deleted_on_another_loses_no_photo
 
 
 def test_one_photo_deleted_through_two_replicas_at_once_is_deleted_once(
-    backend: str, settings: Settings, runner: AppRunner
+    replicas: tuple[TestClient, TestClient],
 ) -> None:
-    if backend == "sqlite":
-        return  # one process per SQLite database
-    first, second = runner.start(settings), runner.start(settings)
+    first, second = replicas
     for round_ in range(4):
         individual_id, images = enrolled(first, 960 + round_, f"p{round_}")
         path = f"/individuals/{individual_id}/images/{images[0]}"
@@ -240,15 +241,13 @@ def test_one_photo_deleted_through_two_replicas_at_once_is_deleted_once(
 
 
 def test_a_photo_deleted_on_one_replica_while_its_animal_is_merged_on_another_is_counted_once(
-    backend: str, settings: Settings, runner: AppRunner
+    replicas: tuple[TestClient, TestClient],
 ) -> None:
     """Merge S into T on one replica and delete one of S's photos on the other at the same moment.
     They run one after the other: either the photo goes first and the merge moves the two left, or
     the merge moves all three and the photo delete finds S gone. Never a merge that counts a photo
     it did not move, nor a delete that takes the photo from T and audits it under S."""
-    if backend == "sqlite":
-        return  # one process per SQLite database
-    first, second = runner.start(settings), runner.start(settings)
+    first, second = replicas
     for round_ in range(4):
         target, source, photos = merge_pair(first, 1000 + 2 * round_, f"mp{round_}")
 
@@ -271,15 +270,13 @@ def test_a_photo_deleted_on_one_replica_while_its_animal_is_merged_on_another_is
 
 
 def test_an_animal_deleted_on_one_replica_while_another_merges_into_it_takes_every_photo(
-    backend: str, settings: Settings, runner: AppRunner
+    replicas: tuple[TestClient, TestClient],
 ) -> None:
     """Delete T on one replica while the other merges S into T. Either the merge goes first and the
     delete takes all six photos (and says so), or the delete goes first and the merge finds T gone,
     leaving S as it was. Never a delete that reports three photos while six went with T, nor a
     merge answered 404 after its commit. The delete is sent 0 to 11 ms late."""
-    if backend == "sqlite":
-        return  # one process per SQLite database
-    first, second = runner.start(settings), runner.start(settings)
+    first, second = replicas
     for round_ in range(12):
         target, source, _ = merge_pair(first, 1020 + 2 * round_, f"dm{round_}")
 
@@ -299,7 +296,7 @@ def test_an_animal_deleted_on_one_replica_while_another_merges_into_it_takes_eve
 
 
 def test_a_photo_enrolled_on_one_replica_while_its_animal_is_deleted_on_another_is_not_lost(
-    backend: str, settings: Settings, runner: AppRunner
+    replicas: tuple[TestClient, TestClient], settings: Settings
 ) -> None:
     """Enroll a new photo of A (by its external id) on one replica while the other deletes A. Either
     the enroll goes first and the delete takes its photo too (and counts it), or the delete goes
@@ -307,9 +304,7 @@ def test_a_photo_enrolled_on_one_replica_while_its_animal_is_deleted_on_another_
     animal as its commit left it, even when the delete removes it a moment later (it was a 500).
     Every stored file belongs to a photo. The delete is sent 0 to 22 ms late, so that it lands
     before, during and after the enroll's own work."""
-    if backend == "sqlite":
-        return  # one process per SQLite database
-    first, second = runner.start(settings), runner.start(settings)
+    first, second = replicas
     for round_ in range(12):
         external_id = f"ed{round_}"
         individual_id, _ = enrolled(first, 1040 + round_, external_id)
