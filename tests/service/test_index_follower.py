@@ -90,13 +90,20 @@ def test_a_model_switch_is_reembedded_once_and_the_other_process_swaps_to_it(
     assert a.registry.serving("dog").model_version == new
 
     deadline = time.monotonic() + 30
-    while b.registry.serving("dog").model_version != new and time.monotonic() < deadline:
+    while not swapped(b, new) and time.monotonic() < deadline:
         time.sleep(0.1)
-    serving = b.registry.serving("dog")
-    assert serving.model_version == new and len(serving.gallery) == 4
-    assert b.registry.slots["dog"].pending is None and "dog" not in b.reembedder._threads  # not re-embedded
+    assert swapped(b, new) and len(b.registry.serving("dog").gallery) == 4
+    assert "dog" not in b.reembedder._threads  # not re-embedded
     ready = second.get("/status").json()
     assert ready["ready"] and all(item["consistent"] for item in ready["species"] if item["name"] == "dog")
+
+
+def swapped(runtime: Runtime, version: str) -> bool:
+    """Whether the process serves dog ``version`` with no re-embedding pending. Read under the
+    slot's write lock, which a swap holds from setting the new index to ending the pending job."""
+    slot = runtime.registry.slots["dog"]
+    with slot.write_lock:
+        return slot.serving is not None and slot.serving.model_version == version and slot.pending is None
 
 
 def reembedded_batches(runtime: Runtime) -> int:
@@ -127,14 +134,10 @@ def test_a_model_switch_reloaded_on_both_processes_is_still_reembedded_once(
     assert [r.status_code for r in answers] == [202, 202]
     new = answers[0].json()["pending_model_version"]
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(
-        r.registry.serving("dog").model_version == new for r in (a, b)
-    ):
+    while time.monotonic() < deadline and not all(swapped(r, new) for r in (a, b)):
         time.sleep(0.1)
     for runtime in (a, b):
-        serving = runtime.registry.serving("dog")
-        assert serving.model_version == new and len(serving.gallery) == 40
-        assert runtime.registry.slots["dog"].pending is None
+        assert swapped(runtime, new) and len(runtime.registry.serving("dog").gallery) == 40
         assert runtime.reembedder.wait("dog", timeout=30)
     assert sorted([reembedded_batches(a), reembedded_batches(b)]) == [0, 40]
     for client in (first, second):
