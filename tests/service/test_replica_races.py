@@ -22,11 +22,12 @@ import pytest
 from apps import AppRunner
 from fastapi.testclient import TestClient
 from imagegen import jpeg
-from sqlalchemy import make_url
+from sqlalchemy import event, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from service.db.health import is_conflict
+from service.db.models import AuditEntry
 from service.db.repository import Repository
 from service.db.session import make_engine, make_sessionmaker
 from service.runtime import Runtime
@@ -324,6 +325,81 @@ def test_a_photo_enrolled_on_one_replica_while_its_animal_is_deleted_on_another_
     stored = sum(1 for path in settings.image_store_dir.rglob("*") if path.is_file())
     listed = first.get("/individuals", params={"species": "dog", "limit": 500}).json()
     assert stored == sum(i["image_count"] for i in listed["data"]), (stored, listed)
+
+
+@contextmanager
+def deleted_as_committed(runtime: Runtime, action: str, individual_id: str) -> Iterator[list[str]]:
+    """Another replica deletes the animal the moment this process commits the request that audits
+    ``action``, before that request sends its answer: the window that a read of the answer after the
+    commit falls into. Yields the actions whose commit it followed (one, when it fired)."""
+    other_engine = make_engine(runtime.settings.database_url)
+    other = make_sessionmaker(other_engine)
+    fired: list[str] = []
+
+    def note(session: Session, _context: object) -> None:
+        if any(isinstance(row, AuditEntry) and row.action == action for row in session.new):
+            session.info["audited"] = action
+
+    def delete(session: Session) -> None:
+        if session.info.pop("audited", None) is None or fired:
+            return
+        fired.append(action)
+        with other() as theirs:
+            repo = Repository(theirs)
+            individual = repo.get_individual(uuid.UUID(individual_id))
+            assert individual is not None
+            repo.delete_individual(individual)
+            theirs.commit()
+
+    event.listen(runtime.sessions, "after_flush", note)
+    event.listen(runtime.sessions, "after_commit", delete)
+    try:
+        yield fired
+    finally:
+        event.remove(runtime.sessions, "after_flush", note)
+        event.remove(runtime.sessions, "after_commit", delete)
+        other_engine.dispose()
+
+
+def test_an_enroll_answers_with_the_animal_its_commit_left_though_it_is_deleted_right_after(
+    settings: Settings, runner: AppRunner
+) -> None:
+    """A delete through another replica lands between the enroll's commit and its answer (the race
+    test above hits that window only now and then): the answer is still 201 with the animal as the
+    commit left it, photo counted, and the animal is gone after. On the code that read the animal
+    after its commit this was a 500 for a stored photo."""
+    client = runner.start(settings)
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    individual_id, _ = enrolled(client, 1060, "window")
+    with deleted_as_committed(runtime, "enroll", individual_id) as fired:
+        answer = client.post(
+            "/enroll",
+            data={"species": "dog", "external_id": "window"},
+            files=[("images", ("new.jpg", jpeg(1061, 0), "image/jpeg"))],
+        )
+    assert fired == ["enroll"]
+    assert answer.status_code == 201, answer.text
+    now = answer.json()["individual"]
+    assert (now["id"], now["image_count"]) == (individual_id, 3), now
+    assert client.get(f"/individuals/{individual_id}").status_code == 404
+
+
+def test_a_merge_answers_with_the_target_its_commit_left_though_it_is_deleted_right_after(
+    settings: Settings, runner: AppRunner
+) -> None:
+    """The same window for a merge: the target deleted through another replica right after the merge
+    commits. The answer is 200 with the target holding both animals' photos (it was a 404)."""
+    client = runner.start(settings)
+    runtime: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    target, source, _ = merge_pair(client, 1062, "window")
+    with deleted_as_committed(runtime, "merge", target) as fired:
+        answer = merging(client, target, source)()
+    assert fired == ["merge"]
+    assert answer.status_code == 200, answer.text
+    merged = answer.json()["individual"]
+    assert (merged["id"], merged["image_count"]) == (target, 6), merged
+    assert answer.json()["moved_images"] == 3
+    assert client.get(f"/individuals/{target}").status_code == 404
 
 
 @contextmanager
