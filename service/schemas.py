@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 # Values the database cannot store are refused here, as validation errors, not as a 500 from the
@@ -72,6 +72,20 @@ PlainText = Annotated[str, AfterValidator(_no_control_characters)]
 """A one-line string without control characters (names, ids)."""
 Metadata = Annotated[dict[str, Any], AfterValidator(_storable_json)]
 """A JSON object the database can store: finite numbers, no NUL, valid Unicode."""
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise PydanticCustomError(
+            "time_out_of_range", "the time falls outside the years 1 to 9999 in UTC"
+        ) from None
+
+
+UtcTime = Annotated[AwareDatetime, AfterValidator(_in_utc)]
+"""A time with its offset, as the UTC instant the database compares (0001-01-01T00:00+01:00 is
+refused: it is in the year 0 in UTC)."""
 
 SpeciesName = Annotated[
     str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", examples=["dog"])

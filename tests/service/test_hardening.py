@@ -220,3 +220,16 @@ def test_an_offset_beyond_64_bits_is_a_validation_error_on_every_paged_listing(
         assert answer.json()["details"]["errors"][0]["loc"] == ["query", "offset"], answer.text
         last = shared_client.get(path, params={"offset": too_far - 1}, headers=ADMIN)
         assert last.status_code == 200 and last.json()["data"] == [], (path, last.text)
+
+
+def test_an_audit_time_outside_the_years_1_to_9999_in_utc_is_a_validation_error(
+    shared_client: TestClient,
+) -> None:
+    """A valid ISO time whose offset carries it out of the years 1 to 9999 in UTC, the instant the
+    database compares, is refused by the schema with the parameter named (it was a 500)."""
+    for name, value in (("until", "0001-01-01T00:01:00+03:03"), ("since", "9999-12-31T23:59:00-01:00")):
+        answer = shared_client.get("/audit", params={name: value}, headers=ADMIN)
+        assert error(answer) == (422, "validation_error"), (name, answer.text)
+        assert answer.json()["details"]["errors"][0]["loc"] == ["query", name], answer.text
+    edges = {"since": "0001-01-01T00:01:00+00:01", "until": "9999-12-31T23:59:00+00:00"}
+    assert shared_client.get("/audit", params=edges, headers=ADMIN).status_code == 200

@@ -6,13 +6,12 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime
 
 from service.api.deps import AdminPrincipal, SessionDep
 from service.api.openapi import error_responses
 from service.api.routes.individuals import PageDep
 from service.db.repository import AuditFilter
-from service.schemas import EXAMPLE_TS, EXAMPLE_UUID, AuditPage, PlainText
+from service.schemas import EXAMPLE_TS, EXAMPLE_UUID, AuditPage, PlainText, UtcTime
 from service.services import audit
 
 router = APIRouter(tags=["operations"])
@@ -43,10 +42,10 @@ def read_audit_log(
         Query(description="Only this key fingerprint (or `unauthenticated`)", examples=["3f1c2e4a9b7d"]),
     ] = None,
     since: Annotated[
-        AwareDatetime | None, Query(description="Entries at or after this time", examples=[EXAMPLE_TS])
+        UtcTime | None, Query(description="Entries at or after this time", examples=[EXAMPLE_TS])
     ] = None,
     until: Annotated[
-        AwareDatetime | None, Query(description="Entries before this time", examples=[EXAMPLE_TS])
+        UtcTime | None, Query(description="Entries before this time", examples=[EXAMPLE_TS])
     ] = None,
 ) -> AuditPage:
     filters = AuditFilter(
